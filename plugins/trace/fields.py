@@ -1,0 +1,29 @@
+"""Kernel struct members the trace probe reads, by BTF name.
+
+Each entry becomes `-DOFF_<struct>__<member>=<offset>` (dots in nested paths become `__`)
+for the BPF C, so nothing is read at a header-derived offset. The BTF test checks every
+entry against pahole.
+"""
+
+KERNEL_FIELDS = (
+    "task_struct.files",
+    "files_struct.fdt",
+    "fdtable.max_fds",
+    "fdtable.fd",
+    "file.private_data",
+    "file.f_inode",
+    "inode.i_mode",
+    "socket.sk",
+    "sock.__sk_common",
+    "sock.sk_type",
+    "sock.sk_protocol",
+    "sock_common.skc_daddr",
+    "sock_common.skc_rcv_saddr",
+    "sock_common.skc_dport",
+    "sock_common.skc_num",
+    "sock_common.skc_family",
+    "sock_common.skc_v6_daddr",
+    "sock_common.skc_v6_rcv_saddr",
+    "tcp_sock.write_seq",
+    "tcp_sock.copied_seq",
+)

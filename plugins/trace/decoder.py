@@ -1,0 +1,122 @@
+"""Decodes trace.bpf.c's ``struct event_t`` into :class:`SocketRecord`.
+
+The struct layout below mirrors the C struct field by field; change both together.
+"""
+
+import base64
+import socket
+import struct
+import time
+
+import attrs
+
+# struct event_t header (before payload): see trace.bpf.c.
+HEADER = struct.Struct("<QQQqIIiIIHHHHHBBB7x16s16s16s")
+assert HEADER.size == 120
+
+SYSCALLS = {1: "read", 2: "readv", 3: "recvfrom", 4: "recvmsg", 5: "recvmmsg",
+            6: "write", 7: "writev", 8: "sendto", 9: "sendmsg", 10: "sendmmsg",
+            11: "socket", 12: "connect", 13: "accept", 14: "accept4", 15: "close"}
+DIRECTIONS = {0: "none", 1: "ingress", 2: "egress"}
+L4 = {1: "tcp", 2: "udp"}
+FAMILIES = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
+F_SEQ, F_PEEK, F_TRUNC, F_IOV_TRUNC, F_ADDR_MSG = 1, 2, 4, 8, 16
+
+# Counter slots of the `stats` per-CPU array, in C enum order.
+STAT_NAMES = ("events", "ringbuf_full", "inflight_map_full", "conn_map_full",
+              "read_failed", "mmsg_truncated", "iov_truncated")
+LOSS_STATS = ("ringbuf_full", "inflight_map_full", "conn_map_full", "read_failed",
+              "mmsg_truncated")
+
+# bpf_ktime_get_ns() is CLOCK_MONOTONIC; records carry wall-clock ns.
+_MONO_TO_WALL = time.time_ns() - time.monotonic_ns()
+
+
+@attrs.define(slots=True)
+class SocketRecord:
+    ts_enter_ns: int
+    ts_exit_ns: int
+    pid: int
+    tid: int
+    comm: str
+    fd: int
+    syscall: str
+    direction: str
+    l4: str
+    family: str
+    local_addr: str
+    local_port: int
+    remote_addr: str
+    remote_port: int
+    bytes: int
+    tcp_seq_start: int | None
+    tcp_seq_end: int | None
+    payload: bytes
+    conn_id: int
+    msg_index: int = 0
+    truncated: bool = False
+    peek: bool = False
+
+    kind = "socket"
+
+    def to_dict(self) -> dict:
+        d = attrs.asdict(self)
+        d["payload"] = base64.b64encode(self.payload).decode()
+        return d
+
+    def line(self) -> str:
+        t = time.strftime("%H:%M:%S", time.localtime(self.ts_exit_ns / 1e9))
+        us = (self.ts_exit_ns // 1000) % 1_000_000
+        arrow = {"ingress": "<-", "egress": "->"}.get(self.direction, "--")
+        seq = (f" seq={self.tcp_seq_start}-{self.tcp_seq_end}"
+               if self.tcp_seq_start is not None else "")
+        text = self.payload[:64].decode("latin-1").encode("unicode_escape").decode()
+        lat = (self.ts_exit_ns - self.ts_enter_ns) / 1000
+        return (f"{t}.{us:06d} {self.comm}[{self.pid}/{self.tid}] {self.syscall} fd={self.fd} "
+                f"{self.l4}/{self.family} {_ep(self.local_addr, self.local_port)} {arrow} "
+                f"{_ep(self.remote_addr, self.remote_port)} bytes={self.bytes}{seq} "
+                f"conn={self.conn_id} {lat:.1f}us" + (f' "{text}"' if self.payload else ""))
+
+
+def _ep(addr, port):
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+def _addr(family: int, raw: bytes) -> str:
+    if family == socket.AF_INET:
+        return socket.inet_ntop(socket.AF_INET, raw[:4])
+    return socket.inet_ntop(socket.AF_INET6, raw)
+
+
+def decode(buf: bytes) -> SocketRecord:
+    """One ring-buffer record to a SocketRecord; raises ValueError on a malformed one."""
+    if len(buf) < HEADER.size:
+        raise ValueError(f"record of {len(buf)} bytes is shorter than its header")
+    (ts_enter, ts_exit, conn_id, ret, pid, tid, fd, seq, plen, msg_index, sysno, family,
+     lport, rport, direction, l4, flags, laddr, raddr, comm) = HEADER.unpack_from(buf)
+    if plen > len(buf) - HEADER.size:
+        raise ValueError(f"payload length {plen} exceeds the record")
+    seq_ok = bool(flags & F_SEQ)
+    nbytes = max(ret, 0) if sysno <= 10 else 0
+    return SocketRecord(
+        ts_enter_ns=ts_enter + _MONO_TO_WALL,
+        ts_exit_ns=ts_exit + _MONO_TO_WALL,
+        pid=pid, tid=tid,
+        comm=comm.split(b"\0", 1)[0].decode("utf-8", "replace"),
+        fd=fd,
+        syscall=SYSCALLS.get(sysno, str(sysno)),
+        direction=DIRECTIONS.get(direction, str(direction)),
+        l4=L4.get(l4, str(l4)),
+        family=FAMILIES.get(family, str(family)),
+        local_addr=_addr(family, laddr), local_port=lport,
+        remote_addr=_addr(family, raddr), remote_port=rport,
+        bytes=ret,
+        # End is start + bytes without wrapping, so end - start == bytes always.
+        tcp_seq_start=seq if seq_ok else None,
+        tcp_seq_end=seq + (0 if flags & F_PEEK else 0) + nbytes if seq_ok else None,
+        payload=bytes(buf[HEADER.size:HEADER.size + plen]),
+        conn_id=conn_id,
+        msg_index=msg_index,
+        truncated=bool(flags & (F_TRUNC | F_IOV_TRUNC)),
+        peek=bool(flags & F_PEEK),
+    )

@@ -1,0 +1,151 @@
+"""The trace probe: socket system calls of the selected processes, one record per call."""
+
+import ctypes
+import logging
+import os
+
+import attrs
+from attrs import validators as v
+
+from deeptrace_core import bpf, btf
+
+from .decoder import STAT_NAMES, decode
+from .fields import KERNEL_FIELDS
+
+log = logging.getLogger("deeptrace.trace")
+
+
+def _power_of_two(inst, attribute, value):
+    if value <= 0 or value & (value - 1):
+        raise ValueError(f"{attribute.name} must be a power of two, got {value}")
+
+
+@attrs.define
+class TraceConfig:
+    """``probes.trace`` in the YAML config."""
+
+    pids: list[int] = attrs.field(factory=list)       # trace these processes (tgid) ...
+    comms: list[str] = attrs.field(factory=list)      # ... and processes with these names
+    exclude_comms: list[str] = attrs.field(factory=list)  # never these (e.g. sshd: no feedback)
+    ports: list[int] = attrs.field(factory=list)      # only sockets with one of these ports
+    payload_bytes: int = attrs.field(default=1024, validator=[v.ge(0), v.le(16384)])
+    ringbuf_pages: int = attrs.field(default=1024, validator=_power_of_two)
+    wakeup_events: int = attrs.field(default=64, validator=[v.ge(1), v.le(1 << 20)])
+    poll_ms: int = attrs.field(default=100, validator=[v.ge(1), v.le(10000)])
+    max_connections: int = attrs.field(default=65536, validator=v.ge(16))
+    max_inflight: int = attrs.field(default=16384, validator=v.ge(16))
+
+
+def _pow2_at_least(n: int) -> int:
+    p = 16
+    while p < n:
+        p <<= 1
+    return p
+
+
+class TraceProbe:
+    name = "trace"
+    config_class = TraceConfig
+    kernel_fields = KERNEL_FIELDS
+    source = ("deeptrace_plugins.trace", "trace.bpf.c")
+
+    def __init__(self, config: TraceConfig, context=None):
+        self.config = config
+        self.context = context
+        self.bpf = None
+        self._records: list = []
+        self.decode_errors = 0
+        self.self_pid = os.getpid()
+
+    # -- build --------------------------------------------------------------------------
+    def defines(self) -> dict:
+        c = self.config
+        skc = btf.kernel_offsets([f for f in KERNEL_FIELDS if f.startswith("sock_common.")])
+        return {
+            "PAYLOAD_MAX": _pow2_at_least(max(c.payload_bytes, 1)),
+            "PAYLOAD_CAP": c.payload_bytes,
+            "MAX_IOV": 64,
+            "MAX_MMSG": 8,
+            "CONN_MAX": c.max_connections,
+            "INFLIGHT_MAX": c.max_inflight,
+            "RINGBUF_PAGES": c.ringbuf_pages,
+            "WAKEUP_EVENTS": c.wakeup_events,
+            "SELF_TGID": self.self_pid,
+            "FILTER_PIDS": int(bool(c.pids)),
+            "FILTER_COMMS": int(bool(c.comms)),
+            "FILTER_EXCLUDE_COMMS": int(bool(c.exclude_comms)),
+            "FILTER_PORTS": int(bool(c.ports)),
+            "SKC_CHUNK": max(m.offset + m.size for m in skc.values()),
+        }
+
+    def render(self, defines: dict) -> str:
+        return bpf.render(bpf.read_source(*self.source), {**defines, **self.defines()})
+
+    # -- run ----------------------------------------------------------------------------
+    def attach(self, defines: dict):
+        self.bpf = bpf.load(self.render(defines))
+        c = self.config
+        one = ctypes.c_uint8(1)
+        if c.pids:
+            t = self.bpf["pid_filter"]
+            for pid in c.pids:
+                t[t.Key(pid)] = one
+        for table, names in (("comm_filter", c.comms), ("exclude_comm_filter", c.exclude_comms)):
+            if names:
+                t = self.bpf[table]
+                for name in names:
+                    key = t.Key()
+                    key.c = name.encode()[:15]
+                    t[key] = one
+        if c.ports:
+            t = self.bpf["port_filter"]
+            for port in c.ports:
+                t[t.Key(port)] = one
+        self.bpf["events"].open_ring_buffer(self._on_event)
+
+    def _on_event(self, ctx, data, size):
+        try:
+            self._records.append(decode(ctypes.string_at(data, size)))
+        except Exception:  # a malformed record is counted, never fatal
+            self.decode_errors += 1
+
+    def poll(self, timeout_ms: int | None = None) -> list:
+        if timeout_ms is None:
+            timeout_ms = self.config.poll_ms
+        # Wake-ups are batched in the kernel: poll may time out with data waiting.
+        self.bpf.ring_buffer_poll(timeout_ms)
+        self.bpf.ring_buffer_consume()
+        out, self._records = self._records, []
+        return out
+
+    def stats(self) -> dict:
+        if self.bpf is None:
+            return {}
+        table = self.bpf["stats"]
+        out = {name: int(table.sum(i).value) for i, name in enumerate(STAT_NAMES)}
+        out["decode_failed"] = self.decode_errors
+        out["conn_map_entries"] = len(self.bpf["conns"])
+        return out
+
+    def gc(self):
+        """Forget connections and pending calls of processes that exited without close()."""
+        if self.bpf is None:
+            return
+        for name, alive in (("conns", lambda k: os.path.exists(f"/proc/{k.tgid}")),
+                            ("inflight", lambda k: os.path.exists(
+                                f"/proc/{k.value >> 32}/task/{k.value & 0xffffffff}"))):
+            table = self.bpf[name]
+            for key in [k for k in table.keys() if not alive(k)]:
+                try:
+                    del table[key]
+                except KeyError:
+                    pass
+
+    def detach(self):
+        if self.bpf is not None:
+            try:
+                self.poll(0)  # drain what is left so nothing already captured is lost
+            finally:
+                self.bpf.cleanup()
+                self.bpf = None
+

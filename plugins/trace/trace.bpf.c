@@ -1,0 +1,565 @@
+// trace.bpf.c: socket system calls -> one record per completed call on a TCP/UDP socket.
+//
+// Hooks syscall tracepoints only (this kernel has no kprobes). Every kernel struct is read
+// at an offset taken from BTF at start-up and passed in as OFF_<struct>__<member>; the
+// kernel headers BCC compiles against describe another kernel, so no header struct type
+// is ever dereferenced here. User-space ABI structs (iovec, msghdr, sockaddr) are fixed.
+//
+// Compile-time knobs (set by probe.py): PAYLOAD_CAP (bytes kept), PAYLOAD_MAX (its power-of-two
+// ceiling, for verifier bounds), MAX_IOV, MAX_MMSG,
+// CONN_MAX, INFLIGHT_MAX, RINGBUF_PAGES, WAKEUP_EVENTS, SELF_TGID, FILTER_PIDS, FILTER_COMMS,
+// FILTER_EXCLUDE_COMMS, FILTER_PORTS, SKC_CHUNK.
+
+#define AF_INET 2
+#define AF_INET6 10
+#define IPPROTO_TCP 6
+#define IPPROTO_UDP 17
+#define S_IFMT 0170000
+#define S_IFSOCK 0140000
+#define MSG_PEEK 2
+#define EAGAIN 11
+#define EINPROGRESS 115
+
+// Syscall ids; decoder.py mirrors this table.
+enum { SYS_READ = 1, SYS_READV, SYS_RECVFROM, SYS_RECVMSG, SYS_RECVMMSG,
+       SYS_WRITE, SYS_WRITEV, SYS_SENDTO, SYS_SENDMSG, SYS_SENDMMSG,
+       SYS_SOCKET, SYS_CONNECT, SYS_ACCEPT, SYS_ACCEPT4, SYS_CLOSE };
+enum { DIR_NONE = 0, DIR_INGRESS = 1, DIR_EGRESS = 2 };
+enum { L4_TCP = 1, L4_UDP = 2 };
+// Record flags.
+#define F_SEQ 1          // tcp_seq_start is valid
+#define F_PEEK 2         // MSG_PEEK: bytes were not consumed from the stream
+#define F_TRUNC 4        // payload cut at PAYLOAD_MAX
+#define F_IOV_TRUNC 8    // more iovecs than MAX_IOV: payload misses their bytes
+#define F_ADDR_MSG 16    // remote address taken from the call's sockaddr (unconnected UDP)
+
+// Loss/failure counters, by cause; decoder.py mirrors the names.
+enum { ST_EVENTS = 0, ST_RB_FULL, ST_INFLIGHT_FULL, ST_CONN_FULL, ST_READ_FAIL,
+       ST_MMSG_TRUNC, ST_IOV_TRUNC, ST_NSTATS };
+BPF_PERCPU_ARRAY(stats, u64, ST_NSTATS);
+
+static __always_inline void stat_inc(u32 idx) {
+    u64 *v = stats.lookup(&idx);
+    if (v) *v += 1;
+}
+
+struct event_t {
+    u64 ts_enter;
+    u64 ts_exit;
+    u64 conn_id;
+    s64 ret;          // syscall return value (for mmsg: this message's msg_len)
+    u32 pid;
+    u32 tid;
+    s32 fd;
+    u32 seq;          // tcp sequence number of the first byte this call covered
+    u32 payload_len;
+    u16 msg_index;    // index within recvmmsg/sendmmsg, else 0
+    u16 syscall;
+    u16 family;
+    u16 lport;
+    u16 rport;
+    u8 direction;
+    u8 l4;
+    u8 flags;
+    u8 pad[7];
+    u8 laddr[16];
+    u8 raddr[16];
+    char comm[16];
+    u8 payload[PAYLOAD_MAX * 2];  // twice the cap so the verifier can bound off + len
+};
+#define EVENT_HDR (sizeof(struct event_t) - PAYLOAD_MAX * 2)
+
+BPF_PERCPU_ARRAY(scratch, struct event_t, 1);
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+
+// Arguments saved at sys_enter, keyed by pid_tgid, consumed at sys_exit.
+struct inflight_t {
+    u64 ts;
+    u64 ptr;     // buf, iovec array, msghdr, mmsghdr array, or sockaddr (connect)
+    u64 addr;    // sockaddr of sendto/recvfrom
+    s32 fd;
+    u32 cnt;     // iovcnt / vlen
+    u32 flags;   // recv/send flags
+    u16 sys;
+};
+BPF_HASH(inflight, u64, struct inflight_t, INFLIGHT_MAX);
+
+// Per-connection id, keyed by (tgid, fd); the sock pointer detects fd reuse whose close
+// we did not see (dup2, exec).
+struct conn_key_t { u32 tgid; s32 fd; };
+struct conn_val_t { u64 sk; u64 id; };
+BPF_HASH(conns, struct conn_key_t, struct conn_val_t, CONN_MAX);
+BPF_ARRAY(conn_counter, u64, 1);
+
+#if FILTER_PIDS
+BPF_HASH(pid_filter, u32, u8, 4096);
+#endif
+struct comm_key_t { char c[16]; };
+#if FILTER_COMMS
+BPF_HASH(comm_filter, struct comm_key_t, u8, 256);
+#endif
+#if FILTER_EXCLUDE_COMMS
+BPF_HASH(exclude_comm_filter, struct comm_key_t, u8, 256);
+#endif
+#if FILTER_PORTS
+BPF_HASH(port_filter, u16, u8, 1024);
+#endif
+
+static __always_inline int selected(u32 tgid) {
+    if (tgid == SELF_TGID)
+        return 0;
+#if FILTER_COMMS || FILTER_EXCLUDE_COMMS
+    struct comm_key_t k = {};
+    bpf_get_current_comm(&k.c, sizeof(k.c));
+#endif
+#if FILTER_EXCLUDE_COMMS
+    if (exclude_comm_filter.lookup(&k))
+        return 0;
+#endif
+#if FILTER_PIDS || FILTER_COMMS
+#if FILTER_PIDS
+    if (pid_filter.lookup(&tgid))
+        return 1;
+#endif
+#if FILTER_COMMS
+    if (comm_filter.lookup(&k))
+        return 1;
+#endif
+    return 0;
+#else
+    return 1;
+#endif
+}
+
+static __always_inline int save_args(u16 sys, s32 fd, u64 ptr, u64 addr, u32 cnt, u32 flags) {
+    u64 id = bpf_get_current_pid_tgid();
+    if (fd < 0 || !selected(id >> 32))
+        return 0;
+    struct inflight_t a = {};
+    a.ts = bpf_ktime_get_ns();
+    a.sys = sys;
+    a.fd = fd;
+    a.ptr = ptr;
+    a.addr = addr;
+    a.cnt = cnt;
+    a.flags = flags;
+    if (inflight.update(&id, &a))
+        stat_inc(ST_INFLIGHT_FULL);
+    return 0;
+}
+
+#define RD(dst, src) bpf_probe_read_kernel(&(dst), sizeof(dst), (void *)(src))
+
+// fd -> struct sock *, walking task->files->fdt->fd[fd]->private_data->sk at BTF offsets.
+// Returns 0 when the fd is not a socket, -1 on a read failure.
+static __always_inline s64 fd_to_sk(s32 fd) {
+    u64 task = bpf_get_current_task();
+    u64 files = 0, fdt = 0, fdarr = 0, file = 0, inode = 0, sock = 0, sk = 0;
+    u32 max_fds = 0;
+    u16 mode = 0;
+    if (RD(files, task + OFF_task_struct__files) || !files)
+        return -1;
+    if (RD(fdt, files + OFF_files_struct__fdt) || !fdt)
+        return -1;
+    if (RD(max_fds, fdt + OFF_fdtable__max_fds) || (u32)fd >= max_fds)
+        return 0;
+    if (RD(fdarr, fdt + OFF_fdtable__fd) || RD(file, fdarr + (u64)fd * 8))
+        return -1;
+    if (!file)
+        return 0;
+    if (RD(inode, file + OFF_file__f_inode) || RD(mode, inode + OFF_inode__i_mode))
+        return -1;
+    if ((mode & S_IFMT) != S_IFSOCK)
+        return 0;
+    if (RD(sock, file + OFF_file__private_data) || RD(sk, sock + OFF_socket__sk))
+        return -1;
+    return sk;
+}
+
+// Fill family, l4, addresses and ports from the sock; 0 if it is an IPv4/6 TCP/UDP socket.
+static __always_inline int read_sock(u64 sk, struct event_t *e) {
+    u8 c[SKC_CHUNK];  // one read covers every sock_common member we need
+    u16 proto = 0;
+    u64 skc = sk + OFF_sock____sk_common;
+    if (bpf_probe_read_kernel(c, sizeof(c), (void *)skc) ||
+        RD(proto, sk + OFF_sock__sk_protocol)) {
+        stat_inc(ST_READ_FAIL);
+        return -1;
+    }
+    u16 family = *(u16 *)(c + OFF_sock_common__skc_family);
+    if (family != AF_INET && family != AF_INET6)
+        return -1;
+    if (proto == IPPROTO_TCP)
+        e->l4 = L4_TCP;
+    else if (proto == IPPROTO_UDP)
+        e->l4 = L4_UDP;
+    else
+        return -1;
+    e->family = family;
+    e->lport = *(u16 *)(c + OFF_sock_common__skc_num);
+    e->rport = bpf_ntohs(*(u16 *)(c + OFF_sock_common__skc_dport));
+    if (family == AF_INET) {
+        __builtin_memcpy(e->laddr, c + OFF_sock_common__skc_rcv_saddr, 4);
+        __builtin_memcpy(e->raddr, c + OFF_sock_common__skc_daddr, 4);
+    } else {
+        __builtin_memcpy(e->laddr, c + OFF_sock_common__skc_v6_rcv_saddr, 16);
+        __builtin_memcpy(e->raddr, c + OFF_sock_common__skc_v6_daddr, 16);
+    }
+    return 0;
+}
+
+// Remote address from a user sockaddr (unconnected UDP: sendto/recvfrom/msg_name).
+static __always_inline void addr_from_user(u64 uaddr, struct event_t *e) {
+    if (!uaddr)
+        return;
+    u8 sa[24] = {};
+    if (bpf_probe_read_user(sa, sizeof(sa), (void *)uaddr))
+        return;
+    u16 fam = *(u16 *)sa;
+    if (fam != e->family && !(fam == AF_INET && e->family == AF_INET6))
+        return;
+    e->rport = bpf_ntohs(*(u16 *)(sa + 2));
+    __builtin_memset(e->raddr, 0, 16);
+    if (fam == AF_INET && e->family == AF_INET) {
+        __builtin_memcpy(e->raddr, sa + 4, 4);
+    } else if (fam == AF_INET) {  // v4 peer on a dual-stack socket: v4-mapped form
+        e->raddr[10] = 0xff;
+        e->raddr[11] = 0xff;
+        __builtin_memcpy(e->raddr + 12, sa + 4, 4);
+    } else {
+        __builtin_memcpy(e->raddr, sa + 8, 16);
+    }
+    e->flags |= F_ADDR_MSG;
+}
+
+static __always_inline u64 conn_id_for(u32 tgid, s32 fd, u64 sk) {
+    struct conn_key_t k = {.tgid = tgid, .fd = fd};
+    struct conn_val_t *v = conns.lookup(&k);
+    if (v && v->sk == sk)
+        return v->id;
+    u32 zero = 0;
+    u64 *ctr = conn_counter.lookup(&zero);
+    if (!ctr)
+        return 0;
+    struct conn_val_t nv = {.sk = sk, .id = __sync_fetch_and_add(ctr, 1) + 1};
+    if (conns.update(&k, &nv))
+        stat_inc(ST_CONN_FULL);
+    return nv.id;
+}
+
+// Copy up to `len` user bytes into the payload at `off`, never past PAYLOAD_MAX.
+static __always_inline u32 copy_user(struct event_t *e, u32 start, u64 src, u64 len) {
+    u64 off = start;
+    if (off >= PAYLOAD_CAP || !src)
+        return 0;
+    u64 n = PAYLOAD_CAP - off;
+    if (len < n)
+        n = len;
+    // The verifier must see off < MAX and 0 < n <= MAX (payload holds 2 * MAX); hide the
+    // values from clang so it cannot fold these checks into forms the verifier can't follow.
+    asm volatile("" : "+r"(off), "+r"(n));
+    off &= PAYLOAD_MAX - 1;
+    if (n == 0 || n > PAYLOAD_MAX)
+        return 0;
+    if (bpf_probe_read_user(e->payload + off, n, (void *)src)) {
+        stat_inc(ST_READ_FAIL);
+        return 0;
+    }
+    return n;
+}
+
+// Gather the first `total` bytes of an iovec array. The running offset and remainder live
+// in a map, not in registers: the verifier then sees the same (unknown, masked) state at
+// every loop head and prunes, instead of multiplying paths once per iovec.
+struct gather_t { u64 left; u64 off; };
+BPF_PERCPU_ARRAY(gather, struct gather_t, 1);
+
+static __always_inline u32 copy_iov(struct event_t *e, u64 iov, u64 iovcnt, u64 total) {
+    u32 zero = 0;
+    struct gather_t *g = gather.lookup(&zero);
+    if (!g)
+        return 0;
+    g->left = total;
+    g->off = 0;
+    for (int i = 0; i < MAX_IOV; i++) {
+        if (i >= iovcnt || g->left == 0 || g->off >= PAYLOAD_CAP)
+            break;
+        u64 v[2] = {};  // struct iovec { void *base; size_t len; }
+        if (bpf_probe_read_user(v, sizeof(v), (void *)(iov + (u64)i * 16))) {
+            stat_inc(ST_READ_FAIL);
+            break;
+        }
+        u64 n = v[1] < g->left ? v[1] : g->left;
+        g->off += copy_user(e, g->off, v[0], n);
+        g->left -= n;
+    }
+    u32 off = g->off;
+    if (iovcnt > MAX_IOV && g->left > 0 && off < PAYLOAD_CAP) {
+        e->flags |= F_IOV_TRUNC;
+        stat_inc(ST_IOV_TRUNC);
+    }
+    return off;
+}
+
+// Records written on this CPU since the last forced wake-up.
+BPF_PERCPU_ARRAY(since_wakeup, u32, 1);
+
+static __always_inline void submit(struct event_t *e) {
+    u32 len = e->payload_len & (PAYLOAD_MAX * 2 - 1);
+    u64 flags = BPF_RB_NO_WAKEUP;
+    // Batch wake-ups: user space drains on a timer, and is woken early only once every
+    // WAKEUP_EVENTS records per CPU. (BCC 0.26 lacks ringbuf_query, so count, not bytes.)
+    u32 zero = 0;
+    u32 *n = since_wakeup.lookup(&zero);
+    if (n && ++(*n) >= WAKEUP_EVENTS) {
+        *n = 0;
+        flags = BPF_RB_FORCE_WAKEUP;
+    }
+    if (events.ringbuf_output(e, EVENT_HDR + len, flags))
+        stat_inc(ST_RB_FULL);
+    else
+        stat_inc(ST_EVENTS);
+}
+
+// Start a record for a socket fd: 0 and *out set when the fd is a selected TCP/UDP socket.
+static __always_inline struct event_t *begin(u64 pid_tgid, s32 fd, u16 sys, u64 ts_enter, u64 *skp) {
+    s64 sk = fd_to_sk(fd);
+    if (sk <= 0) {
+        if (sk < 0)
+            stat_inc(ST_READ_FAIL);
+        return 0;
+    }
+    u32 zero = 0;
+    struct event_t *e = scratch.lookup(&zero);
+    if (!e)
+        return 0;
+    e->flags = 0;
+    e->l4 = 0;
+    if (read_sock(sk, e))
+        return 0;
+#if FILTER_PORTS
+    u16 lp = e->lport, rp = e->rport;
+    if (!port_filter.lookup(&lp) && !port_filter.lookup(&rp))
+        return 0;
+#endif
+    e->ts_enter = ts_enter;
+    e->ts_exit = bpf_ktime_get_ns();
+    e->pid = pid_tgid >> 32;
+    e->tid = (u32)pid_tgid;
+    e->fd = fd;
+    e->syscall = sys;
+    e->msg_index = 0;
+    e->payload_len = 0;
+    e->seq = 0;
+    bpf_get_current_comm(&e->comm, sizeof(e->comm));
+    *skp = sk;
+    return e;
+}
+
+static __always_inline void set_seq(struct event_t *e, u64 sk, u8 dir, u32 peek, u64 consumed_after) {
+    // The stream position after the call, minus what the call (and later mmsg messages)
+    // moved it: the first byte this call covered. Both ends of a connection agree on it.
+    if (e->l4 != L4_TCP)
+        return;
+    u32 seq = 0;
+    if (dir == DIR_EGRESS) {
+        if (RD(seq, sk + OFF_tcp_sock__write_seq))
+            return;
+    } else {
+        if (RD(seq, sk + OFF_tcp_sock__copied_seq))
+            return;
+    }
+    if (peek) {
+        e->flags |= F_PEEK;
+        e->seq = seq;
+    } else {
+        e->seq = seq - (u32)consumed_after;
+    }
+    e->flags |= F_SEQ;
+}
+
+// Exit of read/write/readv/writev/recvfrom/sendto/recvmsg/sendmsg.
+static __always_inline int data_exit(s64 ret, u16 sys, u8 dir) {
+    u64 id = bpf_get_current_pid_tgid();
+    struct inflight_t *a = inflight.lookup(&id);
+    if (!a)
+        return 0;
+    struct inflight_t args = *a;
+    inflight.delete(&id);
+    if (args.sys != sys || ret == -EAGAIN)
+        return 0;
+    u64 sk = 0;
+    struct event_t *e = begin(id, args.fd, sys, args.ts, &sk);
+    if (!e)
+        return 0;
+    e->direction = dir;
+    e->ret = ret;
+    e->conn_id = conn_id_for(id >> 32, args.fd, sk);
+    u64 name = args.addr;
+    if (ret > 0) {
+        if (sys == SYS_READ || sys == SYS_WRITE || sys == SYS_RECVFROM || sys == SYS_SENDTO) {
+            e->payload_len = copy_user(e, 0, args.ptr, ret);
+        } else if (sys == SYS_READV || sys == SYS_WRITEV) {
+            e->payload_len = copy_iov(e, args.ptr, args.cnt, ret);
+        } else {  // recvmsg/sendmsg: struct user_msghdr
+            u64 m[4] = {};  // msg_name, msg_namelen(+pad), msg_iov, msg_iovlen
+            if (bpf_probe_read_user(m, sizeof(m), (void *)args.ptr) == 0) {
+                name = m[0];
+                e->payload_len = copy_iov(e, m[2], m[3], ret);
+            }
+        }
+        if (ret > PAYLOAD_CAP)
+            e->flags |= F_TRUNC;
+        set_seq(e, sk, dir, (args.flags & MSG_PEEK) && dir == DIR_INGRESS, ret);
+    }
+    if (e->l4 == L4_UDP && name)
+        addr_from_user(name, e);
+    submit(e);
+    return 0;
+}
+
+// Exit of recvmmsg/sendmmsg: one record per transferred message.
+static __always_inline int mmsg_exit(s64 ret, u16 sys, u8 dir) {
+    u64 id = bpf_get_current_pid_tgid();
+    struct inflight_t *a = inflight.lookup(&id);
+    if (!a)
+        return 0;
+    struct inflight_t args = *a;
+    inflight.delete(&id);
+    if (args.sys != sys || ret <= 0)
+        return 0;
+    u64 sk = 0;
+    struct event_t *e = begin(id, args.fd, sys, args.ts, &sk);
+    if (!e)
+        return 0;
+    u64 conn = conn_id_for(id >> 32, args.fd, sk);
+    // TCP: later messages moved the stream position too; sum them to find each start.
+    u64 total = 0;
+
+    for (int i = 0; i < MAX_MMSG; i++) {
+        if (i >= ret)
+            break;
+        u32 mlen = 0;  // struct mmsghdr { struct user_msghdr (56 bytes); u32 msg_len; } = 64
+        bpf_probe_read_user(&mlen, 4, (void *)(args.ptr + i * 64 + 56));
+        total += mlen;
+    }
+    u64 done = 0;
+    u16 rport = e->rport;  // the sock's own peer, restored before each message's msg_name
+    u8 raddr[16];
+    __builtin_memcpy(raddr, e->raddr, 16);
+
+    for (int i = 0; i < MAX_MMSG; i++) {
+        if (i >= ret)
+            break;
+        u64 m[4] = {};
+        u32 mlen = 0;
+        u64 base = args.ptr + i * 64;
+        if (bpf_probe_read_user(m, sizeof(m), (void *)base) ||
+            bpf_probe_read_user(&mlen, 4, (void *)(base + 56))) {
+            stat_inc(ST_READ_FAIL);
+            break;
+        }
+        e->direction = dir;
+        e->conn_id = conn;
+        e->msg_index = i;
+        e->ret = mlen;
+        e->flags = 0;
+        e->rport = rport;
+        __builtin_memcpy(e->raddr, raddr, 16);
+        e->payload_len = copy_iov(e, m[2], m[3], mlen);
+        if (mlen > PAYLOAD_CAP)
+            e->flags |= F_TRUNC;
+        set_seq(e, sk, dir, (args.flags & MSG_PEEK) && dir == DIR_INGRESS, total - done);
+        done += mlen;
+        if (e->l4 == L4_UDP && m[0])
+            addr_from_user(m[0], e);
+        submit(e);
+    }
+    if (ret > MAX_MMSG)
+        stat_inc(ST_MMSG_TRUNC);
+    return 0;
+}
+
+// Exit of socket/connect/accept/accept4: a record without payload, direction none.
+static __always_inline int ctl_exit(s64 ret, u16 sys) {
+    u64 id = bpf_get_current_pid_tgid();
+    struct inflight_t *a = inflight.lookup(&id);
+    if (!a)
+        return 0;
+    struct inflight_t args = *a;
+    inflight.delete(&id);
+    if (args.sys != sys || ret == -EAGAIN)
+        return 0;
+    // socket/accept return the new fd; connect acts on the given one.
+    s32 fd = (sys == SYS_CONNECT) ? args.fd : (s32)ret;
+    if (ret < 0 && sys != SYS_CONNECT)
+        return 0;
+    u64 sk = 0;
+    struct event_t *e = begin(id, fd, sys, args.ts, &sk);
+    if (!e)
+        return 0;
+    e->direction = DIR_NONE;
+    e->ret = ret;
+    e->conn_id = conn_id_for(id >> 32, fd, sk);
+    // A failed connect leaves no peer on the sock: report the address that was asked for.
+    if (sys == SYS_CONNECT && e->rport == 0)
+        addr_from_user(args.ptr, e);
+    submit(e);
+    return 0;
+}
+
+// Data syscalls. `fd` is declared unsigned for some of them; the cast keeps it signed.
+TRACEPOINT_PROBE(syscalls, sys_enter_read) { return save_args(SYS_READ, (s32)args->fd, (u64)args->buf, 0, 0, 0); }
+TRACEPOINT_PROBE(syscalls, sys_exit_read) { return data_exit(args->ret, SYS_READ, DIR_INGRESS); }
+TRACEPOINT_PROBE(syscalls, sys_enter_readv) { return save_args(SYS_READV, (s32)args->fd, (u64)args->vec, 0, args->vlen, 0); }
+TRACEPOINT_PROBE(syscalls, sys_exit_readv) { return data_exit(args->ret, SYS_READV, DIR_INGRESS); }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) { return save_args(SYS_RECVFROM, (s32)args->fd, (u64)args->ubuf, (u64)args->addr, 0, args->flags); }
+TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom) { return data_exit(args->ret, SYS_RECVFROM, DIR_INGRESS); }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg) { return save_args(SYS_RECVMSG, (s32)args->fd, (u64)args->msg, 0, 0, args->flags); }
+TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg) { return data_exit(args->ret, SYS_RECVMSG, DIR_INGRESS); }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvmmsg) { return save_args(SYS_RECVMMSG, (s32)args->fd, (u64)args->mmsg, 0, args->vlen, args->flags); }
+TRACEPOINT_PROBE(syscalls, sys_exit_recvmmsg) { return mmsg_exit(args->ret, SYS_RECVMMSG, DIR_INGRESS); }
+TRACEPOINT_PROBE(syscalls, sys_enter_write) { return save_args(SYS_WRITE, (s32)args->fd, (u64)args->buf, 0, 0, 0); }
+TRACEPOINT_PROBE(syscalls, sys_exit_write) { return data_exit(args->ret, SYS_WRITE, DIR_EGRESS); }
+TRACEPOINT_PROBE(syscalls, sys_enter_writev) { return save_args(SYS_WRITEV, (s32)args->fd, (u64)args->vec, 0, args->vlen, 0); }
+TRACEPOINT_PROBE(syscalls, sys_exit_writev) { return data_exit(args->ret, SYS_WRITEV, DIR_EGRESS); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendto) { return save_args(SYS_SENDTO, (s32)args->fd, (u64)args->buff, (u64)args->addr, 0, args->flags); }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendto) { return data_exit(args->ret, SYS_SENDTO, DIR_EGRESS); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) { return save_args(SYS_SENDMSG, (s32)args->fd, (u64)args->msg, 0, 0, args->flags); }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg) { return data_exit(args->ret, SYS_SENDMSG, DIR_EGRESS); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendmmsg) { return save_args(SYS_SENDMMSG, (s32)args->fd, (u64)args->mmsg, 0, args->vlen, args->flags); }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendmmsg) { return mmsg_exit(args->ret, SYS_SENDMMSG, DIR_EGRESS); }
+
+// Connection management.
+TRACEPOINT_PROBE(syscalls, sys_enter_socket) {
+    if (args->family != AF_INET && args->family != AF_INET6)
+        return 0;
+    return save_args(SYS_SOCKET, 0, 0, 0, 0, 0);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_socket) { return ctl_exit(args->ret, SYS_SOCKET); }
+TRACEPOINT_PROBE(syscalls, sys_enter_connect) { return save_args(SYS_CONNECT, (s32)args->fd, (u64)args->uservaddr, 0, 0, 0); }
+TRACEPOINT_PROBE(syscalls, sys_exit_connect) { return ctl_exit(args->ret, SYS_CONNECT); }
+TRACEPOINT_PROBE(syscalls, sys_enter_accept) { return save_args(SYS_ACCEPT, (s32)args->fd, 0, 0, 0, 0); }
+TRACEPOINT_PROBE(syscalls, sys_exit_accept) { return ctl_exit(args->ret, SYS_ACCEPT); }
+TRACEPOINT_PROBE(syscalls, sys_enter_accept4) { return save_args(SYS_ACCEPT4, (s32)args->fd, 0, 0, 0, 0); }
+TRACEPOINT_PROBE(syscalls, sys_exit_accept4) { return ctl_exit(args->ret, SYS_ACCEPT4); }
+
+// close: report the socket while the fd still names it, and forget its connection id.
+TRACEPOINT_PROBE(syscalls, sys_enter_close) {
+    u64 id = bpf_get_current_pid_tgid();
+    s32 fd = (s32)args->fd;
+    if (fd < 0 || !selected(id >> 32))
+        return 0;
+    u64 sk = 0;
+    u64 now = bpf_ktime_get_ns();
+    struct event_t *e = begin(id, fd, SYS_CLOSE, now, &sk);
+    if (!e)
+        return 0;
+    e->direction = DIR_NONE;
+    e->ret = 0;
+    e->conn_id = conn_id_for(id >> 32, fd, sk);
+    struct conn_key_t k = {.tgid = id >> 32, .fd = fd};
+    conns.delete(&k);
+    submit(e);
+    return 0;
+}

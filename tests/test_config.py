@@ -1,0 +1,411 @@
+"""Tests for deeptrace_core.config: every error names file, line, key and choices."""
+
+import pickle
+from textwrap import dedent, indent
+from typing import Literal, Optional
+
+import attrs
+import pytest
+from attrs import validators as v
+
+from deeptrace_core.config import (
+    AgentConfig, AgentSettings, Component, ConfigError, PipelineConfig, build, load_config,
+    parse_config,
+)
+
+
+@attrs.define
+class Retry:
+    attempts: int = 3
+    backoff: float = attrs.field(default=0.1, metadata={"unit": "seconds"})
+
+
+@attrs.define
+class TraceConfig:
+    comms: list[str] = attrs.Factory(list)
+    pids: list[int] = attrs.Factory(list)
+    payload_bytes: int = attrs.field(default=1024, validator=v.ge(1))
+    mode: Literal["full", "sampled"] = "full"
+    ratio: float = 1.0
+    enabled: bool = True
+    labels: dict[str, str] = attrs.Factory(dict)
+    limit: Optional[int] = None
+    timeout: float = attrs.field(default=5.0, metadata={"unit": "seconds"})
+    retry: Retry = attrs.Factory(Retry)
+    internal: int = attrs.field(default=0, init=False)
+
+
+@attrs.define
+class FileExporterConfig:
+    path: str = "-"
+    format: str = attrs.field(default="json", validator=v.in_(["json", "text"]))
+
+
+@attrs.define
+class FilterConfig:
+    pattern: str                       # required: no default
+    # String annotations, as with `from __future__ import annotations`.
+    ports: "list[int] | None" = None
+
+
+SCHEMAS = {
+    "probes": {"trace": TraceConfig},
+    "processors": {"filter": FilterConfig},
+    "exporters": {"jsonl": FileExporterConfig, "console": FileExporterConfig},
+}
+
+EXAMPLE = """\
+probes:
+  trace:
+    comms: [myserver, myclient]
+    payload_bytes: 512
+exporters:
+  jsonl:
+    path: ${env:OUT}/records.jsonl
+pipelines:
+  main:
+    probes: [trace]
+    exporters: [jsonl]
+"""
+
+PIPELINE = """\
+pipelines:
+  main:
+    probes: [trace]
+    exporters: [console]
+"""
+
+
+def parse(text, env=None):
+    return parse_config(dedent(text), "agent.yaml", SCHEMAS, env or {})
+
+
+def error(text, env=None) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        parse(text, env)
+    return info.value
+
+
+def check(err, line, key, message, allowed=None, expected_str=None):
+    assert (err.file, err.line, err.key, err.message, err.allowed) == (
+        "agent.yaml", line, key, message, allowed)
+    if expected_str is not None:
+        assert str(err) == expected_str
+
+
+def probe(body, env=None):
+    """Parse a config whose only interesting part is the trace probe's body."""
+    text = "probes:\n  trace:\n" + indent(dedent(body), "    ")
+    cfg = parse(text + "exporters:\n  console:\n" + PIPELINE, env)
+    return cfg.probes["trace"].config
+
+
+# --- accepted configs -------------------------------------------------------
+
+def test_example_is_accepted_from_file(tmp_path):
+    f = tmp_path / "agent.yaml"
+    f.write_text(EXAMPLE)
+    cfg = load_config(str(f), SCHEMAS, env={"OUT": "/var/out"})
+    assert isinstance(cfg, AgentConfig)
+    assert cfg.path == str(f)
+    assert cfg.agent == AgentSettings()
+    trace = cfg.probes["trace"]
+    assert trace == Component("probes", "trace", "trace", TraceConfig(
+        comms=["myserver", "myclient"], payload_bytes=512), 2)
+    assert cfg.exporters["jsonl"].config.path == "/var/out/records.jsonl"
+    assert cfg.processors == {}
+    assert cfg.pipelines == {"main": PipelineConfig("main", ["trace"], [], ["jsonl"])}
+
+
+def test_env_defaults_to_os_environ(monkeypatch):
+    monkeypatch.setenv("OUT", "/tmp/x")
+    cfg = parse_config(EXAMPLE, "agent.yaml", SCHEMAS)
+    assert cfg.exporters["jsonl"].config.path == "/tmp/x/records.jsonl"
+
+
+def test_file_errors_carry_the_file_name(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text(EXAMPLE.replace("probes:\n  trace", "probes:\n  trase"))
+    with pytest.raises(ConfigError) as info:
+        load_config(str(f), SCHEMAS, env={"OUT": "x"})
+    assert str(info.value) == f"{f}:2: probes.trase: unknown probe type 'trase' (allowed: trace)"
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(str(tmp_path / "missing.yaml"), SCHEMAS)
+
+
+def test_type_name_ids_and_empty_bodies():
+    cfg = parse("""\
+        probes:
+          trace:
+        processors:
+          filter/errors:
+            pattern: ERR
+            ports: [80, 443]
+        exporters:
+          jsonl/errors:
+            path: errors.jsonl
+          jsonl: {}
+          console:
+        pipelines:
+          errors:
+            probes: [trace]
+            processors: [filter/errors]
+            exporters: [jsonl/errors, console]
+        """)
+    assert cfg.probes["trace"].config == TraceConfig()
+    errors = cfg.exporters["jsonl/errors"]
+    assert (errors.kind, errors.type, errors.name, errors.line) == ("exporters", "jsonl", "jsonl/errors", 8)
+    assert errors.config == FileExporterConfig(path="errors.jsonl")
+    assert cfg.exporters["jsonl"].config == FileExporterConfig()
+    assert cfg.processors["filter/errors"].config == FilterConfig("ERR", [80, 443])
+    assert cfg.pipelines["errors"] == PipelineConfig(
+        "errors", ["trace"], ["filter/errors"], ["jsonl/errors", "console"])
+
+
+def test_typed_values():
+    cfg = probe("""\
+        comms: [a, "0123", yes]
+        pids: [1, 0x10]
+        mode: sampled
+        ratio: 2
+        enabled: false
+        labels: {team: core, n: 5}
+        limit: 7
+        retry: {attempts: 5}
+        """)
+    assert cfg.comms == ["a", "0123", "yes"]   # strings stay as written
+    assert cfg.pids == [1, 16]
+    assert cfg.mode == "sampled"
+    assert cfg.ratio == 2.0 and isinstance(cfg.ratio, float)
+    assert cfg.enabled is False
+    assert cfg.labels == {"team": "core", "n": "5"}
+    assert cfg.limit == 7
+    assert cfg.retry == Retry(attempts=5)
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("500ms", 0.5), ("10s", 10.0), ("2m", 120.0), ("1.5h", 5400.0), ("3", 3.0), ("0.25", 0.25),
+])
+def test_durations(text, seconds):
+    cfg = probe(f"timeout: {text}\nretry: {{backoff: {text}}}\n")
+    assert cfg.timeout == pytest.approx(seconds) and isinstance(cfg.timeout, float)
+    assert cfg.retry.backoff == pytest.approx(seconds)
+
+
+def test_bad_duration():
+    err = error("probes:\n  trace:\n    timeout: soon\n")
+    check(err, 3, "probes.trace.timeout", "expected a duration like 500ms, 10s or 2m, got 'soon'")
+
+
+def test_agent_section():
+    cfg = parse("agent:\n  block_plugins: [cpu]\n  stats_interval: 1m\n  log_level: debug\n"
+                "probes: {trace: }\nexporters: {console: }\n" + PIPELINE)
+    assert cfg.agent == AgentSettings(block_plugins=["cpu"], stats_interval=60.0, log_level="debug")
+
+
+def test_agent_section_errors():
+    check(error("agent:\n  log_level: loud\n"), 2, "agent.log_level",
+          "'log_level' must be in ('debug', 'info', 'warning', 'error') (got 'loud')",
+          ["debug", "info", "warning", "error"])
+    check(error("agent:\n  stats_interval: 0s\n"), 2, "agent.stats_interval",
+          "'stats_interval' must be > 0: 0.0")
+
+
+# --- environment expansion ---------------------------------------------------
+
+def test_env_default_and_multiple_refs():
+    cfg = parse(dedent("""\
+        probes: {trace: }
+        exporters:
+          console:
+            path: ${env:DIR:-/tmp}/${env:NAME}-${env:NAME}.jsonl
+        """) + PIPELINE, env={"NAME": "x"})
+    assert cfg.exporters["console"].config.path == "/tmp/x-x.jsonl"
+
+
+def test_env_in_typed_fields():
+    cfg = probe("payload_bytes: ${env:N}\nenabled: ${env:ON}\npids: ['${env:PID:-42}']\nlimit: ${env:L:-}\n",
+                env={"N": "512", "ON": "false"})
+    assert (cfg.payload_bytes, cfg.enabled, cfg.pids, cfg.limit) == (512, False, [42], None)
+
+
+def test_missing_env_var():
+    err = error(EXAMPLE)
+    check(err, 7, "exporters.jsonl.path", "environment variable OUT is not set",
+          expected_str="agent.yaml:7: exporters.jsonl.path: environment variable OUT is not set")
+
+
+def test_env_value_of_wrong_type():
+    check(error("probes:\n  trace:\n    payload_bytes: ${env:N}\n", env={"N": "lots"}),
+          3, "probes.trace.payload_bytes", "expected an integer, got 'lots'")
+
+
+# --- errors ------------------------------------------------------------------
+
+def test_unknown_top_level_key():
+    err = error("probes: {}\nexporter:\n  jsonl:\n")
+    check(err, 2, "exporter", "unknown top-level key",
+          ["agent", "exporters", "pipelines", "probes", "processors"],
+          "agent.yaml:2: exporter: unknown top-level key "
+          "(allowed: agent, exporters, pipelines, probes, processors)")
+
+
+def test_unknown_component_type():
+    err = error("exporters:\n  console:\n  jsonll/errors:\n    path: x\n")
+    check(err, 3, "exporters.jsonll/errors", "unknown exporter type 'jsonll'", ["console", "jsonl"],
+          "agent.yaml:3: exporters.jsonll/errors: unknown exporter type 'jsonll' (allowed: console, jsonl)")
+
+
+def test_empty_component_name():
+    check(error("exporters:\n  jsonl/:\n"), 2, "exporters.jsonl/",
+          "empty name after '/' (use type or type/name)")
+
+
+def test_unknown_component_key():
+    err = error("exporters:\n  jsonl:\n    pth: x\n")
+    check(err, 3, "exporters.jsonl.pth", "unknown key 'pth'", ["format", "path"],
+          "agent.yaml:3: exporters.jsonl.pth: unknown key 'pth' (allowed: format, path)")
+
+
+def test_init_false_fields_are_not_settable():
+    err = error("probes:\n  trace:\n    internal: 1\n")
+    assert err.key == "probes.trace.internal" and "internal" not in err.allowed
+    assert err.allowed == sorted(f.name for f in attrs.fields(TraceConfig) if f.init)
+
+
+def test_nested_unknown_key():
+    check(error("probes:\n  trace:\n    retry:\n      attempts: 1\n      tries: 2\n"),
+          5, "probes.trace.retry.tries", "unknown key 'tries'", ["attempts", "backoff"])
+
+
+@pytest.mark.parametrize("line, message", [
+    ("payload_bytes: abc", "expected an integer, got 'abc'"),
+    ("payload_bytes: 1.5", "expected an integer, got '1.5'"),
+    ("payload_bytes: true", "expected an integer, got 'true'"),
+    ("payload_bytes:", "expected an integer, got null"),
+    ("payload_bytes: [1]", "expected an integer, got a list"),
+    ("ratio: fast", "expected a number, got 'fast'"),
+    ("ratio: false", "expected a number, got 'false'"),
+    ("enabled: 1", "expected a boolean, got '1'"),
+    ("comms: myserver", "expected a list, got 'myserver'"),
+    ("comms: {a: 1}", "expected a list, got a mapping"),
+    ("labels: [a]", "expected a mapping, got a list"),
+    ("retry: 3", "expected a mapping, got '3'"),
+])
+def test_wrong_types(line, message):
+    key = "probes.trace." + line.split(":")[0]
+    err = error(f"probes:\n  trace:\n    {line}\n")
+    check(err, 3, key, message, expected_str=f"agent.yaml:3: {key}: {message}")
+
+
+def test_wrong_list_item_type():
+    err = error("probes:\n  trace:\n    pids:\n      - 1\n      - 2\n      - three\n")
+    check(err, 6, "probes.trace.pids[2]", "expected an integer, got 'three'",
+          expected_str="agent.yaml:6: probes.trace.pids[2]: expected an integer, got 'three'")
+
+
+def test_wrong_dict_value_type():
+    check(error("probes:\n  trace:\n    labels:\n      team: [a]\n"), 4,
+          "probes.trace.labels.team", "expected a string, got a list")
+
+
+def test_literal_violation():
+    err = error("probes:\n  trace:\n    mode: fast\n")
+    check(err, 3, "probes.trace.mode", "unsupported value 'fast'", ["full", "sampled"],
+          "agent.yaml:3: probes.trace.mode: unsupported value 'fast' (allowed: full, sampled)")
+
+
+def test_in_validator_violation():
+    err = error("exporters:\n  jsonl:\n    path: out\n    format: xml\n")
+    msg = "'format' must be in ['json', 'text'] (got 'xml')"
+    check(err, 4, "exporters.jsonl.format", msg, ["json", "text"],
+          f"agent.yaml:4: exporters.jsonl.format: {msg} (allowed: json, text)")
+
+
+def test_validator_violation():
+    err = error("probes:\n  trace:\n    comms: [a]\n    payload_bytes: 0\n")
+    check(err, 4, "probes.trace.payload_bytes", "'payload_bytes' must be >= 1: 0",
+          expected_str="agent.yaml:4: probes.trace.payload_bytes: 'payload_bytes' must be >= 1: 0")
+
+
+def test_missing_required_field():
+    err = error("processors:\n  filter:\n    ports: [1]\n")
+    check(err, 2, "processors.filter.pattern", "required key is missing",
+          expected_str="agent.yaml:2: processors.filter.pattern: required key is missing")
+    check(error("processors:\n  filter:\n"), 2, "processors.filter.pattern", "required key is missing")
+
+
+def test_string_annotations_are_resolved():
+    check(error("processors:\n  filter:\n    pattern: x\n    ports: [80, http]\n"), 4,
+          "processors.filter.ports[1]", "expected an integer, got 'http'")
+
+
+def test_dangling_pipeline_reference():
+    err = error(EXAMPLE.replace("exporters: [jsonl]", "exporters: [jsonl/errors]"), env={"OUT": "o"})
+    check(err, 11, "pipelines.main.exporters[0]", "exporter 'jsonl/errors' is not declared in exporters",
+          ["jsonl"], "agent.yaml:11: pipelines.main.exporters[0]: exporter 'jsonl/errors' is not "
+          "declared in exporters (allowed: jsonl)")
+
+
+def test_pipeline_errors():
+    base = "probes: {trace: }\nexporters: {console: }\npipelines:\n  main:\n"
+    check(error(base + "    probes: [trace]\n"), 4, "pipelines.main.exporters", "required key is missing")
+    check(error(base + "    probes: []\n    exporters: [console]\n"), 5, "pipelines.main.probes",
+          "a pipeline needs at least one probe")
+    check(error(base + "    probes: [trace]\n    exporters: [console]\n    processors: [filter]\n"), 7,
+          "pipelines.main.processors[0]", "processor 'filter' is not declared in processors")
+    check(error(base + "    probes: [trace]\n    exporters: [console, console]\n"), 6,
+          "pipelines.main.exporters[1]", "exporter 'console' is listed twice")
+    check(error(base + "    probes: [trace]\n    exporter: [console]\n"), 6, "pipelines.main.exporter",
+          "unknown key 'exporter'", ["exporters", "probes", "processors"])
+
+
+def test_no_pipelines():
+    err = error("probes:\n  trace:\n")
+    check(err, None, "pipelines", "no pipelines: nothing would run",
+          expected_str="agent.yaml: pipelines: no pipelines: nothing would run")
+    check(error("probes:\n  trace:\npipelines:\n"), 3, "pipelines", "no pipelines: nothing would run")
+    check(error(""), None, "pipelines", "no pipelines: nothing would run")
+
+
+def test_duplicate_keys():
+    err = error("exporters:\n  jsonl:\n    path: a\n    format: json\n    path: b\n")
+    check(err, 5, "exporters.jsonl.path", "duplicate key (first defined on line 3)",
+          expected_str="agent.yaml:5: exporters.jsonl.path: duplicate key (first defined on line 3)")
+    check(error("probes: {}\nprobes: {}\n"), 2, "probes", "duplicate key (first defined on line 1)")
+
+
+def test_yaml_syntax_error():
+    err = error("probes:\n  trace:\n    comms: [a, b\nexporters:\n")
+    assert (err.file, err.key, err.allowed) == ("agent.yaml", "", None)
+    assert err.line == 4 and err.message.startswith("invalid YAML: ")
+    assert str(err) == f"agent.yaml:4: {err.message}"
+    check(error("a: b: c\n"), 1, "", "invalid YAML: mapping values are not allowed here",
+          expected_str="agent.yaml:1: invalid YAML: mapping values are not allowed here")
+
+
+def test_top_level_must_be_a_mapping():
+    check(error("- probes\n"), 1, "", "expected a mapping of sections, got a list")
+
+
+def test_first_error_wins():
+    # Sections are checked in file order (pipelines last: they refer to the others).
+    err = error("probes:\n  trace:\n    pids: [x]\n    bogus: 1\nfoo: 1\n")
+    assert (err.line, err.key) == (3, "probes.trace.pids[0]")
+    err = error("pipelines:\n  main:\n    probes: [nope]\nprobes:\n  trace:\n    bogus: 1\n")
+    assert (err.line, err.key) == (6, "probes.trace.bogus")
+
+
+def test_build_is_reusable():
+    import yaml
+    node = yaml.compose("attempts: 4\nbackoff: 250ms\n", Loader=yaml.SafeLoader)
+    assert build(Retry, node, "retry", "x.yaml", {}) == Retry(4, 0.25)
+    assert build(Retry, None, "retry", "x.yaml", {}) == Retry()
+
+
+def test_config_error_str_and_pickle():
+    assert str(ConfigError("f.yaml", None, "", "boom")) == "f.yaml: boom"
+    err = ConfigError("f.yaml", 3, "a.b", "bad", ["x", "y"])
+    assert str(err) == "f.yaml:3: a.b: bad (allowed: x, y)"
+    copy = pickle.loads(pickle.dumps(err))
+    assert (copy.line, copy.key, copy.allowed, str(copy)) == (3, "a.b", ["x", "y"], str(err))

@@ -64,7 +64,7 @@ class TraceProbe:
         return {
             "PAYLOAD_MAX": _pow2_at_least(max(c.payload_bytes, 1)),
             "PAYLOAD_CAP": c.payload_bytes,
-            "MAX_IOV": 64,
+            "MAX_IOV": 16,
             "MAX_MMSG": 8,
             "CONN_MAX": c.max_connections,
             "INFLIGHT_MAX": c.max_inflight,

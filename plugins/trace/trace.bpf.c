@@ -151,8 +151,8 @@ static __always_inline int save_args(u16 sys, s32 fd, u64 ptr, u64 addr, u32 cnt
 #define RD(dst, src) bpf_probe_read_kernel(&(dst), sizeof(dst), (void *)(src))
 
 // fd -> struct sock *, walking task->files->fdt->fd[fd]->private_data->sk at BTF offsets.
-// Returns 0 when the fd is not a socket, -1 on a read failure.
-static __always_inline s64 fd_to_sk(s32 fd) {
+// Returns 1 and sets *out for a socket, 0 when the fd is not a socket, -1 on a read failure.
+static __always_inline int fd_to_sk(s32 fd, u64 *out) {
     u64 task = bpf_get_current_task();
     u64 files = 0, fdt = 0, fdarr = 0, file = 0, inode = 0, sock = 0, sk = 0;
     u32 max_fds = 0;
@@ -171,9 +171,10 @@ static __always_inline s64 fd_to_sk(s32 fd) {
         return -1;
     if ((mode & S_IFMT) != S_IFSOCK)
         return 0;
-    if (RD(sock, file + OFF_file__private_data) || RD(sk, sock + OFF_socket__sk))
+    if (RD(sock, file + OFF_file__private_data) || RD(sk, sock + OFF_socket__sk) || !sk)
         return -1;
-    return sk;
+    *out = sk;
+    return 1;
 }
 
 // Fill family, l4, addresses and ports from the sock; 0 if it is an IPv4/6 TCP/UDP socket.
@@ -323,9 +324,10 @@ static __always_inline void submit(struct event_t *e) {
 
 // Start a record for a socket fd: 0 and *out set when the fd is a selected TCP/UDP socket.
 static __always_inline struct event_t *begin(u64 pid_tgid, s32 fd, u16 sys, u64 ts_enter, u64 *skp) {
-    s64 sk = fd_to_sk(fd);
-    if (sk <= 0) {
-        if (sk < 0)
+    u64 sk = 0;
+    int found = fd_to_sk(fd, &sk);
+    if (found <= 0) {
+        if (found < 0)
             stat_inc(ST_READ_FAIL);
         return 0;
     }

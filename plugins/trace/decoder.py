@@ -72,9 +72,10 @@ class SocketRecord:
                if self.tcp_seq_start is not None else "")
         text = self.payload[:64].decode("latin-1").encode("unicode_escape").decode()
         lat = (self.ts_exit_ns - self.ts_enter_ns) / 1000
+        size = f"bytes={self.bytes}" if self.direction != "none" else f"ret={self.bytes}"
         return (f"{t}.{us:06d} {self.comm}[{self.pid}/{self.tid}] {self.syscall} fd={self.fd} "
                 f"{self.l4}/{self.family} {_ep(self.local_addr, self.local_port)} {arrow} "
-                f"{_ep(self.remote_addr, self.remote_port)} bytes={self.bytes}{seq} "
+                f"{_ep(self.remote_addr, self.remote_port)} {size}{seq} "
                 f"conn={self.conn_id} {lat:.1f}us" + (f' "{text}"' if self.payload else ""))
 
 
@@ -113,7 +114,7 @@ def decode(buf: bytes) -> SocketRecord:
         bytes=ret,
         # End is start + bytes without wrapping, so end - start == bytes always.
         tcp_seq_start=seq if seq_ok else None,
-        tcp_seq_end=seq + (0 if flags & F_PEEK else 0) + nbytes if seq_ok else None,
+        tcp_seq_end=seq + nbytes if seq_ok else None,
         payload=bytes(buf[HEADER.size:HEADER.size + plen]),
         conn_id=conn_id,
         msg_index=msg_index,

@@ -1,0 +1,136 @@
+"""The agent: builds components from a validated config, attaches probes, runs the loop."""
+
+import logging
+import sys
+import threading
+import time
+
+from . import bpf
+from .pipeline import Pipeline
+
+log = logging.getLogger("deeptrace.agent")
+
+
+class Agent:
+    def __init__(self, config, host, registry, stats_stream=None):
+        self.config = config
+        self.host = host
+        self.registry = registry
+        self.stats_stream = stats_stream or sys.stderr
+        self.stop_event = threading.Event()
+        used = {kind: set() for kind in ("probes", "processors", "exporters")}
+        for pl in config.pipelines.values():
+            used["probes"].update(pl.probes)
+            used["processors"].update(pl.processors)
+            used["exporters"].update(pl.exporters)
+        # Components are inert until a pipeline lists them: build only those.
+        self.probes = {cid: self._build("probes", cid) for cid in sorted(used["probes"])}
+        processors = {cid: self._build("processors", cid) for cid in sorted(used["processors"])}
+        self.exporters = {cid: self._build("exporters", cid) for cid in sorted(used["exporters"])}
+        self.pipelines = [
+            Pipeline(name, [(c, processors[c]) for c in pl.processors],
+                     [(c, self.exporters[c]) for c in pl.exporters])
+            for name, pl in config.pipelines.items()]
+        self.routes = {cid: [p for p, pl in zip(self.pipelines, config.pipelines.values())
+                             if cid in pl.probes] for cid in self.probes}
+        self.attached = []
+
+    def _build(self, kind, cid):
+        comp = getattr(self.config, kind)[cid]
+        entry = getattr(self.registry, kind)[comp.type]
+        return entry.cls(comp.config, self)
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self):
+        t0 = time.monotonic()
+        try:
+            for cid, probe in self.probes.items():
+                probe.attach(self.defines(cid))
+                self.attached.append(cid)
+        except Exception:
+            self.detach()
+            raise
+        self.startup_seconds = time.monotonic() - t0
+        log.info("attached %s in %.2f s", ", ".join(self.attached), self.startup_seconds)
+        self.host.pm.hook.deeptrace_agent_start.call_historic(kwargs={"agent": self})
+
+    def defines(self, cid) -> dict:
+        comp = self.config.probes[cid]
+        probe = self.probes[cid]
+        return {**bpf.kernel_defines(probe.kernel_fields),
+                **self.host.bpf_defines(comp.type, comp.config)}
+
+    def run(self, duration=None):
+        """Poll probes and feed pipelines until stop() (signal) or `duration` seconds."""
+        interval = self.config.agent.stats_interval
+        deadline = time.monotonic() + duration if duration else None
+        next_stats = time.monotonic() + interval
+        while not self.stop_event.is_set():
+            self.poll_once()
+            now = time.monotonic()
+            if now >= next_stats:
+                self.report_stats()
+                for probe in self.probes.values():
+                    gc = getattr(probe, "gc", None)
+                    if gc:
+                        gc()
+                next_stats = now + interval
+            if deadline and now >= deadline:
+                break
+
+    def poll_once(self, timeout_ms=None):
+        per_probe = None if timeout_ms is None else max(1, timeout_ms // max(1, len(self.probes)))
+        for cid, probe in self.probes.items():
+            batch = probe.poll(per_probe)
+            for pl in self.routes[cid]:
+                pl.consume(batch)
+
+    def stop(self):
+        self.stop_event.set()
+
+    def detach(self):
+        """Detach every attached probe; what they still held goes through the pipelines."""
+        for cid in list(self.attached):
+            probe = self.probes[cid]
+            try:
+                batch = probe.poll(0)
+                for pl in self.routes[cid]:
+                    pl.consume(batch)
+            except Exception as exc:
+                log.error("draining %s failed: %r", cid, exc)
+            finally:
+                try:
+                    probe.detach()
+                except Exception as exc:
+                    log.error("detaching %s failed: %r", cid, exc)
+                self.attached.remove(cid)
+
+    def shutdown(self):
+        final_stats = {cid: p.stats() for cid, p in self.probes.items() if cid in self.attached}
+        self.detach()
+        self.report_stats(final_stats, final=True)
+        for cid, exp in self.exporters.items():
+            try:
+                exp.shutdown()
+            except Exception as exc:
+                log.error("exporter %s shutdown failed: %r", cid, exc)
+        try:
+            self.host.pm.hook.deeptrace_agent_stop(agent=self)
+        except Exception as exc:
+            log.error("agent_stop hook failed: %r", exc)
+
+    # -- counters -------------------------------------------------------------------------
+    def stats(self) -> dict:
+        out = {f"probe.{cid}": p.stats() for cid, p in self.probes.items()}
+        out.update({f"pipeline.{p.name}": p.stats() for p in self.pipelines})
+        return out
+
+    def report_stats(self, probe_stats=None, final=False):
+        stats = self.stats()
+        if probe_stats is not None:
+            stats.update({f"probe.{cid}": s for cid, s in probe_stats.items()})
+        label = "final" if final else "stats"
+        for section, counters in stats.items():
+            if counters:
+                text = " ".join(f"{k}={v}" for k, v in counters.items())
+                print(f"deeptrace {label}: {section}: {text}", file=self.stats_stream, flush=True)

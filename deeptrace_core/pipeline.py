@@ -1,0 +1,47 @@
+"""A pipeline: a batch of records through processors, then to every exporter.
+
+Plain method calls only; a component that raises is counted and isolated, never fatal.
+"""
+
+import logging
+
+log = logging.getLogger("deeptrace.pipeline")
+
+
+class Pipeline:
+    def __init__(self, name, processors, exporters):
+        self.name = name
+        self.processors = processors  # [(id, processor)]
+        self.exporters = exporters    # [(id, exporter)]
+        self.errors = {cid: 0 for cid, _ in processors + exporters}
+        self.records_in = 0
+        self.records_out = 0
+
+    def consume(self, batch):
+        if not batch:
+            return
+        self.records_in += len(batch)
+        for cid, proc in self.processors:
+            try:
+                batch = proc.process(batch)
+            except Exception as exc:
+                self._failed(cid, exc)
+                return  # the batch cannot be trusted past a failed processor
+            if not batch:
+                return
+        self.records_out += len(batch)
+        for cid, exp in self.exporters:
+            try:
+                exp.export(batch)
+            except Exception as exc:
+                self._failed(cid, exc)
+
+    def _failed(self, cid, exc):
+        self.errors[cid] += 1
+        n = self.errors[cid]
+        if n & (n - 1) == 0:  # log the 1st, 2nd, 4th, 8th ... failure, not every one
+            log.error("pipeline %s: %s failed (%d so far): %r", self.name, cid, n, exc)
+
+    def stats(self) -> dict:
+        return {"records_in": self.records_in, "records_out": self.records_out,
+                **{f"{cid}_errors": n for cid, n in self.errors.items()}}

@@ -55,7 +55,7 @@ def load(text: str):
         raise BPFUnavailable(f"cannot import bcc ({exc}); run scripts/setup.sh "
                              "(installs python3-bpfcc and exposes it to .venv)") from exc
     try:
-        return BPF(text=text)
+        return BPF(text=text.encode())
     except Exception as exc:
         raise BPFUnavailable(f"BCC could not compile/load the program: {exc}; "
                              "`deeptrace doctor` checks headers and tracefs") from exc

@@ -87,21 +87,33 @@ class TraceProbe:
         c = self.config
         one = ctypes.c_uint8(1)
         if c.pids:
-            t = self.bpf["pid_filter"]
-            for pid in c.pids:
-                t[t.Key(pid)] = one
+            self.add_pids(c.pids)
         for table, names in (("comm_filter", c.comms), ("exclude_comm_filter", c.exclude_comms)):
             if names:
-                t = self.bpf[table]
+                t = self.bpf[table.encode()]
                 for name in names:
                     key = t.Key()
                     key.c = name.encode()[:15]
                     t[key] = one
         if c.ports:
-            t = self.bpf["port_filter"]
+            t = self.bpf[b"port_filter"]
             for port in c.ports:
                 t[t.Key(port)] = one
-        self.bpf["events"].open_ring_buffer(self._on_event)
+        self.bpf[b"events"].open_ring_buffer(self._on_event)
+
+    def add_pids(self, pids):
+        """Select more processes at run time (needs a config with a non-empty ``pids``)."""
+        t = self.bpf[b"pid_filter"]
+        for pid in pids:
+            t[t.Key(pid)] = ctypes.c_uint8(1)
+
+    def remove_pids(self, pids):
+        t = self.bpf[b"pid_filter"]
+        for pid in pids:
+            try:
+                del t[t.Key(pid)]
+            except KeyError:
+                pass
 
     def _on_event(self, ctx, data, size):
         try:
@@ -121,10 +133,10 @@ class TraceProbe:
     def stats(self) -> dict:
         if self.bpf is None:
             return {}
-        table = self.bpf["stats"]
+        table = self.bpf[b"stats"]
         out = {name: int(table.sum(i).value) for i, name in enumerate(STAT_NAMES)}
         out["decode_failed"] = self.decode_errors
-        out["conn_map_entries"] = len(self.bpf["conns"])
+        out["conn_map_entries"] = len(self.bpf[b"conns"])
         return out
 
     def gc(self):
@@ -134,7 +146,7 @@ class TraceProbe:
         for name, alive in (("conns", lambda k: os.path.exists(f"/proc/{k.tgid}")),
                             ("inflight", lambda k: os.path.exists(
                                 f"/proc/{k.value >> 32}/task/{k.value & 0xffffffff}"))):
-            table = self.bpf[name]
+            table = self.bpf[name.encode()]
             for key in [k for k in table.keys() if not alive(k)]:
                 try:
                     del table[key]

@@ -1,0 +1,109 @@
+"""Shared fixtures: a real, attached trace probe and real peer processes.
+
+BPF tests need root, BCC and tracefs. Where they cannot load, they are skipped with the
+reason, except under CI=true, where that is a failure: CI must run them.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+CI = os.environ.get("CI") == "true"
+HERE = os.path.dirname(__file__)
+PEERS = os.path.join(HERE, "peers.py")
+NO_SUCH_PID = 0x3FFFFFFF  # compiles the pid filter in; tests add their children at run time
+
+
+def bpf_unavailable_reason():
+    if os.geteuid() != 0:
+        return "not running as root"
+    if not os.path.exists("/sys/kernel/btf/vmlinux"):
+        return "no /sys/kernel/btf/vmlinux"
+    if not os.path.isdir("/sys/kernel/tracing/events"):
+        return "tracefs not mounted at /sys/kernel/tracing (run scripts/setup.sh)"
+    try:
+        import bcc  # noqa: F401
+    except Exception as exc:
+        return f"cannot import bcc: {exc} (run scripts/setup.sh)"
+    return None
+
+
+def require_bpf():
+    reason = bpf_unavailable_reason()
+    if reason:
+        if CI:
+            pytest.fail(f"BPF tests cannot run under CI: {reason}")
+        pytest.skip(f"BPF cannot load here: {reason}")
+
+
+@pytest.fixture(scope="session")
+def bpf_ok():
+    require_bpf()
+
+
+class Tracer:
+    """An attached TraceProbe plus everything it has recorded so far."""
+
+    def __init__(self, probe):
+        self.probe = probe
+        self.records = []
+
+    def drain(self):
+        self.records += self.probe.poll(10)
+
+    def wait_for(self, pred, timeout=5.0):
+        """Poll until pred(records) is true; returns the records."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.drain()
+            if pred(self.records) or time.monotonic() > deadline:
+                return self.records
+            time.sleep(0.02)
+
+    def of(self, pid):
+        return [r for r in self.records if r.pid == pid]
+
+
+def start_probe(**config):
+    from deeptrace_core.bpf import kernel_defines
+    from deeptrace_plugins.trace.probe import TraceConfig, TraceProbe
+
+    probe = TraceProbe(TraceConfig(**config))
+    probe.attach(kernel_defines(probe.kernel_fields))
+    return probe
+
+
+@pytest.fixture(scope="session")
+def tracer(bpf_ok):
+    probe = start_probe(pids=[NO_SUCH_PID])
+    t = Tracer(probe)
+    yield t
+    probe.detach()
+
+
+class Peer:
+    """A peers.py process that waits for `go` so its pid can be selected first."""
+
+    def __init__(self, *args):
+        self.proc = subprocess.Popen([sys.executable, PEERS, *map(str, args)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.pid = self.proc.pid
+
+    def go(self):
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+
+    def line(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"peer {self.proc.args} exited: {self.proc.wait()}")
+        return json.loads(line)
+
+    def finish(self, timeout=10):
+        report = self.line()
+        assert self.proc.wait(timeout) == 0
+        return report

@@ -107,3 +107,13 @@ class Peer:
         report = self.line()
         assert self.proc.wait(timeout) == 0
         return report
+
+
+class Script(Peer):
+    """`python -c CODE` that waits for `go`, then runs CODE; CODE prints JSON lines."""
+
+    def __init__(self, code):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "import sys; sys.stdin.readline()\n" + code],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.pid = self.proc.pid

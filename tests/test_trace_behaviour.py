@@ -1,0 +1,205 @@
+"""Trace probe behaviour beyond single calls: connection ids, filters, self-exclusion,
+payload caps, mmsg message splitting, and exact loss accounting, on the real kernel."""
+
+import os
+import socket
+import time
+
+import pytest
+
+from conftest import Script, start_probe
+
+pytestmark = pytest.mark.bpf
+
+
+def closed(pid, n=1):
+    return lambda recs: sum(1 for r in recs if r.pid == pid and r.syscall == "close") >= n
+
+
+def test_fd_reuse_gets_new_connection_id(tracer):
+    child = Script("""
+import json, os, socket
+srv = socket.socket(); srv.bind(('127.0.0.1', 0)); srv.listen(8)
+fds = []
+for i in range(2):                       # close, then the same fd number is reused
+    c = socket.create_connection(srv.getsockname()); c.send(b'x%d' % i)
+    fds.append(c.fileno()); c.close()
+a = socket.create_connection(srv.getsockname())
+b = socket.create_connection(srv.getsockname())
+a.send(b'via-a')
+os.dup2(b.fileno(), a.fileno())          # a's fd now names b's socket; no close() is seen
+os.write(a.fileno(), b'via-dup')
+print(json.dumps({"fds": fds, "a": a.fileno(), "b_port": b.getsockname()[1]}), flush=True)
+""")
+    tracer.probe.add_pids([child.pid])
+    child.go()
+    rep = child.finish()
+    tracer.wait_for(closed(child.pid, 2))
+    mine = tracer.of(child.pid)
+    sends = [r for r in mine if r.syscall == "sendto" and r.payload in (b"x0", b"x1")]
+    assert [r.fd for r in sends] == rep["fds"] and rep["fds"][0] == rep["fds"][1]
+    assert sends[0].conn_id != sends[1].conn_id
+    connects = [r for r in mine if r.syscall == "connect"]
+    assert [c.conn_id for c in connects[:2]] == [s.conn_id for s in sends]
+    via_a = next(r for r in mine if r.payload == b"via-a")
+    via_dup = next(r for r in mine if r.payload == b"via-dup")
+    assert via_a.fd == via_dup.fd == rep["a"]
+    assert via_dup.local_port == rep["b_port"]       # the socket the fd names now
+    assert via_dup.conn_id != via_a.conn_id
+
+
+def test_socket_opened_before_agent_started(bpf_ok):
+    child = Script("""
+import json, socket, sys
+srv = socket.socket(socket.AF_INET6); srv.bind(('::1', 0)); srv.listen(1)
+c = socket.create_connection(srv.getsockname()[:2]); s, _ = srv.accept()
+print(json.dumps({"local": list(c.getsockname()[:2]), "peer": list(c.getpeername()[:2]),
+                  "fd": c.fileno(), "sfd": s.fileno()}), flush=True)
+sys.stdin.readline()                  # the probe attaches now, after the connection exists
+c.send(b'after-attach'); s.recv(100)
+print(json.dumps({}), flush=True)
+""")
+    child.go()
+    rep = child.line()
+    probe = start_probe(pids=[child.pid])
+    try:
+        child.go()
+        child.finish()
+        deadline, recs = time.monotonic() + 5, []
+        while time.monotonic() < deadline and len(recs) < 2:
+            recs += [r for r in probe.poll(20) if r.payload == b"after-attach"]
+    finally:
+        probe.detach()
+    send = next(r for r in recs if r.direction == "egress")
+    recv = next(r for r in recs if r.direction == "ingress")
+    assert send.fd == rep["fd"] and recv.fd == rep["sfd"]
+    assert [send.local_addr, send.local_port] == rep["local"]
+    assert [send.remote_addr, send.remote_port] == rep["peer"]
+    assert [recv.local_addr, recv.local_port] == rep["peer"]
+    assert [recv.remote_addr, recv.remote_port] == rep["local"]
+    assert send.family == "ipv6" and send.l4 == "tcp"
+    assert (send.tcp_seq_start, send.tcp_seq_end) == (recv.tcp_seq_start, recv.tcp_seq_end)
+    assert send.conn_id and recv.conn_id and send.conn_id != recv.conn_id
+
+
+TRAFFIC = """
+import json, socket
+srv = socket.socket(); srv.bind(('127.0.0.1', PORT)); srv.listen(1)
+c = socket.create_connection(srv.getsockname()); s, _ = srv.accept()
+c.send(b'TAG'); s.recv(100); c.close(); s.close(); srv.close()
+print(json.dumps({}), flush=True)
+"""
+
+
+def test_pid_filter_selects_only_listed_processes(tracer):
+    picked = Script(TRAFFIC.replace("PORT", "0").replace("TAG", "picked"))
+    other = Script(TRAFFIC.replace("PORT", "0").replace("TAG", "other"))
+    tracer.probe.add_pids([picked.pid])
+    other.go(), picked.go()
+    other.finish(), picked.finish()
+    tracer.wait_for(closed(picked.pid, 3))
+    assert any(r.payload == b"picked" for r in tracer.of(picked.pid))
+    assert tracer.of(other.pid) == []
+    assert not any(r.payload == b"other" for r in tracer.records)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_port_filter_and_self_exclusion(bpf_ok):
+    """No pid filter here: everything on the port is traced, except this process (the agent)."""
+    port = _free_port()
+    probe = start_probe(ports=[port])
+    try:
+        kept = Script(TRAFFIC.replace("PORT", str(port)).replace("TAG", "on-port"))
+        dropped = Script(TRAFFIC.replace("PORT", "0").replace("TAG", "off-port"))
+        kept.go(), dropped.go()
+        kept.finish(), dropped.finish()
+        # The agent's own traffic on the traced port must never show up.
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", _free_port()))
+        srv.listen(1)
+        own_c = socket.create_connection(srv.getsockname())
+        own_s, _ = srv.accept()
+        own_c.send(b"self-traffic")
+        own_s.recv(100)
+        for s in (own_c, own_s, srv):
+            s.close()
+        deadline, recs = time.monotonic() + 5, []
+        while time.monotonic() < deadline and not any(r.payload == b"on-port" for r in recs):
+            recs += probe.poll(20)
+        time.sleep(0.2)
+        recs += probe.poll(20)
+    finally:
+        probe.detach()
+    assert any(r.payload == b"on-port" and r.pid == kept.pid for r in recs)
+    assert all(port in (r.local_port, r.remote_port) for r in recs)
+    assert not any(r.payload in (b"off-port", b"self-traffic") for r in recs)
+    assert not any(r.pid == os.getpid() for r in recs)
+
+
+def test_payload_cap_and_one_record_per_mmsg_message(tracer):
+    child = Script("""
+import json, os, socket, sys
+sys.path.insert(0, %r)
+from peers import sendmmsg, recvmmsg
+srv = socket.socket(); srv.bind(('127.0.0.1', 0)); srv.listen(1)
+c = socket.create_connection(srv.getsockname()); s, _ = srv.accept()
+big = bytes(range(256)) * 12                         # 3072 bytes, over the 1024 cap
+os.write(c.fileno(), big); got = b''
+while len(got) < len(big): got += s.recv(65536)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(('127.0.0.1', 0))
+v = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); v.bind(('127.0.0.1', 0))
+sent = sendmmsg(v, [[b'one'], [b'two', b'-2'], [b'three']], u.getsockname())
+msgs = recvmmsg(u, 3, [64])
+print(json.dumps({"sent": sent, "msgs": [m.hex() for m in msgs], "u": u.getsockname()[1],
+                  "v": v.getsockname()[1]}), flush=True)
+""" % os.path.dirname(__file__))
+    tracer.probe.add_pids([child.pid])
+    child.go()
+    rep = child.finish()
+    tracer.wait_for(lambda recs: sum(1 for r in recs if r.pid == child.pid
+                                     and r.syscall == "recvmmsg") >= 3)
+    mine = tracer.of(child.pid)
+    big = bytes(range(256)) * 12
+    w = next(r for r in mine if r.syscall == "write")
+    assert w.bytes == 3072 and w.payload == big[:1024] and w.truncated
+    assert w.tcp_seq_end - w.tcp_seq_start == 3072
+    out = [r for r in mine if r.syscall == "sendmmsg"]
+    assert [(r.msg_index, r.payload, r.bytes) for r in out] == [
+        (0, b"one", 3), (1, b"two-2", 5), (2, b"three", 5)]
+    assert all(r.remote_port == rep["u"] and r.local_port == rep["v"] for r in out)
+    inc = [r for r in mine if r.syscall == "recvmmsg"]
+    assert [(r.msg_index, r.payload) for r in inc] == [(0, b"one"), (1, b"two-2"), (2, b"three")]
+    assert all(r.remote_port == rep["v"] and r.local_port == rep["u"] for r in inc)
+
+
+def test_lost_events_are_counted_exactly(bpf_ok):
+    """A 4 KiB ring buffer and no draining: every record is either delivered or counted."""
+    n = 400
+    child = Script(f"""
+import json, socket
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for i in range({n}):
+    u.sendto(b'x' * 100, ('127.0.0.1', 9))
+u.close()
+print(json.dumps({{}}), flush=True)
+""")
+    probe = start_probe(pids=[child.pid], ringbuf_pages=1, wakeup_events=1 << 20)
+    try:
+        child.go()
+        child.finish()
+        recs = []
+        for _ in range(5):
+            recs += probe.poll(20)
+        stats = probe.stats()
+    finally:
+        probe.detach()
+    traced_calls = 1 + n + 1  # socket, the sends, close
+    assert stats["ringbuf_full"] > 0
+    assert stats["events"] == len(recs)
+    assert stats["events"] + stats["ringbuf_full"] == traced_calls
+    assert stats["decode_failed"] == 0

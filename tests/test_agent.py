@@ -1,0 +1,115 @@
+"""The agent in-process with the real trace probe: lifecycle hooks, a failing exporter
+isolated from a working one, and records flowing through a processor."""
+
+import json
+
+import attrs
+import pytest
+
+from conftest import Script
+from deeptrace_core.agent import Agent
+from deeptrace_core.config import parse_config
+from deeptrace_core.hookspecs import hookimpl
+from deeptrace_core.plugins import PluginHost
+
+pytestmark = pytest.mark.bpf
+
+
+@attrs.define
+class NoConfig:
+    pass
+
+
+class FailingExporter:
+    name = "failing"
+    config_class = NoConfig
+
+    def __init__(self, config, context):
+        pass
+
+    def export(self, batch):
+        raise IOError("backend down")
+
+    def flush(self):
+        pass
+
+    def shutdown(self):
+        pass
+
+
+class CountingProcessor:
+    """Passes records on and counts them: a third-party processor in the chain."""
+    name = "counting"
+    config_class = NoConfig
+    seen = 0
+
+    def __init__(self, config, context):
+        pass
+
+    def process(self, batch):
+        CountingProcessor.seen += len(batch)
+        return batch
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+
+    @hookimpl
+    def deeptrace_register_processors(self, registry):
+        registry.add_processor(CountingProcessor)
+
+    @hookimpl
+    def deeptrace_register_exporters(self, registry):
+        registry.add_exporter(FailingExporter)
+
+    @hookimpl
+    def deeptrace_agent_start(self, agent):
+        self.calls.append(("start", sorted(agent.attached)))
+
+    @hookimpl
+    def deeptrace_agent_stop(self, agent):
+        self.calls.append(("stop", list(agent.attached)))
+
+
+def test_agent_lifecycle_hooks_and_exporter_isolation(bpf_ok, tmp_path):
+    host = PluginHost().load_entry_points()
+    rec = Recorder()
+    host.register(rec, "recorder")
+    registry = host.registry()
+    child = Script("""
+import json, socket
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.sendto(b'keep-me', ('127.0.0.1', 9)); u.sendto(b'drop-me', ('127.0.0.1', 9)); u.close()
+print(json.dumps({}), flush=True)
+""")
+    out = tmp_path / "r.jsonl"
+    text = f"""
+agent: {{stats_interval: 0.2s}}
+probes: {{trace: {{pids: [{child.pid}]}}}}
+processors:
+  filter/nodrop: {{exclude: {{payload: ["{b'drop-me'!r}"]}}}}
+  counting: {{}}
+exporters:
+  failing: {{}}
+  jsonl: {{path: {out}}}
+pipelines:
+  main: {{probes: [trace], processors: [filter/nodrop, counting], exporters: [failing, jsonl]}}
+"""
+    config = parse_config(text, "inline.yaml", registry.schemas())
+    agent = Agent(config, host, registry)
+    agent.start()
+    try:
+        child.go()
+        child.finish()
+        agent.run(duration=0.6)
+    finally:
+        agent.shutdown()
+    assert rec.calls == [("start", ["trace"]), ("stop", [])]
+    pipeline = agent.pipelines[0]
+    assert pipeline.errors["failing"] >= 1      # reported ...
+    lines = [json.loads(l) for l in out.read_text().splitlines()]
+    sends = [l for l in lines if l["syscall"] == "sendto"]
+    assert len(sends) == 1                      # ... and isolated: jsonl got the batch
+    assert {l["syscall"] for l in lines} == {"socket", "sendto", "close"}
+    assert CountingProcessor.seen == len(lines) == pipeline.records_out

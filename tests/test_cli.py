@@ -1,0 +1,179 @@
+"""The deeptrace command as a user runs it: the example config end to end, SIGTERM,
+bad configs, and the one-line answer without root."""
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import Script, require_bpf
+
+EXAMPLE = """\
+probes:
+  trace:
+    comms: [myserver, myclient]
+    payload_bytes: 512
+exporters:
+  jsonl:
+    path: ${env:OUT}/records.jsonl
+pipelines:
+  main:
+    probes: [trace]
+    exporters: [jsonl]
+"""
+DEEPTRACE = [sys.executable, "-m", "deeptrace_core.cli"]
+
+
+def our_prog_ids():
+    out = subprocess.run(["bpftool", "prog", "show", "-j"], capture_output=True, text=True,
+                         check=True).stdout
+    return {p["id"] for p in json.loads(out) if p.get("type") == "tracepoint"}
+
+
+NAMED = """
+import json, socket, sys
+def rename(name):
+    with open('/proc/self/comm', 'w') as f:
+        f.write(name)
+"""
+
+
+@pytest.mark.bpf
+def test_example_config_end_to_end_and_sigterm_detaches(tmp_path):
+    require_bpf()
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(EXAMPLE)
+    before = our_prog_ids()
+    agent = subprocess.Popen([*DEEPTRACE, "--config", str(cfg)], stderr=subprocess.PIPE,
+                             text=True, env={**os.environ, "OUT": str(tmp_path)})
+    try:
+        line = agent.stderr.readline()
+        while "running" not in line:
+            assert line, f"agent exited: {agent.wait()}"
+            line = agent.stderr.readline()
+        attached = our_prog_ids() - before
+        assert len(attached) == 29  # enter+exit of 14 syscalls, enter of close
+
+        server = Script(NAMED + """
+rename('myserver')
+srv = socket.socket(); srv.bind(('127.0.0.1', 0)); srv.listen(1)
+print(json.dumps({"port": srv.getsockname()[1]}), flush=True)
+s, _ = srv.accept(); got = b''
+while len(got) < 1000: got += s.recv(4096)
+s.send(b'ok'); s.close()
+print(json.dumps({"pid": 0}), flush=True)
+""")
+        server.go()
+        port = server.line()["port"]
+        client = Script(NAMED + f"""
+rename('myclient')
+c = socket.create_connection(('127.0.0.1', {port}))
+c.sendall(bytes(range(250)) * 4); c.recv(10); c.close()
+print(json.dumps({{}}), flush=True)
+""")
+        other = Script(NAMED + f"""
+rename('notselected')
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.sendto(b'nope', ('127.0.0.1', 9))
+print(json.dumps({{}}), flush=True)
+""")
+        client.go(), other.go()
+        client.finish(), server.finish(), other.finish()
+        time.sleep(0.5)  # the agent drains its ring buffer every poll_ms (100 ms)
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        err = agent.communicate(timeout=20)[1]
+    assert agent.returncode == 0, err
+    assert "deeptrace final: probe.trace: events=" in err
+    assert our_prog_ids() - before == set(), "probes left attached after SIGTERM"
+
+    records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert {r["comm"] for r in records} == {"myserver", "myclient"}
+    fields = {"ts_enter_ns", "ts_exit_ns", "pid", "tid", "comm", "fd", "syscall", "direction",
+              "l4", "family", "local_addr", "local_port", "remote_addr", "remote_port", "bytes",
+              "tcp_seq_start", "tcp_seq_end", "payload", "conn_id"}
+    assert fields <= set(records[0])
+    big = next(r for r in records if r["comm"] == "myclient" and r["syscall"] == "sendto")
+    assert big["bytes"] == 1000 and big["remote_port"] == port
+    assert base64.b64decode(big["payload"]) == (bytes(range(250)) * 4)[:512]
+    received = sum(r["bytes"] for r in records
+                   if r["comm"] == "myserver" and r["direction"] == "ingress")
+    assert received == 1000
+    assert not any(r["comm"] == "notselected" for r in records)
+
+
+def test_without_root_one_clear_line(tmp_path, monkeypatch, capsys):
+    from deeptrace_core import cli
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(EXAMPLE)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert cli.main(["--config", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "root" in err and "Traceback" not in err
+
+
+BAD = [
+    ("probes:\n  trace:\n    payload_byte: 3\npipelines:\n  m: {probes: [trace], exporters: [console]}\n"
+     "exporters:\n  console: {}\n",
+     ":3: probes.trace.payload_byte: unknown key", "payload_bytes"),
+    ("probes:\n  trace:\n    payload_bytes: lots\nexporters:\n  console: {}\npipelines:\n"
+     "  m: {probes: [trace], exporters: [console]}\n",
+     ":3: probes.trace.payload_bytes: expected an integer", None),
+    ("probes:\n  trace: {}\nexporters:\n  jsnl: {}\npipelines:\n  m: {probes: [trace], exporters: [jsnl]}\n",
+     ":4: exporters.jsnl: unknown exporter type", "console, jsonl"),
+    ("probes:\n  trace: {}\nexporters:\n  console: {}\npipelines:\n  m:\n    probes: [trace]\n"
+     "    exporters: [jsonl]\n",
+     ":8: pipelines.m.exporters[0]", "console"),
+    ("probes:\n  trace: {}\nexporters:\n  console: {}\npipelines:\n  m: {probes: [trace], exporters: [console]}\n"
+     "agent:\n  log_level: loud\n",
+     ":8: agent.log_level", "debug, info, warning, error"),
+]
+
+
+@pytest.mark.parametrize("text,where,allowed", BAD)
+def test_bad_config_names_file_line_key_and_allowed(tmp_path, text, where, allowed):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    out = subprocess.run([*DEEPTRACE, "validate", "--config", str(cfg)],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert f"{cfg}{where}" in out.stderr, out.stderr
+    if allowed:
+        assert f"allowed: {allowed}" in out.stderr or allowed in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_validate_accepts_shipped_and_example_configs(tmp_path):
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(EXAMPLE)
+    out = subprocess.run([*DEEPTRACE, "validate", "--config", str(cfg)], capture_output=True,
+                         text=True, env={**os.environ, "OUT": str(tmp_path)})
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+    repo_cfg = os.path.join(os.path.dirname(__file__), "..", "config", "agent.yaml")
+    out = subprocess.run([*DEEPTRACE, "validate", "--config", repo_cfg], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_missing_env_var_is_a_config_error(tmp_path):
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(EXAMPLE)
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    out = subprocess.run([*DEEPTRACE, "validate", "--config", str(cfg)], capture_output=True,
+                         text=True, env=env)
+    assert out.returncode == 2 and ":7: exporters.jsonl.path" in out.stderr and "OUT" in out.stderr
+
+
+@pytest.mark.bpf
+def test_doctor_and_render(bpf_ok):
+    out = subprocess.run([*DEEPTRACE, "doctor"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout
+    assert "ok   btf fields of trace" in out.stdout
+    out = subprocess.run([*DEEPTRACE, "probe", "render", "trace"], capture_output=True, text=True)
+    assert out.returncode == 0
+    assert "#define OFF_task_struct__files " in out.stdout
+    assert "TRACEPOINT_PROBE(syscalls, sys_enter_recvmmsg)" in out.stdout

@@ -1,0 +1,67 @@
+"""The trace decoder on bytes: no kernel needed. Malformed records raise, and the probe
+counts them instead of crashing."""
+
+import socket
+
+import pytest
+
+from deeptrace_plugins.trace import decoder
+from deeptrace_plugins.trace.probe import TraceConfig, TraceProbe
+
+
+def raw(payload=b"hello", **kw):
+    f = dict(ts_enter=100, ts_exit=250, conn_id=7, ret=len(payload), pid=10, tid=11, fd=3,
+             seq=4294967290, plen=len(payload), msg_index=0, sysno=8, family=socket.AF_INET6,
+             lport=8080, rport=40000, direction=2, l4=1, flags=decoder.F_SEQ,
+             laddr=socket.inet_pton(socket.AF_INET6, "::1"),
+             raddr=socket.inet_pton(socket.AF_INET6, "fe80::1"), comm=b"myserver\0junk\0\0\0")
+    f.update(kw)
+    return decoder.HEADER.pack(*f.values()) + payload
+
+
+def test_decode_fields():
+    r = decoder.decode(raw())
+    assert (r.syscall, r.direction, r.l4, r.family) == ("sendto", "egress", "tcp", "ipv6")
+    assert (r.local_addr, r.local_port, r.remote_addr, r.remote_port) == ("::1", 8080, "fe80::1", 40000)
+    assert (r.pid, r.tid, r.fd, r.comm, r.conn_id, r.bytes) == (10, 11, 3, "myserver", 7, 5)
+    assert r.ts_exit_ns - r.ts_enter_ns == 150
+    # Sequence numbers wrap at 2**32 in TCP; the range keeps end - start == bytes.
+    assert r.tcp_seq_start == 4294967290 and r.tcp_seq_end == 4294967295
+    assert r.payload == b"hello" and r.to_dict()["payload"] == "aGVsbG8="
+    assert "sendto fd=3 tcp/ipv6 [::1]:8080 -> [fe80::1]:40000 bytes=5" in r.line()
+
+
+def test_decode_ipv4_udp_without_seq():
+    r = decoder.decode(raw(family=socket.AF_INET, l4=2, flags=0,
+                           laddr=socket.inet_aton("10.1.2.3") + bytes(12),
+                           raddr=socket.inet_aton("127.0.0.1") + bytes(12), sysno=3, direction=1))
+    assert (r.local_addr, r.remote_addr, r.l4, r.syscall, r.direction) == (
+        "10.1.2.3", "127.0.0.1", "udp", "recvfrom", "ingress")
+    assert r.tcp_seq_start is None and r.tcp_seq_end is None
+
+
+def test_control_calls_report_return_value():
+    r = decoder.decode(raw(payload=b"", sysno=12, direction=0, ret=-111, flags=0))
+    assert r.syscall == "connect" and r.bytes == -111 and "ret=-111" in r.line()
+
+
+@pytest.mark.parametrize("blob", [b"", b"\0" * 50, raw()[:119], raw(plen=99)])
+def test_malformed_records_raise(blob):
+    with pytest.raises(ValueError):
+        decoder.decode(blob)
+
+
+def test_probe_counts_malformed_records_and_goes_on():
+    import ctypes
+    probe = TraceProbe(TraceConfig())
+    for blob in (b"\0" * 10, raw()):
+        buf = ctypes.create_string_buffer(blob, len(blob))
+        probe._on_event(None, ctypes.addressof(buf), len(blob))
+    assert probe.decode_errors == 1 and len(probe._records) == 1
+
+
+def test_config_bounds():
+    with pytest.raises(ValueError):
+        TraceConfig(ringbuf_pages=3)
+    with pytest.raises(ValueError):
+        TraceConfig(payload_bytes=1 << 20)

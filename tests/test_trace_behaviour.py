@@ -203,3 +203,21 @@ print(json.dumps({{}}), flush=True)
     assert stats["events"] == len(recs)
     assert stats["events"] + stats["ringbuf_full"] == traced_calls
     assert stats["decode_failed"] == 0
+
+
+def test_gc_forgets_connections_of_exited_processes(tracer):
+    child = Script("""
+import json, os, socket
+srv = socket.socket(); srv.bind(('127.0.0.1', 0)); srv.listen(1)
+c = socket.create_connection(srv.getsockname()); c.send(b'then-exit-without-close')
+print(json.dumps({}), flush=True)
+os._exit(0)                           # the kernel closes the fds; no close() is traced
+""")
+    tracer.probe.add_pids([child.pid])
+    child.go()
+    child.finish()
+    tracer.wait_for(lambda recs: any(r.payload == b"then-exit-without-close" for r in recs))
+    conns = tracer.probe.bpf[b"conns"]
+    assert any(k.tgid == child.pid for k in conns.keys())
+    tracer.probe.gc()
+    assert not any(k.tgid == child.pid for k in conns.keys())

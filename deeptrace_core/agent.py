@@ -6,6 +6,7 @@ import threading
 import time
 
 from . import bpf
+from .config import ConfigError
 from .pipeline import Pipeline
 
 log = logging.getLogger("deeptrace.agent")
@@ -25,7 +26,8 @@ class Agent:
             used["exporters"].update(pl.exporters)
         # Components are inert until a pipeline lists them: build only those.
         self.probes = {cid: self._build("probes", cid) for cid in sorted(used["probes"])}
-        processors = {cid: self._build("processors", cid) for cid in sorted(used["processors"])}
+        self.processors = processors = {cid: self._build("processors", cid)
+                                        for cid in sorted(used["processors"])}
         self.exporters = {cid: self._build("exporters", cid) for cid in sorted(used["exporters"])}
         self.pipelines = [
             Pipeline(name, [(c, processors[c]) for c in pl.processors],
@@ -38,7 +40,10 @@ class Agent:
     def _build(self, kind, cid):
         comp = getattr(self.config, kind)[cid]
         entry = getattr(self.registry, kind)[comp.type]
-        return entry.cls(comp.config, self)
+        try:
+            return entry.cls(comp.config, self)
+        except ValueError as exc:  # cross-checks a config class cannot do alone
+            raise ConfigError(self.config.path, comp.line, f"{kind}.{cid}", str(exc)) from exc
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self):
@@ -122,6 +127,9 @@ class Agent:
     # -- counters -------------------------------------------------------------------------
     def stats(self) -> dict:
         out = {f"probe.{cid}": p.stats() for cid, p in self.probes.items()}
+        for kind, comps in (("processor", self.processors), ("exporter", self.exporters)):
+            out.update({f"{kind}.{cid}": c.stats() for cid, c in comps.items()
+                        if callable(getattr(c, "stats", None))})
         out.update({f"pipeline.{p.name}": p.stats() for p in self.pipelines})
         return out
 

@@ -12,7 +12,7 @@ from deeptrace_plugins.trace.probe import TraceConfig, TraceProbe
 def raw(payload=b"hello", **kw):
     f = dict(ts_enter=100, ts_exit=250, conn_id=7, ret=len(payload), pid=10, tid=11, fd=3,
              seq=4294967290, plen=len(payload), msg_index=0, sysno=8, family=socket.AF_INET6,
-             lport=8080, rport=40000, direction=2, l4=1, flags=decoder.F_SEQ,
+             lport=8080, rport=40000, direction=2, l4=1, flags=decoder.F_SEQ, l7_proto=0, l7_role=0,
              laddr=socket.inet_pton(socket.AF_INET6, "::1"),
              raddr=socket.inet_pton(socket.AF_INET6, "fe80::1"), comm=b"myserver\0junk\0\0\0")
     f.update(kw)
@@ -38,6 +38,13 @@ def test_decode_ipv4_udp_without_seq():
     assert (r.local_addr, r.remote_addr, r.l4, r.syscall, r.direction) == (
         "10.1.2.3", "127.0.0.1", "udp", "recvfrom", "ingress")
     assert r.tcp_seq_start is None and r.tcp_seq_end is None
+
+
+def test_l7_protocol_and_role():
+    r = decoder.decode(raw(l7_proto=2, l7_role=2), protocols=("http1", "redis"))
+    assert (r.protocol, r.role) == ("redis", "server")
+    r = decoder.decode(raw(l7_proto=9, l7_role=1), protocols=("http1",))
+    assert (r.protocol, r.role) == (None, "client")
 
 
 def test_control_calls_report_return_value():

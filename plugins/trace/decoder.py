@@ -11,7 +11,7 @@ import time
 import attrs
 
 # struct event_t header (before payload): see trace.bpf.c.
-HEADER = struct.Struct("<QQQqIIiIIHHHHHBBB7x16s16s16s")
+HEADER = struct.Struct("<QQQqIIiIIHHHHHBBBBB5x16s16s16s")
 assert HEADER.size == 120
 
 SYSCALLS = {1: "read", 2: "readv", 3: "recvfrom", 4: "recvmsg", 5: "recvmmsg",
@@ -21,6 +21,8 @@ DIRECTIONS = {0: "none", 1: "ingress", 2: "egress"}
 L4 = {1: "tcp", 2: "udp"}
 FAMILIES = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
 F_SEQ, F_PEEK, F_TRUNC, F_IOV_TRUNC, F_ADDR_MSG = 1, 2, 4, 8, 16
+ROLES = {0: None, 1: "client", 2: "server"}
+PROTO_NONE = 255
 
 # Counter slots of the `stats` per-CPU array, in C enum order.
 STAT_NAMES = ("events", "ringbuf_full", "inflight_map_full", "conn_map_full",
@@ -56,6 +58,8 @@ class SocketRecord:
     msg_index: int = 0
     truncated: bool = False
     peek: bool = False
+    protocol: str | None = None   # L7 protocol detected in the kernel, if enabled
+    role: str | None = None       # this process's role on the connection: client/server
 
     kind = "socket"
 
@@ -89,12 +93,15 @@ def _addr(family: int, raw: bytes) -> str:
     return socket.inet_ntop(socket.AF_INET6, raw)
 
 
-def decode(buf: bytes) -> SocketRecord:
-    """One ring-buffer record to a SocketRecord; raises ValueError on a malformed one."""
+def decode(buf: bytes, protocols=()) -> SocketRecord:
+    """One ring-buffer record to a SocketRecord; raises ValueError on a malformed one.
+
+    `protocols` are the L7 protocol names in the order their detectors were compiled."""
     if len(buf) < HEADER.size:
         raise ValueError(f"record of {len(buf)} bytes is shorter than its header")
     (ts_enter, ts_exit, conn_id, ret, pid, tid, fd, seq, plen, msg_index, sysno, family,
-     lport, rport, direction, l4, flags, laddr, raddr, comm) = HEADER.unpack_from(buf)
+     lport, rport, direction, l4, flags, l7_proto, l7_role, laddr, raddr,
+     comm) = HEADER.unpack_from(buf)
     if plen > len(buf) - HEADER.size:
         raise ValueError(f"payload length {plen} exceeds the record")
     seq_ok = bool(flags & F_SEQ)
@@ -120,4 +127,6 @@ def decode(buf: bytes) -> SocketRecord:
         msg_index=msg_index,
         truncated=bool(flags & (F_TRUNC | F_IOV_TRUNC)),
         peek=bool(flags & F_PEEK),
+        protocol=protocols[l7_proto - 1] if 0 < l7_proto <= len(protocols) else None,
+        role=ROLES.get(l7_role),
     )

@@ -34,10 +34,13 @@ class TraceConfig:
     poll_ms: int = attrs.field(default=100, validator=[v.ge(1), v.le(10000)])
     max_connections: int = attrs.field(default=65536, validator=v.ge(16))
     max_inflight: int = attrs.field(default=16384, validator=v.ge(16))
+    # L7 protocols to detect in the kernel; when set, only their connections are sent.
+    protocols: list[str] = attrs.field(factory=list)
+    l7_max_tries: int = attrs.field(default=4, validator=[v.ge(1), v.le(250)])
 
 
 def _pow2_at_least(n: int) -> int:
-    p = 16
+    p = 32  # L7 detectors may read 64 bytes (2 * PAYLOAD_MAX) of the payload buffer
     while p < n:
         p <<= 1
     return p
@@ -56,6 +59,22 @@ class TraceProbe:
         self._records: list = []
         self.decode_errors = 0
         self.self_pid = os.getpid()
+        self.protocols = self._protocol_classes()
+        self.protocol_names = tuple(cls.name for cls in self.protocols)
+
+    def _protocol_classes(self):
+        names = self.config.protocols
+        if not names:
+            return []
+        registry = getattr(self.context, "registry", None)
+        known = registry.protocols if registry is not None else {}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(f"protocols: unknown protocol {unknown[0]!r} "
+                             f"(allowed: {', '.join(sorted(known)) or 'none registered'})")
+        if len(names) > 250:
+            raise ValueError("protocols: at most 250")
+        return [known[n].cls for n in names]
 
     # -- build --------------------------------------------------------------------------
     def defines(self) -> dict:
@@ -76,10 +95,25 @@ class TraceProbe:
             "FILTER_EXCLUDE_COMMS": int(bool(c.exclude_comms)),
             "FILTER_PORTS": int(bool(c.ports)),
             "SKC_CHUNK": max(m.offset + m.size for m in skc.values()),
+            "L7_ENABLED": int(bool(self.protocols)),
+            "L7_MAX_TRIES": c.l7_max_tries,
         }
 
+    def l7_source(self) -> str:
+        """The enabled protocols' kernel detectors and the dispatch the probe calls."""
+        if not self.protocols:
+            return ""
+        parts = [bpf.read_source(*cls.detect_c) for cls in self.protocols]
+        calls = "".join(f"    r = detect_{cls.name}(p, n, lport, rport, l4);\n"
+                        f"    if (r)\n        return (r << 8) | {i};\n"
+                        for i, cls in enumerate(self.protocols, 1))
+        parts.append("static __always_inline int l7_detect(const u8 *p, u32 n, u16 lport, "
+                     "u16 rport, u8 l4) {\n    int r;\n" + calls + "    return 0;\n}\n")
+        return "\n".join(parts)
+
     def render(self, defines: dict) -> str:
-        return bpf.render(bpf.read_source(*self.source), {**defines, **self.defines()})
+        source = self.l7_source() + "\n" + bpf.read_source(*self.source)
+        return bpf.render(source, {**defines, **self.defines()})
 
     # -- run ----------------------------------------------------------------------------
     def attach(self, defines: dict):
@@ -117,7 +151,7 @@ class TraceProbe:
 
     def _on_event(self, ctx, data, size):
         try:
-            self._records.append(decode(ctypes.string_at(data, size)))
+            self._records.append(decode(ctypes.string_at(data, size), self.protocol_names))
         except Exception:  # a malformed record is counted, never fatal
             self.decode_errors += 1
 

@@ -8,7 +8,7 @@
 // Compile-time knobs (set by probe.py): PAYLOAD_CAP (bytes kept), PAYLOAD_MAX (its power-of-two
 // ceiling, for verifier bounds), MAX_IOV, MAX_MMSG,
 // CONN_MAX, INFLIGHT_MAX, RINGBUF_PAGES, WAKEUP_EVENTS, SELF_TGID, FILTER_PIDS, FILTER_COMMS,
-// FILTER_EXCLUDE_COMMS, FILTER_PORTS, SKC_CHUNK.
+// FILTER_EXCLUDE_COMMS, FILTER_PORTS, SKC_CHUNK, L7_ENABLED, L7_MAX_TRIES (and l7_detect()).
 
 #define AF_INET 2
 #define AF_INET6 10
@@ -26,6 +26,10 @@ enum { SYS_READ = 1, SYS_READV, SYS_RECVFROM, SYS_RECVMSG, SYS_RECVMMSG,
        SYS_SOCKET, SYS_CONNECT, SYS_ACCEPT, SYS_ACCEPT4, SYS_CLOSE };
 enum { DIR_NONE = 0, DIR_INGRESS = 1, DIR_EGRESS = 2 };
 enum { L4_TCP = 1, L4_UDP = 2 };
+enum { ROLE_UNKNOWN = 0, ROLE_CLIENT = 1, ROLE_SERVER = 2 };
+#define L7_REQUEST 1
+#define L7_RESPONSE 2
+#define PROTO_NONE 255   // looked at L7_MAX_TRIES calls: none of the enabled protocols
 // Record flags.
 #define F_SEQ 1          // tcp_seq_start is valid
 #define F_PEEK 2         // MSG_PEEK: bytes were not consumed from the stream
@@ -61,7 +65,9 @@ struct event_t {
     u8 direction;
     u8 l4;
     u8 flags;
-    u8 pad[7];
+    u8 l7_proto;      // index+1 of the detected protocol in L7 order, 0 unknown
+    u8 l7_role;       // ROLE_CLIENT / ROLE_SERVER of this process on the connection
+    u8 pad[5];
     u8 laddr[16];
     u8 raddr[16];
     char comm[16];
@@ -87,7 +93,7 @@ BPF_HASH(inflight, u64, struct inflight_t, INFLIGHT_MAX);
 // Per-connection id, keyed by (tgid, fd); the sock pointer detects fd reuse whose close
 // we did not see (dup2, exec).
 struct conn_key_t { u32 tgid; s32 fd; };
-struct conn_val_t { u64 sk; u64 id; };
+struct conn_val_t { u64 sk; u64 id; u8 proto; u8 role; u8 tries; u8 pad[5]; };
 BPF_HASH(conns, struct conn_key_t, struct conn_val_t, CONN_MAX);
 BPF_ARRAY(conn_counter, u64, 1);
 
@@ -233,20 +239,50 @@ static __always_inline void addr_from_user(u64 uaddr, struct event_t *e) {
     e->flags |= F_ADDR_MSG;
 }
 
-static __always_inline u64 conn_id_for(u32 tgid, s32 fd, u64 sk) {
+// The connection's state, created on first sight; NULL only when the map is full.
+static __always_inline struct conn_val_t *conn_get(u32 tgid, s32 fd, u64 sk) {
     struct conn_key_t k = {.tgid = tgid, .fd = fd};
     struct conn_val_t *v = conns.lookup(&k);
     if (v && v->sk == sk)
-        return v->id;
+        return v;
     u32 zero = 0;
     u64 *ctr = conn_counter.lookup(&zero);
     if (!ctr)
         return 0;
     struct conn_val_t nv = {.sk = sk, .id = __sync_fetch_and_add(ctr, 1) + 1};
-    if (conns.update(&k, &nv))
+    if (conns.update(&k, &nv)) {
         stat_inc(ST_CONN_FULL);
-    return nv.id;
+        return 0;
+    }
+    return conns.lookup(&k);
 }
+
+static __always_inline u64 conn_id_for(u32 tgid, s32 fd, u64 sk) {
+    struct conn_val_t *v = conn_get(tgid, fd, sk);
+    return v ? v->id : 0;
+}
+
+#if L7_ENABLED
+// Protocol detection on a connection's first data (the detectors of the enabled protocol
+// plugins are compiled in above l7_detect). Returns 1 if the record should be sent.
+static __always_inline int l7_classify(struct event_t *e, struct conn_val_t *c, u8 dir) {
+    if (!c)
+        return 0;
+    if (c->proto == 0 && e->payload_len > 0) {
+        int r = l7_detect(e->payload, e->payload_len, e->lport, e->rport, e->l4);
+        if (r) {
+            c->proto = r & 0xff;
+            // A request sent (or a response received) makes this process the client.
+            c->role = (((r >> 8) == L7_REQUEST) == (dir == DIR_EGRESS)) ? ROLE_CLIENT : ROLE_SERVER;
+        } else if (++c->tries >= L7_MAX_TRIES) {
+            c->proto = PROTO_NONE;
+        }
+    }
+    e->l7_proto = c->proto;
+    e->l7_role = c->role;
+    return c->proto != 0 && c->proto != PROTO_NONE;
+}
+#endif
 
 // Copy up to `len` user bytes into the payload at `off`, never past PAYLOAD_MAX.
 static __always_inline u32 copy_user(struct event_t *e, u32 start, u64 src, u64 len) {
@@ -337,6 +373,8 @@ static __always_inline struct event_t *begin(u64 pid_tgid, s32 fd, u16 sys, u64 
         return 0;
     e->flags = 0;
     e->l4 = 0;
+    e->l7_proto = 0;
+    e->l7_role = 0;
     if (read_sock(sk, e))
         return 0;
 #if FILTER_PORTS
@@ -396,7 +434,8 @@ static __always_inline int data_exit(s64 ret, u16 sys, u8 dir) {
         return 0;
     e->direction = dir;
     e->ret = ret;
-    e->conn_id = conn_id_for(id >> 32, args.fd, sk);
+    struct conn_val_t *conn = conn_get(id >> 32, args.fd, sk);
+    e->conn_id = conn ? conn->id : 0;
     u64 name = args.addr;
     if (ret > 0) {
         if (sys == SYS_READ || sys == SYS_WRITE || sys == SYS_RECVFROM || sys == SYS_SENDTO) {
@@ -416,6 +455,10 @@ static __always_inline int data_exit(s64 ret, u16 sys, u8 dir) {
     }
     if (e->l4 == L4_UDP && name)
         addr_from_user(name, e);
+#if L7_ENABLED
+    if (!l7_classify(e, conn, dir))
+        return 0;
+#endif
     submit(e);
     return 0;
 }
@@ -434,7 +477,8 @@ static __always_inline int mmsg_exit(s64 ret, u16 sys, u8 dir) {
     struct event_t *e = begin(id, args.fd, sys, args.ts, &sk);
     if (!e)
         return 0;
-    u64 conn = conn_id_for(id >> 32, args.fd, sk);
+    struct conn_val_t *conn = conn_get(id >> 32, args.fd, sk);
+    u64 conn_id = conn ? conn->id : 0;
     // TCP: later messages moved the stream position too; sum them to find each start.
     u64 total = 0;
 
@@ -462,7 +506,7 @@ static __always_inline int mmsg_exit(s64 ret, u16 sys, u8 dir) {
             break;
         }
         e->direction = dir;
-        e->conn_id = conn;
+        e->conn_id = conn_id;
         e->msg_index = i;
         e->ret = mlen;
         e->flags = 0;
@@ -475,6 +519,10 @@ static __always_inline int mmsg_exit(s64 ret, u16 sys, u8 dir) {
         done += mlen;
         if (e->l4 == L4_UDP && m[0])
             addr_from_user(m[0], e);
+#if L7_ENABLED
+        if (!l7_classify(e, conn, dir))
+            continue;
+#endif
         submit(e);
     }
     if (ret > MAX_MMSG)
@@ -490,6 +538,9 @@ static __always_inline int ctl_exit(s64 ret, u16 sys) {
         return 0;
     struct inflight_t args = *a;
     inflight.delete(&id);
+#if L7_ENABLED
+    return 0;  // with L7 filtering only data of detected protocols (and their close) is sent
+#endif
     if (args.sys != sys || ret == -EAGAIN)
         return 0;
     // socket/accept return the new fd; connect acts on the given one.
@@ -559,9 +610,20 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
         return 0;
     e->direction = DIR_NONE;
     e->ret = 0;
-    e->conn_id = conn_id_for(id >> 32, fd, sk);
+    struct conn_val_t *conn = conn_get(id >> 32, fd, sk);
+    e->conn_id = conn ? conn->id : 0;
+#if L7_ENABLED
+    int keep = conn && conn->proto != 0 && conn->proto != PROTO_NONE;
+    if (conn) {
+        e->l7_proto = conn->proto;
+        e->l7_role = conn->role;
+    }
+#else
+    int keep = 1;
+#endif
     struct conn_key_t k = {.tgid = id >> 32, .fd = fd};
     conns.delete(&k);
-    submit(e);
+    if (keep)
+        submit(e);
     return 0;
 }

@@ -1,0 +1,63 @@
+"""The span: one request and its response as one process saw them."""
+
+import os
+import time
+
+import attrs
+
+
+def new_id(nbytes: int) -> str:
+    return os.urandom(nbytes).hex()
+
+
+@attrs.define(slots=True)
+class Span:
+    start_ns: int                 # wall clock
+    end_ns: int
+    protocol: str                 # http1, http2, grpc, redis, mysql, postgresql, mongodb, dns, memcached
+    role: str                     # client | server: this process's side of the connection
+    pid: int
+    tid: int
+    comm: str
+    cmdline: str
+    l4: str
+    family: str
+    local_addr: str
+    local_port: int
+    remote_addr: str
+    remote_port: int
+    conn_id: int
+    operation: str
+    status: str | None
+    error: bool
+    request_size: int
+    response_size: int
+    request_seq: tuple | None = None    # TCP stream positions of the request's bytes
+    response_seq: tuple | None = None
+    attributes: dict = attrs.Factory(dict)
+    span_id: str = attrs.Factory(lambda: new_id(8))
+    trace_id: str | None = None
+    parent_span_id: str | None = None
+    link_source: str | None = None      # how the parent was decided (tracing issue)
+
+    kind = "span"
+
+    @property
+    def duration_ns(self) -> int:
+        return self.end_ns - self.start_ns
+
+    def to_dict(self) -> dict:
+        d = attrs.asdict(self)
+        d["duration_ns"] = self.duration_ns
+        return d
+
+    def line(self) -> str:
+        t = time.strftime("%H:%M:%S", time.localtime(self.start_ns / 1e9))
+        ms = (self.start_ns // 1_000_000) % 1000
+        arrow = "->" if self.role == "client" else "<-"
+        flag = " ERROR" if self.error else ""
+        return (f"{t}.{ms:03d} {self.role.upper():6} {self.protocol:<10} {self.comm}[{self.pid}] "
+                f"{self.operation} status={self.status}{flag} "
+                f"{self.duration_ns / 1e6:.3f}ms {self.local_addr}:{self.local_port} {arrow} "
+                f"{self.remote_addr}:{self.remote_port} req={self.request_size}B "
+                f"resp={self.response_size}B")

@@ -1,0 +1,227 @@
+"""What every L7 protocol plugin builds on: the byte stream of one direction of a
+connection (with the syscall records it came from), the Message a parser produces, and
+the protocol class contract.
+
+A protocol plugin registers a class through ``deeptrace_register_protocols``:
+
+    class RedisProtocol:
+        name = "redis"                      # the name used in config
+        config_class = RedisConfig          # attrs class (may be empty)
+        detect_c = ("deeptrace_redis", "detect.bpf.c")  # package, file: the kernel detector
+        def detect(data: bytes, lport: int, rport: int, l4: str) -> int   # Python mirror
+        def parser(self) -> Parser          # a fresh parser for one connection
+
+``detect`` (and ``detect_<name>`` in the C file) looks at the first bytes of one syscall's
+data and answers 0 (not this protocol), REQUEST (1: a request, so the sender is the
+client) or RESPONSE (2: a response, so the sender is the server). The C function has
+the signature
+
+    static __always_inline int detect_<name>(const u8 *p, u32 n, u16 lport, u16 rport, u8 l4)
+
+where ``p`` points at the payload (at least 32 readable bytes, ``n`` of them valid),
+ports are host order and ``l4`` is 1 for TCP, 2 for UDP. It must only index ``p`` at
+constant offsets below 32 after checking ``n``: the verifier has to prove every access.
+
+A parser is fed the two directions of one connection in time order. ``feed`` is told
+which side the bytes belong to (the client's requests or the server's responses; the
+stage works that out from the connection's role), and returns the messages completed.
+"""
+
+from collections import deque
+
+import attrs
+
+REQUEST = 1
+RESPONSE = 2
+REQ, RESP = "req", "resp"
+
+
+class ParseError(Exception):
+    """The bytes are not this protocol (or not in a state we can follow): resync."""
+
+
+@attrs.define(slots=True)
+class Message:
+    is_request: bool
+    ts_start: int = 0                  # wall-clock ns of the first byte's syscall
+    ts_end: int = 0                    # wall-clock ns of the last byte's syscall
+    size: int = 0                      # bytes on the wire
+    seq_start: int | None = None       # TCP stream position of the first byte
+    seq_end: int | None = None
+    operation: str = ""                # "GET /users", "SET", "SELECT", "pkg.Svc/Method", ...
+    attributes: dict = attrs.Factory(dict)   # OpenTelemetry-style keys
+    status: str | None = None          # "200", "OK", "ERR", "NXDOMAIN", "1062", ...
+    error: bool = False
+    key: object = None                 # match key (stream id, txid, requestID); None: FIFO
+    expects_response: bool = True      # False: no reply will come (e.g. memcached noreply)
+    protocol: str | None = None        # overrides the span's protocol (http2 -> grpc)
+    count: int = 1                     # responses that complete one request (rarely > 1)
+
+
+@attrs.define(slots=True)
+class _Segment:
+    data: bytes        # captured bytes
+    hole: int          # bytes moved by the call beyond what was captured
+    ts_start: int
+    ts_end: int
+    seq: int | None    # stream position of data[0]
+
+
+class Stream:
+    """One direction's bytes, with holes where the capture was cut, and their timing.
+
+    Parsers look at ``peek()`` (captured bytes up to the first hole), then ``consume(n)``
+    what they parsed; ``consume`` steps over holes too, so a body of known length can be
+    skipped without having been captured. ``take_span()`` returns the timing and
+    stream positions of everything consumed since the previous call: one message's.
+    """
+
+    def __init__(self, cap: int = 256 * 1024):
+        self.cap = cap
+        self.segments: deque[_Segment] = deque()
+        self.offset = 0           # consumed bytes of segments[0] (data then hole)
+        self.size = 0             # captured + hole bytes not consumed
+        self._span = None         # [ts_start, ts_end, seq_start, seq_end, size]
+
+    def append(self, data: bytes, nbytes: int, ts_start: int, ts_end: int, seq=None):
+        """Add one syscall's bytes: `data` captured of `nbytes` moved."""
+        if nbytes <= 0:
+            return
+        hole = max(0, nbytes - len(data))
+        self.segments.append(_Segment(bytes(data[:nbytes]), hole, ts_start, ts_end, seq))
+        self.size += nbytes
+        while self.size > self.cap and len(self.segments) > 1:
+            self.drop_segment()  # unbounded growth is never allowed; the parser resyncs
+
+    def __len__(self):
+        return self.size
+
+    def peek(self, limit: int | None = None) -> bytes:
+        """Captured bytes from the read position up to the first hole."""
+        out = []
+        n = 0
+        first = True
+        for seg in self.segments:
+            start = self.offset if first else 0
+            first = False
+            if start < len(seg.data):
+                chunk = seg.data[start:]
+                out.append(chunk)
+                n += len(chunk)
+                if limit is not None and n >= limit:
+                    break
+            if seg.hole:
+                break
+        data = b"".join(out)
+        return data if limit is None else data[:limit]
+
+    def need(self, n: int):
+        """The next n captured bytes; None if they have not arrived yet; ParseError if a
+        hole (bytes the capture cut) comes first, so the message can never be read."""
+        data = self.peek(n)
+        if len(data) >= n:
+            return data
+        if self._hole_after_captured():
+            raise ParseError(f"needed {n} bytes, only {len(data)} captured")
+        return None
+
+    def _hole_after_captured(self) -> bool:
+        first = True
+        for seg in self.segments:
+            start = self.offset if first else 0
+            first = False
+            if seg.hole and start <= len(seg.data) + seg.hole:
+                return True
+        return False
+
+    def at_hole(self) -> bool:
+        """True when the read position is inside bytes that were not captured."""
+        return bool(self.segments) and self.offset >= len(self.segments[0].data) \
+            and self.segments[0].hole > 0
+
+    def consume(self, n: int) -> int:
+        """Step over n bytes (captured or not); returns how many were available."""
+        done = 0
+        while n > done and self.segments:
+            seg = self.segments[0]
+            total = len(seg.data) + seg.hole
+            step = min(n - done, total - self.offset)
+            self._note(seg, self.offset, step)
+            self.offset += step
+            done += step
+            if self.offset >= total:
+                self.segments.popleft()
+                self.offset = 0
+        self.size -= done
+        return done
+
+    def _note(self, seg, start, step):
+        seq_s = seg.seq + start if seg.seq is not None else None
+        seq_e = seq_s + step if seq_s is not None else None
+        if self._span is None:
+            self._span = [seg.ts_start, seg.ts_end, seq_s, seq_e, step]
+        else:
+            self._span[1] = seg.ts_end
+            if seq_e is not None:
+                self._span[3] = seq_e
+            self._span[4] += step
+
+    def take_span(self):
+        """(ts_start, ts_end, seq_start, seq_end, size) of what was consumed since last call."""
+        span, self._span = self._span, None
+        return tuple(span) if span else (0, 0, None, None, 0)
+
+    def drop_segment(self):
+        """Discard the rest of the current syscall's bytes: resync at the next one."""
+        if self.segments:
+            seg = self.segments.popleft()
+            self.size -= len(seg.data) + seg.hole - self.offset
+            self.offset = 0
+        self._span = None
+
+    def clear(self):
+        self.segments.clear()
+        self.offset = 0
+        self.size = 0
+        self._span = None
+
+    def stamp(self, msg: Message) -> Message:
+        """Give a message the timing, positions and size of the bytes just consumed."""
+        msg.ts_start, msg.ts_end, msg.seq_start, msg.seq_end, msg.size = self.take_span()
+        return msg
+
+
+class Parser:
+    """Base class: one parser per connection. Subclasses implement ``parse(side, stream)``,
+    which returns the messages it can complete from the stream (consuming their bytes via
+    ``stream.consume`` and stamping them with ``stream.stamp``) and leaves incomplete
+    ones in place. Raising ParseError resyncs that side at the next syscall boundary.
+    """
+
+    protocol = "?"
+    stream_cap = 256 * 1024
+
+    def __init__(self):
+        self.streams = {REQ: Stream(self.stream_cap), RESP: Stream(self.stream_cap)}
+        self.errors = 0
+
+    def feed(self, side: str, data: bytes, nbytes: int, ts_start: int, ts_end: int,
+             seq=None) -> list:
+        stream = self.streams[side]
+        stream.append(data, nbytes, ts_start, ts_end, seq)
+        out = []
+        while len(stream):
+            before = len(stream)
+            try:
+                msgs = self.parse(side, stream)
+            except ParseError:
+                self.errors += 1
+                stream.drop_segment()
+                continue
+            out += msgs
+            if not msgs and len(stream) == before:
+                break  # needs more bytes
+        return out
+
+    def parse(self, side: str, stream: Stream) -> list:
+        raise NotImplementedError

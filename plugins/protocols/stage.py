@@ -1,0 +1,259 @@
+"""The `spans` processor: socket records in, L7 spans out.
+
+Per connection it keeps the protocol's parser and the requests waiting for a response.
+The protocol and this process's role come from the kernel detector when the trace probe
+has `protocols` set; otherwise the same detectors run here, in Python, on the first data.
+Responses pair with requests by the key the parser sets (stream id, transaction id,
+requestID) or, without one, first-in-first-out (HTTP/1 pipelining, Redis, SQL).
+"""
+
+import logging
+import time
+from collections import Counter, OrderedDict, defaultdict, deque
+
+import attrs
+from attrs import validators as v
+
+from deeptrace_core.hookspecs import hookimpl
+from deeptrace_core.span import Span
+
+from .base import REQ, REQUEST, RESP
+
+log = logging.getLogger("deeptrace.spans")
+HTTP = ("http1", "http2")
+NOT_YET = None          # no protocol recognised yet on this connection
+DETECT_TRIES = 4        # records looked at before a connection is left alone
+
+
+@attrs.define
+class SpansConfig:
+    protocols: list[str] = attrs.field(factory=list)   # empty: every registered protocol
+    max_connections: int = attrs.field(default=20000, validator=v.ge(1))
+    max_pending: int = attrs.field(default=1000, validator=v.ge(1))  # per connection
+    request_timeout: float = attrs.field(default=60.0, validator=v.gt(0),
+                                         metadata={"unit": "seconds"})
+
+
+class _Conn:
+    __slots__ = ("proto", "name", "parser", "role", "fifo", "keyed", "last_ns", "tries",
+                 "req_tid", "errors", "rec")
+
+    def __init__(self):
+        self.proto = NOT_YET
+        self.name = None
+        self.parser = None
+        self.role = None
+        self.fifo = deque()
+        self.keyed = {}
+        self.last_ns = 0
+        self.tries = 0
+        self.req_tid = 0
+        self.errors = 0
+        self.rec = None  # the latest record: addresses and process for spans built later
+
+
+class SpanStage:
+    name = "spans"
+    config_class = SpansConfig
+
+    def __init__(self, config: SpansConfig, context=None):
+        self.config = config
+        registry = getattr(context, "registry", None)
+        known = registry.protocols if registry is not None else {}
+        names = config.protocols or sorted(known)
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(f"protocols: unknown protocol {unknown[0]!r} "
+                             f"(allowed: {', '.join(sorted(known)) or 'none registered'})")
+        self.protocols = {n: known[n].cls(known[n].cls.config_class()) for n in names}
+        self.conns: OrderedDict = OrderedDict()
+        self.counts = defaultdict(Counter)
+        self._cmdlines: dict = {}
+        self._next_expiry = 0.0
+
+    # -- the hot path ---------------------------------------------------------------------
+    def process(self, batch):
+        spans = []
+        for rec in batch:
+            if getattr(rec, "kind", None) == "socket":
+                self._record(rec, spans)
+        now = time.monotonic()
+        if now >= self._next_expiry:
+            self._expire(time.time_ns(), spans)
+            self._next_expiry = now + 1.0
+        return spans
+
+    def _record(self, rec, spans):
+        key = (rec.pid, rec.conn_id) if rec.l4 == "tcp" else \
+            (rec.pid, rec.conn_id, rec.remote_addr, rec.remote_port)
+        if rec.direction == "none":
+            if rec.syscall == "close":
+                self._close(key, rec, spans)
+            return
+        conn = self.conns.get(key)
+        if conn is None:
+            conn = self.conns[key] = _Conn()
+            if len(self.conns) > self.config.max_connections:
+                old_key, old = self.conns.popitem(last=False)
+                self._flush(old, old.rec, spans, "evicted")
+                self.counts[old.name or "-"]["connections_evicted"] += 1
+        else:
+            self.conns.move_to_end(key)
+        conn.last_ns = rec.ts_exit_ns
+        conn.rec = rec
+        if conn.proto is NOT_YET and not self._classify(conn, rec):
+            return
+        if conn.proto is False:
+            return
+        side = REQ if (conn.role == "client") == (rec.direction == "egress") else RESP
+        if side == REQ:
+            conn.req_tid = rec.tid
+        # A read may block before its bytes arrive: ingress bytes count from the read's exit.
+        ts_start = rec.ts_exit_ns if rec.direction == "ingress" else rec.ts_enter_ns
+        parser = conn.parser
+        try:
+            msgs = parser.feed(side, rec.payload, rec.bytes, ts_start, rec.ts_exit_ns,
+                               rec.tcp_seq_start)
+        except Exception as exc:  # a parser bug must never stop the agent
+            self.counts[conn.name]["parser_crashes"] += 1
+            log.debug("%s parser failed: %r", conn.name, exc)
+            parser.streams[side].clear()
+            return
+        if parser.errors != conn.errors:
+            self.counts[conn.name]["parse_errors"] += parser.errors - conn.errors
+            conn.errors = parser.errors
+        for msg in msgs:
+            self._message(conn, msg, rec, spans)
+
+    def _classify(self, conn, rec) -> bool:
+        if rec.protocol in self.protocols and rec.role:
+            name, role = rec.protocol, rec.role
+        else:
+            name = role = None
+            if rec.payload:
+                for pname, proto in self.protocols.items():
+                    r = proto.detect(rec.payload, rec.local_port, rec.remote_port, rec.l4)
+                    if r:
+                        sent = rec.direction == "egress"
+                        name, role = pname, "client" if (r == REQUEST) == sent else "server"
+                        break
+            if name is None:
+                conn.tries += 1
+                if conn.tries >= DETECT_TRIES:
+                    conn.proto = False
+                return False
+        conn.proto = self.protocols[name]
+        conn.name, conn.role = name, role
+        conn.parser = conn.proto.parser()
+        if hasattr(conn.parser, "l4"):
+            conn.parser.l4 = rec.l4
+        self.counts[name]["connections"] += 1
+        return True
+
+    def _message(self, conn, msg, rec, spans):
+        counts = self.counts[conn.name]
+        if msg.is_request:
+            if not msg.expects_response:
+                spans.append(self._span(conn, msg, None, rec))
+                return
+            if msg.key is not None:
+                conn.keyed[msg.key] = msg
+            else:
+                conn.fifo.append(msg)
+            if len(conn.fifo) + len(conn.keyed) > self.config.max_pending:
+                counts["pending_dropped"] += 1
+                if conn.fifo:
+                    conn.fifo.popleft()
+                else:
+                    conn.keyed.pop(next(iter(conn.keyed)))
+            return
+        if msg.key is not None:
+            req = conn.keyed.pop(msg.key, None)
+        else:
+            req = conn.fifo.popleft() if conn.fifo else None
+        if req is None:
+            counts["unmatched_responses"] += 1
+            return
+        spans.append(self._span(conn, req, msg, rec))
+
+    def _span(self, conn, req, resp, rec, missing=None):
+        protocol = (resp and resp.protocol) or req.protocol or conn.name
+        status = resp.status if resp else missing
+        error = bool(req.error or (resp.error if resp else missing not in (None, "")))
+        if protocol in HTTP and conn.role == "client" and status and status.isdigit() \
+                and 400 <= int(status) < 500:
+            error = True  # OpenTelemetry: 4xx is an error for the client only
+        attributes = {**req.attributes, **(resp.attributes if resp else {})}
+        if missing:
+            attributes["deeptrace.no_response"] = missing
+        self.counts[conn.name]["spans"] += 1
+        return Span(
+            start_ns=req.ts_start,
+            end_ns=resp.ts_end if resp else max(req.ts_end, conn.last_ns),
+            protocol=protocol, role=conn.role,
+            pid=rec.pid, tid=conn.req_tid or rec.tid, comm=rec.comm,
+            cmdline=self._cmdline(rec.pid),
+            l4=rec.l4, family=rec.family,
+            local_addr=rec.local_addr, local_port=rec.local_port,
+            remote_addr=rec.remote_addr, remote_port=rec.remote_port,
+            conn_id=rec.conn_id,
+            operation=req.operation or (resp.operation if resp else ""),
+            status=status, error=error,
+            request_size=req.size, response_size=resp.size if resp else 0,
+            request_seq=(req.seq_start, req.seq_end) if req.seq_start is not None else None,
+            response_seq=(resp.seq_start, resp.seq_end)
+            if resp is not None and resp.seq_start is not None else None,
+            attributes=attributes)
+
+    # -- connection end, timeouts, eviction -----------------------------------------------
+    def _close(self, key, rec, spans):
+        conn = self.conns.pop(key, None)
+        if conn is not None:
+            self._flush(conn, rec, spans, "connection closed")
+
+    def _flush(self, conn, rec, spans, why):
+        if not conn.name or rec is None:
+            return
+        pending = list(conn.fifo) + list(conn.keyed.values())
+        conn.fifo.clear()
+        conn.keyed.clear()
+        for req in pending:
+            self.counts[conn.name]["no_response"] += 1
+            spans.append(self._span(conn, req, None, rec, missing=why))
+
+    def _expire(self, now_ns, spans):
+        """Requests unanswered for request_timeout become spans without a response."""
+        limit = now_ns - int(self.config.request_timeout * 1e9)
+        for conn in self.conns.values():
+            if not conn.name:
+                continue
+            late = []
+            while conn.fifo and conn.fifo[0].ts_start < limit:
+                late.append(conn.fifo.popleft())
+            for k in [k for k, m in conn.keyed.items() if m.ts_start < limit]:
+                late.append(conn.keyed.pop(k))
+            for req in late:
+                self.counts[conn.name]["timeouts"] += 1
+                spans.append(self._span(conn, req, None, conn.rec, missing="timeout"))
+
+    def _cmdline(self, pid):
+        cmd = self._cmdlines.get(pid)
+        if cmd is None:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read(4096).replace(b"\0", b" ").strip().decode("utf-8", "replace")
+            except OSError:
+                cmd = ""
+            if len(self._cmdlines) > 10000:
+                self._cmdlines.clear()
+            self._cmdlines[pid] = cmd
+        return cmd
+
+    def stats(self) -> dict:
+        return {f"{proto}.{k}": n for proto, c in sorted(self.counts.items())
+                for k, n in sorted(c.items())}
+
+
+@hookimpl
+def deeptrace_register_processors(registry):
+    registry.add_processor(SpanStage)

@@ -1,0 +1,188 @@
+"""The spans stage and the Stream it gives parsers, on synthetic records (no kernel):
+pairing by key and FIFO, roles, timing, holes, bounds, timeouts and closes."""
+
+import time
+import types
+
+import attrs
+import pytest
+
+from deeptrace_plugins.protocols.base import (REQ, REQUEST, RESP, RESPONSE, Message, ParseError,
+                                              Parser, Stream)
+from deeptrace_plugins.protocols.stage import SpanStage, SpansConfig
+from deeptrace_plugins.trace.decoder import SocketRecord
+from deeptrace_core.registry import Registry
+
+
+class LineParser(Parser):
+    """Toy protocol: 'ASK <id> <word>\\n' -> 'ANS <id> <status>\\n'; id '-' means FIFO."""
+    protocol = "toy"
+
+    def parse(self, side, stream):
+        data = stream.peek()
+        end = data.find(b"\n")
+        if end < 0:
+            if len(data) > 100:
+                raise ParseError("line too long")
+            stream.need(len(data) + 1)  # a hole before the newline: ParseError
+            return []
+        parts = data[:end].decode("latin-1").split(" ", 2)
+        if len(parts) != 3 or parts[0] not in ("ASK", "ANS", "TELL"):
+            raise ParseError(parts[0])
+        word, mid, rest = parts
+        stream.consume(end + 1)
+        key = None if mid == "-" else mid
+        if word == "ANS":
+            return [stream.stamp(Message(False, key=key, status=rest, error=rest == "bad"))]
+        return [stream.stamp(Message(True, key=key, operation=rest,
+                                     expects_response=word == "ASK"))]
+
+
+@attrs.define
+class ToyConfig:
+    pass
+
+
+class Toy:
+    name = "toy"
+    config_class = ToyConfig
+
+    def __init__(self, config):
+        pass
+
+    @staticmethod
+    def detect(data, lport, rport, l4):
+        return REQUEST if data.startswith((b"ASK", b"TELL")) else \
+            RESPONSE if data.startswith(b"ANS") else 0
+
+    def parser(self):
+        return LineParser()
+
+
+def stage(**cfg):
+    reg = Registry()
+    reg.current_plugin = "toy"
+    reg.add_protocol(Toy)
+    return SpanStage(SpansConfig(**cfg), types.SimpleNamespace(registry=reg))
+
+
+T0 = time.time_ns()
+
+
+def rec(payload, direction="egress", t=0, nbytes=None, conn=1, pid=100, syscall=None,
+        seq=None, protocol=None, role=None, tid=None):
+    return SocketRecord(
+        ts_enter_ns=T0 + t, ts_exit_ns=T0 + t + 10, pid=pid, tid=tid or pid, comm="app",
+        fd=5, syscall=syscall or ("write" if direction == "egress" else "read"),
+        direction=direction, l4="tcp", family="ipv4", local_addr="127.0.0.1",
+        local_port=4000, remote_addr="127.0.0.1", remote_port=5000,
+        bytes=len(payload) if nbytes is None else nbytes, tcp_seq_start=seq,
+        tcp_seq_end=None if seq is None else seq + (nbytes or len(payload)),
+        payload=payload, conn_id=conn, protocol=protocol, role=role)
+
+
+def test_client_fifo_pipelining_and_timing():
+    st = stage()
+    spans = st.process([rec(b"ASK - one\nASK - two\n", t=0, seq=100),
+                        rec(b"ANS - ok\n", "ingress", t=1000, seq=900),
+                        rec(b"ANS - bad\n", "ingress", t=2000, seq=909)])
+    assert [(s.operation, s.status, s.error, s.role) for s in spans] == [
+        ("one", "ok", False, "client"), ("two", "bad", True, "client")]
+    assert spans[0].start_ns == T0 and spans[0].end_ns == T0 + 1010
+    assert spans[0].request_seq == (100, 110) and spans[1].request_seq == (110, 120)
+    assert spans[1].response_seq == (909, 919)
+    assert spans[0].request_size == 10 and spans[1].response_size == 10
+
+
+def test_server_role_keyed_pairing_and_read_exit_as_start():
+    st = stage()
+    spans = st.process([rec(b"ASK a x\nASK b y\n", "ingress", t=0, tid=7),
+                        rec(b"ANS b fine\n", "egress", t=500),
+                        rec(b"ANS a slow\n", "egress", t=900)])
+    assert [(s.operation, s.status, s.role) for s in spans] == [("y", "fine", "server"),
+                                                               ("x", "slow", "server")]
+    assert spans[0].start_ns == T0 + 10  # the read's exit, not its (blocking) entry
+    assert spans[0].tid == 7
+
+
+def test_kernel_detected_protocol_and_role_are_trusted():
+    st = stage()
+    # In Python this egress ASK would make us the client; the kernel saw more and says server.
+    st.process([rec(b"ASK - q\n", "egress", protocol="toy", role="server")])
+    assert st.conns[(100, 1)].role == "server"
+    st.process([rec(b"ASK - q\n", "egress", conn=2)])
+    assert st.conns[(100, 2)].role == "client"
+    assert st.counts["toy"]["connections"] == 2
+
+
+def test_no_response_requests_hole_skipping_and_parse_errors():
+    st = stage()
+    spans = st.process([rec(b"TELL - fire-and-forget\n"),
+                        rec(b"ASK - big\n" + b"x" * 20, nbytes=5000),  # hole: 4970 uncaptured
+                        rec(b"garbage!!\n"),
+                        rec(b"ASK - after\n"),
+                        rec(b"ANS - ok\n", "ingress", t=50)])
+    assert [s.operation for s in spans] == ["fire-and-forget", "big"]
+    assert st.counts["toy"]["parse_errors"] >= 1
+
+
+def test_unmatched_response_is_counted():
+    st = stage()
+    st.process([rec(b"ASK - x\n"), rec(b"ANS - a\n", "ingress"), rec(b"ANS - b\n", "ingress")])
+    assert st.counts["toy"]["unmatched_responses"] == 1
+
+
+def test_close_and_timeout_flush_pending_requests():
+    st = stage(request_timeout=0.000001)
+    spans = st.process([rec(b"ASK - lost\n", conn=1)])
+    assert [s.attributes.get("deeptrace.no_response") for s in spans] == ["timeout"]
+    st = stage()
+    spans = st.process([rec(b"ASK - cut\n", conn=2),
+                        rec(b"", "none", syscall="close", conn=2, t=99)])
+    assert [(s.operation, s.error, s.status) for s in spans] == [
+        ("cut", True, "connection closed")]
+    assert (100, 2) not in st.conns
+
+
+def test_connections_and_pending_are_bounded():
+    st = stage(max_connections=3, max_pending=2)
+    for c in range(10):
+        st.process([rec(b"ASK - a\nASK - b\nASK - c\n", conn=c)])
+    assert len(st.conns) == 3
+    assert all(len(c.fifo) <= 2 for c in st.conns.values())
+    assert st.counts["toy"]["pending_dropped"] == 10
+    assert st.counts["toy"]["connections_evicted"] == 7
+
+
+def test_unknown_traffic_is_left_alone():
+    st = stage()
+    for i in range(6):
+        assert st.process([rec(b"\x16\x03\x01 tls-ish", t=i)]) == []
+    assert st.conns[(100, 1)].proto is False
+
+
+def test_unknown_protocol_name_is_rejected():
+    with pytest.raises(ValueError, match="allowed: toy"):
+        stage(protocols=["nope"])
+
+
+def test_stream_holes_and_need():
+    s = Stream(cap=1000)
+    s.append(b"abcdef", 10, 1, 2, seq=0)       # 4 bytes after 'abcdef' were not captured
+    s.append(b"XYZ", 3, 3, 4, seq=10)
+    assert s.peek() == b"abcdef" and len(s) == 13
+    assert s.need(4) == b"abcd"
+    with pytest.raises(ParseError):
+        s.need(8)                               # would reach into the hole
+    assert s.consume(10) == 10                  # ... but stepping over it is fine
+    assert s.take_span() == (1, 2, 0, 10, 10)
+    assert s.peek() == b"XYZ" and s.need(3) == b"XYZ" and s.need(4) is None
+    s.consume(3)
+    assert s.take_span() == (3, 4, 10, 13, 3) and len(s) == 0
+
+
+def test_stream_is_capped():
+    s = Stream(cap=100)
+    for i in range(50):
+        s.append(b"x" * 30, 30, i, i)
+    assert len(s) <= 100

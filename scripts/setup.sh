@@ -59,9 +59,12 @@ fi
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 ln -sfn /usr/lib/python3/dist-packages/bcc "$site/bcc"
 stamp=.venv/.deeptrace-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -nt "$stamp" ] \
+   || [ plugins/protocols/redis/pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[test]'
+  # Our Redis plugin is its own distribution, found only through its entry point.
+  .venv/bin/python -m pip install -q -e plugins/protocols/redis
   touch "$stamp"
 fi
 .venv/bin/python -c 'import bcc, deeptrace_core' || { echo "setup.sh: venv cannot import bcc/deeptrace_core" >&2; exit 1; }

@@ -68,11 +68,11 @@ class Tracer:
         return [r for r in self.records if r.pid == pid]
 
 
-def start_probe(**config):
+def start_probe(context=None, **config):
     from deeptrace_core.bpf import kernel_defines
     from deeptrace_plugins.trace.probe import TraceConfig, TraceProbe
 
-    probe = TraceProbe(TraceConfig(**config))
+    probe = TraceProbe(TraceConfig(**config), context)
     probe.attach(kernel_defines(probe.kernel_fields))
     return probe
 

@@ -26,7 +26,7 @@ PROTO_NONE = 255
 
 # Counter slots of the `stats` per-CPU array, in C enum order.
 STAT_NAMES = ("events", "ringbuf_full", "inflight_map_full", "conn_map_full",
-              "read_failed", "mmsg_truncated", "iov_truncated")
+              "read_failed", "mmsg_truncated", "iov_truncated", "l7_tail_call_failed")
 LOSS_STATS = ("ringbuf_full", "inflight_map_full", "conn_map_full", "read_failed",
               "mmsg_truncated")
 

@@ -83,7 +83,8 @@ class TraceProbe:
         return {
             "PAYLOAD_MAX": _pow2_at_least(max(c.payload_bytes, 1)),
             "PAYLOAD_CAP": c.payload_bytes,
-            "MAX_IOV": 16,
+            "MAX_IOV": 64,        # gRPC and nginx write many small slices at once
+            "MMSG_MAX_IOV": 8,
             "MAX_MMSG": 8,
             "CONN_MAX": c.max_connections,
             "INFLIGHT_MAX": c.max_inflight,
@@ -118,6 +119,10 @@ class TraceProbe:
     # -- run ----------------------------------------------------------------------------
     def attach(self, defines: dict):
         self.bpf = bpf.load(self.render(defines))
+        if self.protocols:
+            from bcc import BPF
+            fn = self.bpf.load_func(b"l7_classify", BPF.TRACEPOINT)
+            self.bpf[b"l7_progs"][ctypes.c_int(0)] = ctypes.c_int(fn.fd)
         c = self.config
         one = ctypes.c_uint8(1)
         if c.pids:
@@ -130,9 +135,7 @@ class TraceProbe:
                     key.c = name.encode()[:15]
                     t[key] = one
         if c.ports:
-            t = self.bpf[b"port_filter"]
-            for port in c.ports:
-                t[t.Key(port)] = one
+            self.add_ports(c.ports)
         self.bpf[b"events"].open_ring_buffer(self._on_event)
 
     def add_pids(self, pids):
@@ -146,6 +149,20 @@ class TraceProbe:
         for pid in pids:
             try:
                 del t[t.Key(pid)]
+            except KeyError:
+                pass
+
+    def add_ports(self, ports):
+        """Select more ports at run time (needs a config with a non-empty ``ports``)."""
+        t = self.bpf[b"port_filter"]
+        for port in ports:
+            t[t.Key(port)] = ctypes.c_uint8(1)
+
+    def remove_ports(self, ports):
+        t = self.bpf[b"port_filter"]
+        for port in ports:
+            try:
+                del t[t.Key(port)]
             except KeyError:
                 pass
 

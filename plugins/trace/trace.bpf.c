@@ -6,7 +6,7 @@
 // is ever dereferenced here. User-space ABI structs (iovec, msghdr, sockaddr) are fixed.
 //
 // Compile-time knobs (set by probe.py): PAYLOAD_CAP (bytes kept), PAYLOAD_MAX (its power-of-two
-// ceiling, for verifier bounds), MAX_IOV, MAX_MMSG,
+// ceiling, for verifier bounds), MAX_IOV, MMSG_MAX_IOV, MAX_MMSG,
 // CONN_MAX, INFLIGHT_MAX, RINGBUF_PAGES, WAKEUP_EVENTS, SELF_TGID, FILTER_PIDS, FILTER_COMMS,
 // FILTER_EXCLUDE_COMMS, FILTER_PORTS, SKC_CHUNK, L7_ENABLED, L7_MAX_TRIES (and l7_detect()).
 
@@ -39,7 +39,7 @@ enum { ROLE_UNKNOWN = 0, ROLE_CLIENT = 1, ROLE_SERVER = 2 };
 
 // Loss/failure counters, by cause; decoder.py mirrors the names.
 enum { ST_EVENTS = 0, ST_RB_FULL, ST_INFLIGHT_FULL, ST_CONN_FULL, ST_READ_FAIL,
-       ST_MMSG_TRUNC, ST_IOV_TRUNC, ST_NSTATS };
+       ST_MMSG_TRUNC, ST_IOV_TRUNC, ST_TAILCALL_FAIL, ST_NSTATS };
 BPF_PERCPU_ARRAY(stats, u64, ST_NSTATS);
 
 static __always_inline void stat_inc(u32 idx) {
@@ -263,21 +263,27 @@ static __always_inline u64 conn_id_for(u32 tgid, s32 fd, u64 sk) {
 }
 
 #if L7_ENABLED
+BPF_PROG_ARRAY(l7_progs, 1);
+
 // Protocol detection on a connection's first data (the detectors of the enabled protocol
-// plugins are compiled in above l7_detect). Returns 1 if the record should be sent.
-static __always_inline int l7_classify(struct event_t *e, struct conn_val_t *c, u8 dir) {
+// plugins are compiled in above l7_detect).
+static __always_inline void l7_detect_conn(struct event_t *e, struct conn_val_t *c, u8 dir) {
+    if (!c || c->proto != 0 || e->payload_len == 0)
+        return;
+    int r = l7_detect(e->payload, e->payload_len, e->lport, e->rport, e->l4);
+    if (r) {
+        c->proto = r & 0xff;
+        // A request sent (or a response received) makes this process the client.
+        c->role = (((r >> 8) == L7_REQUEST) == (dir == DIR_EGRESS)) ? ROLE_CLIENT : ROLE_SERVER;
+    } else if (++c->tries >= L7_MAX_TRIES) {
+        c->proto = PROTO_NONE;
+    }
+}
+
+// 1 if the record should be sent: its connection speaks an enabled protocol.
+static __always_inline int l7_pass(struct event_t *e, struct conn_val_t *c) {
     if (!c)
         return 0;
-    if (c->proto == 0 && e->payload_len > 0) {
-        int r = l7_detect(e->payload, e->payload_len, e->lport, e->rport, e->l4);
-        if (r) {
-            c->proto = r & 0xff;
-            // A request sent (or a response received) makes this process the client.
-            c->role = (((r >> 8) == L7_REQUEST) == (dir == DIR_EGRESS)) ? ROLE_CLIENT : ROLE_SERVER;
-        } else if (++c->tries >= L7_MAX_TRIES) {
-            c->proto = PROTO_NONE;
-        }
-    }
     e->l7_proto = c->proto;
     e->l7_role = c->role;
     return c->proto != 0 && c->proto != PROTO_NONE;
@@ -311,14 +317,15 @@ static __always_inline u32 copy_user(struct event_t *e, u32 start, u64 src, u64 
 struct gather_t { u64 left; u64 off; };
 BPF_PERCPU_ARRAY(gather, struct gather_t, 1);
 
-static __always_inline u32 copy_iov(struct event_t *e, u64 iov, u64 iovcnt, u64 total) {
+static __always_inline u32 copy_iov(struct event_t *e, u64 iov, u64 iovcnt, u64 total,
+                                    const int max_iov) {
     u32 zero = 0;
     struct gather_t *g = gather.lookup(&zero);
     if (!g)
         return 0;
     g->left = total;
     g->off = 0;
-    for (int i = 0; i < MAX_IOV; i++) {
+    for (int i = 0; i < max_iov; i++) {
         if (i >= iovcnt || g->left == 0 || g->off >= PAYLOAD_CAP)
             break;
         u64 v[2] = {};  // struct iovec { void *base; size_t len; }
@@ -331,7 +338,7 @@ static __always_inline u32 copy_iov(struct event_t *e, u64 iov, u64 iovcnt, u64 
         g->left -= n;
     }
     u32 off = g->off;
-    if (iovcnt > MAX_IOV && g->left > 0 && off < PAYLOAD_CAP) {
+    if (iovcnt > max_iov && g->left > 0 && off < PAYLOAD_CAP) {
         e->flags |= F_IOV_TRUNC;
         stat_inc(ST_IOV_TRUNC);
     }
@@ -419,7 +426,7 @@ static __always_inline void set_seq(struct event_t *e, u64 sk, u8 dir, u32 peek,
 }
 
 // Exit of read/write/readv/writev/recvfrom/sendto/recvmsg/sendmsg.
-static __always_inline int data_exit(s64 ret, u16 sys, u8 dir) {
+static __always_inline int data_exit(void *ctx, s64 ret, u16 sys, u8 dir) {
     u64 id = bpf_get_current_pid_tgid();
     struct inflight_t *a = inflight.lookup(&id);
     if (!a)
@@ -441,12 +448,12 @@ static __always_inline int data_exit(s64 ret, u16 sys, u8 dir) {
         if (sys == SYS_READ || sys == SYS_WRITE || sys == SYS_RECVFROM || sys == SYS_SENDTO) {
             e->payload_len = copy_user(e, 0, args.ptr, ret);
         } else if (sys == SYS_READV || sys == SYS_WRITEV) {
-            e->payload_len = copy_iov(e, args.ptr, args.cnt, ret);
+            e->payload_len = copy_iov(e, args.ptr, args.cnt, ret, MAX_IOV);
         } else {  // recvmsg/sendmsg: struct user_msghdr
             u64 m[4] = {};  // msg_name, msg_namelen(+pad), msg_iov, msg_iovlen
             if (bpf_probe_read_user(m, sizeof(m), (void *)args.ptr) == 0) {
                 name = m[0];
-                e->payload_len = copy_iov(e, m[2], m[3], ret);
+                e->payload_len = copy_iov(e, m[2], m[3], ret, MAX_IOV);
             }
         }
         if (ret > PAYLOAD_CAP)
@@ -456,8 +463,14 @@ static __always_inline int data_exit(s64 ret, u16 sys, u8 dir) {
     if (e->l4 == L4_UDP && name)
         addr_from_user(name, e);
 #if L7_ENABLED
-    if (!l7_classify(e, conn, dir))
+    if (conn && conn->proto == 0 && e->payload_len > 0) {
+        // Detection runs in one tail-called program, verified once, not inlined into every
+        // syscall's program (that made start-up ten times slower). It submits the record.
+        l7_progs.call(ctx, 0);
+        stat_inc(ST_TAILCALL_FAIL);  // not loaded yet: send it undetected, user space decides
+    } else if (!l7_pass(e, conn)) {
         return 0;
+    }
 #endif
     submit(e);
     return 0;
@@ -512,7 +525,8 @@ static __always_inline int mmsg_exit(s64 ret, u16 sys, u8 dir) {
         e->flags = 0;
         e->rport = rport;
         __builtin_memcpy(e->raddr, raddr, 16);
-        e->payload_len = copy_iov(e, m[2], m[3], mlen);
+        // Fewer iovecs per message: the verifier walks this loop once per message.
+        e->payload_len = copy_iov(e, m[2], m[3], mlen, MMSG_MAX_IOV);
         if (mlen > PAYLOAD_CAP)
             e->flags |= F_TRUNC;
         set_seq(e, sk, dir, (args.flags & MSG_PEEK) && dir == DIR_INGRESS, total - done);
@@ -520,8 +534,15 @@ static __always_inline int mmsg_exit(s64 ret, u16 sys, u8 dir) {
         if (e->l4 == L4_UDP && m[0])
             addr_from_user(m[0], e);
 #if L7_ENABLED
-        if (!l7_classify(e, conn, dir))
+        // The detectors inside this per-message loop cost the verifier more than it allows:
+        // undetected mmsg data goes up as it is (protocol 0) and user space classifies it,
+        // within the same L7_MAX_TRIES budget.
+        if (conn && conn->proto == 0) {
+            if (i == 0 && ++conn->tries >= L7_MAX_TRIES)
+                conn->proto = PROTO_NONE;
+        } else if (!l7_pass(e, conn)) {
             continue;
+        }
 #endif
         submit(e);
     }
@@ -561,25 +582,41 @@ static __always_inline int ctl_exit(s64 ret, u16 sys) {
     return 0;
 }
 
+#if L7_ENABLED
+// Tail-called from data_exit with the record in `scratch`: detect, then send if it passes.
+int l7_classify(void *ctx) {
+    u32 zero = 0;
+    struct event_t *e = scratch.lookup(&zero);
+    if (!e)
+        return 0;
+    struct conn_key_t k = {.tgid = e->pid, .fd = e->fd};
+    struct conn_val_t *c = conns.lookup(&k);
+    l7_detect_conn(e, c, e->direction);
+    if (l7_pass(e, c))
+        submit(e);
+    return 0;
+}
+#endif
+
 // Data syscalls. `fd` is declared unsigned for some of them; the cast keeps it signed.
 TRACEPOINT_PROBE(syscalls, sys_enter_read) { return save_args(SYS_READ, (s32)args->fd, (u64)args->buf, 0, 0, 0); }
-TRACEPOINT_PROBE(syscalls, sys_exit_read) { return data_exit(args->ret, SYS_READ, DIR_INGRESS); }
+TRACEPOINT_PROBE(syscalls, sys_exit_read) { return data_exit(args, args->ret, SYS_READ, DIR_INGRESS); }
 TRACEPOINT_PROBE(syscalls, sys_enter_readv) { return save_args(SYS_READV, (s32)args->fd, (u64)args->vec, 0, args->vlen, 0); }
-TRACEPOINT_PROBE(syscalls, sys_exit_readv) { return data_exit(args->ret, SYS_READV, DIR_INGRESS); }
+TRACEPOINT_PROBE(syscalls, sys_exit_readv) { return data_exit(args, args->ret, SYS_READV, DIR_INGRESS); }
 TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) { return save_args(SYS_RECVFROM, (s32)args->fd, (u64)args->ubuf, (u64)args->addr, 0, args->flags); }
-TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom) { return data_exit(args->ret, SYS_RECVFROM, DIR_INGRESS); }
+TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom) { return data_exit(args, args->ret, SYS_RECVFROM, DIR_INGRESS); }
 TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg) { return save_args(SYS_RECVMSG, (s32)args->fd, (u64)args->msg, 0, 0, args->flags); }
-TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg) { return data_exit(args->ret, SYS_RECVMSG, DIR_INGRESS); }
+TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg) { return data_exit(args, args->ret, SYS_RECVMSG, DIR_INGRESS); }
 TRACEPOINT_PROBE(syscalls, sys_enter_recvmmsg) { return save_args(SYS_RECVMMSG, (s32)args->fd, (u64)args->mmsg, 0, args->vlen, args->flags); }
 TRACEPOINT_PROBE(syscalls, sys_exit_recvmmsg) { return mmsg_exit(args->ret, SYS_RECVMMSG, DIR_INGRESS); }
 TRACEPOINT_PROBE(syscalls, sys_enter_write) { return save_args(SYS_WRITE, (s32)args->fd, (u64)args->buf, 0, 0, 0); }
-TRACEPOINT_PROBE(syscalls, sys_exit_write) { return data_exit(args->ret, SYS_WRITE, DIR_EGRESS); }
+TRACEPOINT_PROBE(syscalls, sys_exit_write) { return data_exit(args, args->ret, SYS_WRITE, DIR_EGRESS); }
 TRACEPOINT_PROBE(syscalls, sys_enter_writev) { return save_args(SYS_WRITEV, (s32)args->fd, (u64)args->vec, 0, args->vlen, 0); }
-TRACEPOINT_PROBE(syscalls, sys_exit_writev) { return data_exit(args->ret, SYS_WRITEV, DIR_EGRESS); }
+TRACEPOINT_PROBE(syscalls, sys_exit_writev) { return data_exit(args, args->ret, SYS_WRITEV, DIR_EGRESS); }
 TRACEPOINT_PROBE(syscalls, sys_enter_sendto) { return save_args(SYS_SENDTO, (s32)args->fd, (u64)args->buff, (u64)args->addr, 0, args->flags); }
-TRACEPOINT_PROBE(syscalls, sys_exit_sendto) { return data_exit(args->ret, SYS_SENDTO, DIR_EGRESS); }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendto) { return data_exit(args, args->ret, SYS_SENDTO, DIR_EGRESS); }
 TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) { return save_args(SYS_SENDMSG, (s32)args->fd, (u64)args->msg, 0, 0, args->flags); }
-TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg) { return data_exit(args->ret, SYS_SENDMSG, DIR_EGRESS); }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg) { return data_exit(args, args->ret, SYS_SENDMSG, DIR_EGRESS); }
 TRACEPOINT_PROBE(syscalls, sys_enter_sendmmsg) { return save_args(SYS_SENDMMSG, (s32)args->fd, (u64)args->mmsg, 0, args->vlen, args->flags); }
 TRACEPOINT_PROBE(syscalls, sys_exit_sendmmsg) { return mmsg_exit(args->ret, SYS_SENDMMSG, DIR_EGRESS); }
 

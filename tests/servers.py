@@ -1,0 +1,127 @@
+"""Real servers for end-to-end tests, each on a free 127.0.0.1 port in a temp dir.
+
+The Debian packages are installed by scripts/setup.sh; these start private instances
+(never the system services) and stop them at the end of the session.
+"""
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, proc, timeout=30.0, what="server"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on {port} within {timeout}s")
+
+
+class Server:
+    def __init__(self, name, argv, port, cwd=None, user=None, env=None):
+        self.name, self.port = name, port
+        self.proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, env=env,
+                                     user=user)
+        wait_port(port, self.proc, what=name)
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def redis():
+    port = free_port()
+    d = tempfile.mkdtemp(prefix="dt-redis-")
+    return Server("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                            "--save", "", "--appendonly", "no", "--dir", d], port)
+
+
+def memcached():
+    port = free_port()
+    return Server("memcached", ["memcached", "-l", "127.0.0.1", "-p", str(port), "-U", "0",
+                                "-u", "root"], port)
+
+
+def nginx():
+    port = free_port()
+    d = tempfile.mkdtemp(prefix="dt-nginx-")
+    conf = os.path.join(d, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(f"""
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+events {{ worker_connections 256; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{ return 200 "hello from nginx\\n"; }}
+    location /missing {{ return 404 "no\\n"; }}
+  }}
+}}
+""")
+    return Server("nginx", ["nginx", "-c", conf, "-p", d, "-g", "daemon off;"], port)
+
+
+def _pg_bin(tool):
+    base = "/usr/lib/postgresql"
+    version = sorted(os.listdir(base))[-1]
+    return os.path.join(base, version, "bin", tool)
+
+
+def postgres():
+    """A private cluster owned by the postgres user (the server refuses to run as root)."""
+    port = free_port()
+    d = tempfile.mkdtemp(prefix="dt-pg-")
+    pw = pwd.getpwnam("postgres")
+    os.chown(d, pw.pw_uid, pw.pw_gid)
+    subprocess.run([_pg_bin("initdb"), "-D", d, "-A", "trust", "-U", "postgres"],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   user="postgres")
+    return Server("postgres", [_pg_bin("postgres"), "-D", d, "-p", str(port), "-k", d,
+                               "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"],
+                  port, user="postgres")
+
+
+def mariadb():
+    port = free_port()
+    d = tempfile.mkdtemp(prefix="dt-maria-")
+    data = os.path.join(d, "data")
+    installer = shutil.which("mariadb-install-db") or shutil.which("mysql_install_db")
+    subprocess.run([installer, "--user=root", f"--datadir={data}",
+                    "--auth-root-authentication-method=normal", "--skip-test-db"],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = shutil.which("mariadbd") or "/usr/sbin/mariadbd"
+    return Server("mariadb", [server, "--no-defaults", "--user=root", f"--datadir={data}",
+                              f"--port={port}", "--bind-address=127.0.0.1",
+                              f"--socket={d}/mysqld.sock", f"--pid-file={d}/mysqld.pid",
+                              "--skip-name-resolve", "--innodb-buffer-pool-size=16M"],
+                  port)

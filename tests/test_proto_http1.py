@@ -1,0 +1,507 @@
+"""HTTP/1.x plugin: parser on real bytes (http.client against http.server through a
+recording proxy) and on hand-written edge cases, holes, property tests, detectors."""
+
+import http.client
+import http.server
+import importlib.resources
+import select
+import socket
+import threading
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from deeptrace_plugins.protocols.base import REQ, REQUEST, RESP, RESPONSE
+from deeptrace_plugins.protocols.http1 import parser as h1
+from deeptrace_plugins.protocols.http1.plugin import Http1Protocol
+
+PKG = "deeptrace_plugins.protocols.http1"
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+class Recorder:
+    """A TCP proxy recording every recv of both directions: conns[i] = [(side, bytes)]."""
+
+    def __init__(self, target):
+        self.target = target
+        self.lsock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.lsock.getsockname()[1]
+        self.conns = []
+        self.threads = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.lsock.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.target)
+            rec = []
+            self.conns.append(rec)
+            t = threading.Thread(target=self._pump, args=(client, server, rec), daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    @staticmethod
+    def _pump(client, server, rec):
+        peer = {client: (server, REQ), server: (client, RESP)}
+        with client, server:
+            while True:
+                for sock in select.select([client, server], [], [], 5)[0]:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    dst, side = peer[sock]
+                    rec.append((side, data))
+                    dst.sendall(data)
+
+    def close(self):
+        self.lsock.close()
+        for t in self.threads:
+            t.join(5)
+
+
+def feed(records, cap=None, parser=None):
+    """Feed (side, bytes) records, each captured up to `cap` bytes; returns (parser, msgs)."""
+    p = parser or Http1Protocol().parser()
+    out = []
+    for i, (side, data) in enumerate(records):
+        out += p.feed(side, data[:cap] if cap else data, len(data), i * 10, i * 10 + 1, None)
+    return p, out
+
+
+def put(p, side, data, ts_start=0, ts_end=0):
+    """One fully captured syscall."""
+    return p.feed(side, data, len(data), ts_start, ts_end)
+
+
+def summary(msgs):
+    return [(m.is_request, m.operation, m.status, m.error, m.size,
+             sorted(m.attributes.items())) for m in msgs]
+
+
+def pairs(msgs):
+    """FIFO pairing as the stage does it: [(request operation, response status)]."""
+    reqs = [m for m in msgs if m.is_request]
+    resps = [m for m in msgs if not m.is_request]
+    return [(q.operation, r.status) for q, r in zip(reqs, resps)]
+
+
+def side_bytes(records, side):
+    return b"".join(d for s, d in records if s == side)
+
+
+# -- real bytes: http.client against http.server -------------------------------------------
+
+BIG = b"B" * 5000
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"   # keep-alive, and 100-continue handling
+
+    def log_message(self, *args):
+        pass
+
+    def _reply(self, code, body=b"", chunked=False, headers=()):
+        self.send_response(code)
+        for k, v in headers:
+            self.send_header(k, v)
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for i in range(0, len(body), 700):
+                piece = body[i:i + 700]
+                self.wfile.write(b"%x;ext=1\r\n%s\r\n" % (len(piece), piece))
+            self.wfile.write(b"0\r\nX-Trailer: t\r\n\r\n")
+        else:
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+    def do_GET(self):
+        if self.path.startswith("/big"):
+            self._reply(200, BIG)
+        elif self.path.startswith("/chunked"):
+            self._reply(200, BIG, chunked=True)
+        elif self.path.startswith("/fail"):
+            self._reply(503, b"down")
+        elif self.path.startswith("/empty"):
+            self.send_response(204)
+            self.end_headers()
+        else:
+            self._reply(200, b"hello", headers=[("Set-Cookie", "sid=secret")])
+
+    do_HEAD = do_GET
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self._reply(201, body[:10])
+
+    def do_PUT(self):
+        size = 0
+        while True:  # chunked request body
+            n = int(self.rfile.readline().split(b";")[0], 16)
+            if not n:
+                self.rfile.readline()
+                break
+            size += len(self.rfile.read(n + 2)) - 2
+        self._reply(200, str(size).encode())
+
+
+@pytest.fixture(scope="module")
+def capture():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    rec = Recorder(server.server_address)
+    conn = http.client.HTTPConnection("127.0.0.1", rec.port, timeout=5)
+    calls = []
+
+    def call(method, path, body=None, headers=None):
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        resp.read()
+        calls.append((f"{method} {path.split('?')[0]}", str(resp.status)))
+
+    call("GET", "/hello?name=x&token=abc", headers={"Authorization": "Bearer s3cret",
+                                                    "Cookie": "a=b", "User-Agent": "t/1"})
+    call("POST", "/upload", body=BIG, headers={"Content-Type": "application/octet-stream"})
+    call("POST", "/expect", body=b"0123456789" * 30, headers={"Expect": "100-continue"})
+    call("GET", "/big")
+    call("HEAD", "/big")
+    call("GET", "/chunked")
+    call("GET", "/empty")
+    call("GET", "/fail")
+    call("PUT", "/put", body=iter([b"x" * 1500, b"y" * 10]))  # http.client chunks it
+    call("GET", "/last")
+    conn.close()
+    rec.close()
+    server.shutdown()
+    server.server_close()
+    assert len(rec.conns) == 1
+    return rec.conns[0], calls
+
+
+def test_real_keepalive_connection(capture):
+    records, calls = capture
+    p, msgs = feed(records)
+    assert p.errors == 0
+    assert pairs(msgs) == calls
+    assert len(msgs) == 2 * len(calls)
+    # Every byte of each side belongs to exactly one message (1xx interim excluded).
+    interim = len(b"HTTP/1.1 100 Continue\r\n\r\n")   # http.server's answer to the Expect
+    assert sum(m.size for m in msgs if m.is_request) == len(side_bytes(records, REQ))
+    assert sum(m.size for m in msgs if not m.is_request) == len(side_bytes(records, RESP)) - interim
+    first = msgs[0]
+    assert first.attributes["url.path"] == "/hello"
+    assert first.attributes["url.query"] == "name=x&token=REDACTED"
+    assert first.attributes["http.request.header.authorization"] == "[REDACTED]"
+    assert first.attributes["http.request.header.cookie"] == "[REDACTED]"
+    assert first.attributes["user_agent.original"] == "t/1"
+    assert first.attributes["server.address"] == "127.0.0.1"
+    assert "s3cret" not in repr(msgs) and "secret" not in repr(msgs)
+    resp = [m for m in msgs if not m.is_request]
+    assert resp[0].attributes["http.response.header.set-cookie"] == "[REDACTED]"
+    assert [m.error for m in resp] == [c[1] == "503" for c in calls]
+
+
+def test_real_bytes_with_capture_holes(capture):
+    """The probe keeps 1024 bytes per syscall: bodies are skipped over the holes."""
+    records, calls = capture
+    for cap in (1024, 300):
+        p, msgs = feed(records, cap=cap)
+        assert pairs(msgs) == calls, cap
+        assert p.errors == 0
+        # Only chunked bodies read in one syscall can lose their framing (a chunk size
+        # in the hole): still emitted, marked incomplete. Every other message is whole.
+        full = feed(records)[1]
+        chunked = {msgs.index(m) for m in msgs if m.operation == "PUT /put"}
+        chunked.add(1 + 2 * [c[0] for c in calls].index("GET /chunked"))
+        for i, (m, f) in enumerate(zip(msgs, full)):
+            if m.attributes.get("deeptrace.incomplete"):
+                assert i in chunked and m.size <= f.size, (cap, m)
+            else:
+                assert m.size == f.size, (cap, m)
+
+
+def test_real_bytes_coalesced_and_split(capture):
+    """All of one side in one feed, then all of the other; and split every 3 bytes."""
+    records, calls = capture
+    whole = [(REQ, side_bytes(records, REQ)), (RESP, side_bytes(records, RESP))]
+    assert pairs(feed(whole)[1]) == calls
+    tiny = [(s, d[i:i + 3]) for s, d in records for i in range(0, len(d), 3)]
+    assert summary(feed(tiny)[1]) == summary(feed(records)[1])
+
+
+# -- hand-written edge cases --------------------------------------------------------------
+
+def test_pipelining():
+    reqs = b"".join(b"GET /p%d HTTP/1.1\r\nHost: h\r\n\r\n" % i for i in range(5))
+    resps = b"".join(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n%02d" % i for i in range(5))
+    p, msgs = feed([(REQ, reqs), (RESP, resps)])
+    assert pairs(msgs) == [(f"GET /p{i}", "200") for i in range(5)]
+    assert all(m.size == 40 for m in msgs if not m.is_request)
+
+
+def test_head_204_304_have_no_body():
+    reqs = b"".join(b"%s HTTP/1.1\r\n\r\n" % r for r in (b"HEAD /a", b"GET /b", b"GET /c",
+                                                        b"GET /d"))
+    resps = (b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"
+             b"HTTP/1.1 204 No Content\r\n\r\n"
+             b"HTTP/1.1 304 Not Modified\r\nContent-Length: 50\r\n\r\n"
+             b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc")
+    p, msgs = feed([(REQ, reqs), (RESP, resps)])
+    assert pairs(msgs) == [("HEAD /a", "200"), ("GET /b", "204"), ("GET /c", "304"),
+                           ("GET /d", "200")]
+    assert p.errors == 0
+
+
+def test_expect_100_continue_interim_skipped():
+    recs = [(REQ, b"PUT /x HTTP/1.1\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n"),
+            (RESP, b"HTTP/1.1 100 Continue\r\n\r\n"),
+            (REQ, b"data"),
+            (RESP, b"HTTP/1.1 103 Early Hints\r\nLink: </s>\r\n\r\n"
+                   b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")]
+    p, msgs = feed(recs)
+    assert pairs(msgs) == [("PUT /x", "201")]
+    assert msgs[0].size == len(recs[0][1]) + 4
+
+
+def test_expect_100_final_answer_before_body():
+    """417 instead of 100: the request is emitted then, the next request still parsed."""
+    recs = [(REQ, b"POST /x HTTP/1.1\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n"),
+            (RESP, b"HTTP/1.1 417 Expectation Failed\r\nContent-Length: 0\r\n\r\n"),
+            (REQ, b"POST /y HTTP/1.1\r\nContent-Length: 4\r\n\r\nbody"),
+            (RESP, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")]
+    p, msgs = feed(recs)
+    assert [(m.is_request, m.operation or m.status) for m in msgs] == [
+        (True, "POST /x"), (False, "417"), (True, "POST /y"), (False, "200")]
+
+
+def test_upgrade_101_stops_parsing():
+    recs = [(REQ, b"GET /ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n"
+                  b"Connection: Upgrade\r\n\r\n"),
+            (RESP, b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                   b"Connection: Upgrade\r\n\r\n\x81\x05hello"),
+            (REQ, b"\x81\x85abcdGET / HTTP/1.1\r\n\r\n"),
+            (RESP, b"HTTP/1.1 200 OK\r\n\r\n")]
+    p, msgs = feed(recs)
+    assert pairs(msgs) == [("GET /ws", "101")]
+    assert len(msgs) == 2 and p.errors == 0
+
+
+def test_connect_tunnel():
+    recs = [(REQ, b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n"),
+            (RESP, b"HTTP/1.1 200 Connection established\r\n\r\n"),
+            (REQ, b"\x16\x03\x01\x02\x00\x01"), (RESP, b"\x16\x03\x03\x00\x7a")]
+    p, msgs = feed(recs)
+    assert pairs(msgs) == [("CONNECT example.com:443", "200")]
+    assert msgs[0].attributes["server.port"] == 443 and p.errors == 0
+
+
+def test_response_until_close_is_emitted_incomplete():
+    recs = [(REQ, b"GET /old HTTP/1.0\r\n\r\n"),
+            (RESP, b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nsome"),
+            (RESP, b" more body HTTP/1.1 200 OK\r\n\r\n")]
+    p, msgs = feed(recs)
+    assert pairs(msgs) == [("GET /old", "200")]
+    assert msgs[1].attributes["deeptrace.incomplete"] is True
+    assert msgs[1].attributes["network.protocol.version"] == "1.0"
+    assert len(msgs) == 2 and p.errors == 0
+
+
+def test_chunked_split_at_every_byte():
+    req = (b"POST /c?x=1 HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+           b"4;a=b\r\nwiki\r\n5\r\npedia\r\nE\r\n in\r\n\r\nchunks.\r\n0\r\nT: 1\r\nU: 2\r\n\r\n"
+           b"GET /next HTTP/1.1\r\n\r\n")
+    resp = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+    want = summary(feed([(REQ, req), (RESP, resp)])[1])
+    assert [w[1] or w[2] for w in want] == ["POST /c", "GET /next", "200", "404"]
+    for cut in range(1, len(req)):
+        got = feed([(REQ, req[:cut]), (REQ, req[cut:]), (RESP, resp)])[1]
+        assert summary(got) == want, cut
+
+
+def test_head_split_across_reads():
+    head = b"GET /a HTTP/1.1\r\nHost: example.com\r\nUser-Agent: curl/8\r\nAccept: */*\r\n\r\n"
+    for cut in range(1, len(head)):
+        p, msgs = feed([(REQ, head[:cut]), (REQ, head[cut:])])
+        assert [m.operation for m in msgs] == ["GET /a"], cut
+        assert msgs[0].ts_start == 0 and msgs[0].ts_end == 11
+
+
+def test_big_body_hole_then_next_message():
+    """A 100 kB body moved by one syscall of which 64 bytes were captured."""
+    body_call = b"POST /up HTTP/1.1\r\nContent-Length: 100000\r\n\r\n" + b"z" * 100000
+    p = Http1Protocol().parser()
+    msgs = p.feed(REQ, body_call[:64], len(body_call), 1, 2)
+    msgs += put(p, REQ, b"GET /after HTTP/1.1\r\n\r\n", 3, 4)
+    msgs += put(p, RESP, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n" * 2, 5, 6)
+    assert pairs(msgs) == [("POST /up", "200"), ("GET /after", "200")]
+    assert msgs[0].size == len(body_call)
+
+
+def test_head_cut_by_capture_is_incomplete_and_resyncs():
+    """A 3 kB cookie: the head does not fit the 1024 captured bytes."""
+    big = (b"GET /cookie?q=1 HTTP/1.1\r\nHost: h\r\nCookie: " + b"c" * 3000 +
+           b"\r\n\r\n")
+    p = Http1Protocol().parser()
+    msgs = p.feed(REQ, big[:1024], len(big), 1, 2)
+    msgs += put(p, REQ, b"GET /next HTTP/1.1\r\n\r\n", 3, 4)
+    msgs += put(p, RESP, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+                         b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", 5, 6)
+    assert pairs(msgs) == [("GET /cookie", "200"), ("GET /next", "404")]
+    assert msgs[0].attributes["deeptrace.incomplete"] is True
+    assert msgs[0].attributes["url.query"] == "q=1"
+    assert "ccc" not in repr(msgs)
+
+
+def test_chunk_size_in_hole_is_incomplete_and_resyncs():
+    body = b"".join(b"%x\r\n%s\r\n" % (500, b"q" * 500) for _ in range(6)) + b"0\r\n\r\n"
+    call = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body
+    p = Http1Protocol().parser()
+    msgs = put(p, REQ, b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n", 0, 0)
+    msgs += p.feed(RESP, call[:1024], len(call), 1, 2)       # 2nd chunk size in the hole
+    msgs += put(p, RESP, b"HTTP/1.1 204 No Content\r\n\r\n", 3, 4)
+    assert pairs(msgs) == [("GET /a", "200"), ("GET /b", "204")]
+    assert msgs[2].attributes["deeptrace.incomplete"] is True
+    assert p.errors == 0
+
+
+def test_garbage_then_valid():
+    p = Http1Protocol().parser()
+    msgs = put(p, REQ, b"\x00\x01garbage\r\n\r\n", 0, 0)
+    msgs += put(p, REQ, b"BOGUS\x00 / HTTP/1.1\r\n\r\n", 0, 0)
+    msgs += put(p, REQ, b"\r\nDELETE /item/7?force=1 HTTP/1.1\r\n\r\n", 1, 1)
+    msgs += put(p, RESP, b"HTTP/1.1 garbage\r\n\r\n", 2, 2)
+    msgs += put(p, RESP, b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n", 3, 3)
+    assert pairs(msgs) == [("DELETE /item/7", "500")]
+    assert msgs[1].error and p.errors == 3
+
+
+def test_truncated_stream_emits_nothing_and_stays_bounded():
+    p = Http1Protocol().parser()
+    assert put(p, REQ, b"GET /a HTTP/1.1\r\nHost: ", 0, 0) == []
+    assert len(p.streams[REQ]) == 23
+    # A head that never ends: dropped once past the head limit, never kept whole.
+    for _ in range(200):
+        put(p, REQ, b"X-Long: " + b"v" * 1000 + b"\r\n", 0, 0)
+        assert len(p.streams[REQ]) <= h1.MAX_HEAD + 1010
+    assert p.errors >= 1
+
+
+def test_pending_methods_bounded():
+    p = Http1Protocol().parser()
+    for _ in range(3 * h1.MAX_PENDING):
+        put(p, REQ, b"GET / HTTP/1.1\r\n\r\n", 0, 0)
+    assert len(p.pending) == h1.MAX_PENDING
+
+
+def test_absolute_form_and_options_star():
+    p, msgs = feed([(REQ, b"GET http://proxy.example:8080/x/y?z=1 HTTP/1.1\r\n\r\n"
+                          b"OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n")])
+    assert [m.operation for m in msgs] == ["GET /x/y", "OPTIONS *"]
+    assert msgs[0].attributes["url.query"] == "z=1"
+
+
+# -- property tests ------------------------------------------------------------------------
+
+VALID = [(REQ, b"GET /a?b=c HTTP/1.1\r\nHost: h\r\n\r\n"
+               b"POST /p HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello"
+               b"PUT /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\n"),
+         (RESP, b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc"
+                b"HTTP/1.1 100 Continue\r\n\r\n"
+                b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n"
+                b"HTTP/1.1 500 Err\r\nContent-Length: 0\r\n\r\n")]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from([REQ, RESP]), st.binary(max_size=300)), max_size=12),
+       st.integers(0, 400))
+def test_random_bytes_never_raise(records, extra):
+    p = Http1Protocol().parser()
+    for side, data in records:
+        p.feed(side, data, len(data) + (extra if data[:1] == b"G" else 0), 0, 0)
+        assert len(p.streams[side]) <= p.stream_cap
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_random_splits_same_messages(data):
+    want = summary(feed(VALID)[1])
+    assert len(want) == 6
+    records = []
+    for side, blob in VALID:
+        cuts = sorted(set(data.draw(st.lists(st.integers(1, len(blob) - 1), max_size=8))))
+        records += [(side, blob[a:b]) for a, b in zip([0] + cuts, cuts + [len(blob)])]
+    assert summary(feed(records)[1]) == want
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_random_prefix_garbage_then_valid_never_raises(data):
+    junk = data.draw(st.binary(max_size=64))
+    p = Http1Protocol().parser()
+    msgs = p.feed(REQ, junk, len(junk), 0, 0) + p.feed(RESP, junk, len(junk), 0, 0)
+    for side, blob in VALID:
+        msgs += p.feed(side, blob, len(blob), 1, 1)
+    assert all(m.operation or m.status for m in msgs)
+
+
+# -- detectors -----------------------------------------------------------------------------
+
+POSITIVE = [(b"GET / HTTP/1.1\r\n", REQUEST), (b"POST /api HTTP/1.1\r\n", REQUEST),
+            (b"PUT /x HTTP/1.1", REQUEST), (b"DELETE /x HTTP/1.1", REQUEST),
+            (b"HEAD / HTTP/1.0", REQUEST), (b"OPTIONS * HTTP/1.1", REQUEST),
+            (b"PATCH /a HTTP/1.1", REQUEST), (b"CONNECT h:443 HTTP/1.1", REQUEST),
+            (b"TRACE / HTTP/1.1", REQUEST), (b"GET http://x/ HTTP/1.1", REQUEST),
+            (b"HTTP/1.1 200 OK\r\n", RESPONSE), (b"HTTP/1.0 404 Not Found", RESPONSE),
+            (b"HTTP/1.1 101 Switching", RESPONSE)]
+NEGATIVE = [b"", b"GET", b"GET ", b"GET  /", b"get / HTTP/1.1", b"GETX / HTTP/1.1",
+            b"HTTP/2.0 200 OK", b"HTTP/1.1 OK", b"HTTP/1.1", b"HTTP/1.2 200 OK",
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"\x00\x00\x12\x04\x00\x00\x00\x00\x00",
+            b"*1\r\n$4\r\nPING\r\n", b"+OK\r\n", b"\x16\x03\x01\x02\x00\x01\x00",
+            b"SELECT 1", b"POST\t/ HTTP/1.1", b"HEADER / x", b"PUTS / x"]
+
+
+def test_python_detector():
+    for data, want in POSITIVE:
+        assert Http1Protocol.detect(data, 5000, 80, "tcp") == want, data
+        assert Http1Protocol.detect(data, 5000, 80, "udp") == 0
+    for data in NEGATIVE:
+        assert Http1Protocol.detect(data, 5000, 80, "tcp") == 0, data
+
+
+@pytest.fixture(scope="module")
+def kernel_detector():
+    from conftest import require_bpf
+    require_bpf()
+    from detect_harness import Detector
+    src = importlib.resources.files(PKG).joinpath("detect.bpf.c").read_text()
+    det = Detector("http1", src)
+    yield det
+    det.close()
+
+
+def test_kernel_detector_matches_python(kernel_detector, capture):
+    samples = [d for d, _ in POSITIVE] + NEGATIVE + [d[:32] for _, d in capture[0]]
+    samples += [d[:n] for d, _ in POSITIVE for n in range(len(d))]
+    for data in samples:
+        for l4, name in ((1, "tcp"), (2, "udp")):
+            assert kernel_detector(data, 1234, 80, l4) == \
+                Http1Protocol.detect(data, 1234, 80, name), (data, name)
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(st.binary(max_size=40),
+                 st.builds(lambda m, b: m + b, st.sampled_from([m for m, _ in POSITIVE]),
+                           st.binary(max_size=20)),
+                 st.builds(lambda m, b: m[:9] + b, st.sampled_from([b"HTTP/1.1 ", b"HTTP/1.0 "]),
+                           st.binary(max_size=4))))
+def test_kernel_detector_random(kernel_detector, data):
+    assert kernel_detector(data, 1, 2, 1) == Http1Protocol.detect(data, 1, 2, "tcp")

@@ -10,6 +10,7 @@ from .config import ConfigError
 from .pipeline import Pipeline
 
 log = logging.getLogger("deeptrace.agent")
+POLL_MS = 100  # one round over all probes
 
 
 class Agent:
@@ -84,11 +85,22 @@ class Agent:
                 break
 
     def poll_once(self, timeout_ms=None):
-        per_probe = None if timeout_ms is None else max(1, timeout_ms // max(1, len(self.probes)))
+        """One round over the probes. A probe's poll may block up to its share of the
+        round; probes that never block (metric collectors) return at once, so the round
+        sleeps out the rest rather than spin."""
+        budget = POLL_MS if timeout_ms is None else timeout_ms
+        per_probe = max(1, budget // max(1, len(self.probes)))
+        t0 = time.monotonic()
+        busy = False
         for cid, probe in self.probes.items():
             batch = probe.poll(per_probe)
-            for pl in self.routes[cid]:
-                pl.consume(batch)
+            if batch:
+                busy = True
+                for pl in self.routes[cid]:
+                    pl.consume(batch)
+        idle = budget / 1000 - (time.monotonic() - t0)
+        if not busy and idle > 0.005 and timeout_ms is None:
+            self.stop_event.wait(idle)
 
     def stop(self):
         self.stop_event.set()

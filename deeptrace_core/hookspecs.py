@@ -36,7 +36,10 @@ def deeptrace_register_probes(registry):
 def deeptrace_register_protocols(registry):
     """Register L7 protocol classes: ``registry.add_protocol(cls)``.
 
-    A protocol class has ``name``, ``config_class`` and ``detect(data: bytes) -> bool``.
+    A protocol class has ``name``, ``config_class``, ``detect_c`` (package, file of its
+    kernel detector), ``detect(data, lport, rport, l4) -> 0 | REQUEST | RESPONSE`` and
+    ``parser()`` (a fresh parser for one connection). The full contract is in
+    :mod:`deeptrace_plugins.protocols.base`.
 
     :param registry: the :class:`deeptrace_core.registry.Registry` being filled.
     """

@@ -1,1 +1,1 @@
-"""The cpu probe plugin: not built yet (see the CPU/memory/disk/network issue). Nothing registers from here."""
+"""The cpu probe plugin."""

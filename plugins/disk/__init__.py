@@ -1,1 +1,1 @@
-"""The disk probe plugin: not built yet (see the CPU/memory/disk/network issue). Nothing registers from here."""
+"""The disk probe plugin."""

@@ -1,1 +1,1 @@
-"""The memory probe plugin: not built yet (see the CPU/memory/disk/network issue). Nothing registers from here."""
+"""The memory probe plugin."""

@@ -97,7 +97,7 @@ class Stream:
         return self.size
 
     def peek(self, limit: int | None = None) -> bytes:
-        """Captured bytes from the read position up to the first hole."""
+        """Captured bytes from the read position up to the first hole (at most `limit`)."""
         out = []
         n = 0
         first = True
@@ -105,15 +105,15 @@ class Stream:
             start = self.offset if first else 0
             first = False
             if start < len(seg.data):
-                chunk = seg.data[start:]
-                out.append(chunk)
-                n += len(chunk)
+                # Slice only what is asked for: parsers peek a few header bytes at a time.
+                end = len(seg.data) if limit is None else min(len(seg.data), start + limit - n)
+                out.append(seg.data[start:end])
+                n += end - start
                 if limit is not None and n >= limit:
                     break
             if seg.hole:
                 break
-        data = b"".join(out)
-        return data if limit is None else data[:limit]
+        return out[0] if len(out) == 1 else b"".join(out)
 
     def need(self, n: int):
         """The next n captured bytes; None if they have not arrived yet; ParseError if a

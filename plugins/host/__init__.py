@@ -1,0 +1,1 @@
+"""Host baseline metrics from procfs."""

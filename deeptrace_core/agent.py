@@ -125,6 +125,8 @@ class Agent:
     def shutdown(self):
         final_stats = {cid: p.stats() for cid, p in self.probes.items() if cid in self.attached}
         self.detach()
+        for pl in self.pipelines:
+            pl.drain()
         self.report_stats(final_stats, final=True)
         for cid, exp in self.exporters.items():
             try:

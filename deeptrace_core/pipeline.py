@@ -36,6 +36,33 @@ class Pipeline:
             except Exception as exc:
                 self._failed(cid, exc)
 
+    def drain(self):
+        """At shutdown: what processors still hold (flush()) goes on down the pipeline."""
+        for i, (cid, proc) in enumerate(self.processors):
+            flush = getattr(proc, "flush", None)
+            if not callable(flush):
+                continue
+            try:
+                batch = flush() or []
+            except Exception as exc:
+                self._failed(cid, exc)
+                continue
+            for cid2, later in self.processors[i + 1:]:
+                if not batch:
+                    break
+                try:
+                    batch = later.process(batch)
+                except Exception as exc:
+                    self._failed(cid2, exc)
+                    batch = []
+            if batch:
+                self.records_out += len(batch)
+                for ecid, exp in self.exporters:
+                    try:
+                        exp.export(batch)
+                    except Exception as exc:
+                        self._failed(ecid, exc)
+
     def _failed(self, cid, exc):
         self.errors[cid] += 1
         n = self.errors[cid]

@@ -53,8 +53,11 @@ def dns_server():
             r.set_rcode(dns.rcode.NXDOMAIN)
         return r.to_wire()
 
+    # Port 53 (on 127.0.0.53, clear of any local resolver): DNS is recognised by its port
+    # plus a plausible header, as it is in the wild.
+    host = "127.0.0.53"
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    udp.bind(("127.0.0.1", 0))
+    udp.bind((host, 53))
     port = udp.getsockname()[1]
 
     class TCPHandler(socketserver.BaseRequestHandler):
@@ -71,7 +74,7 @@ def dns_server():
                 self.request.sendall(struct.pack("!H", len(out)) + out)
 
     socketserver.ThreadingTCPServer.allow_reuse_address = True
-    tcp = socketserver.ThreadingTCPServer(("127.0.0.1", port), TCPHandler)
+    tcp = socketserver.ThreadingTCPServer((host, port), TCPHandler)
     threading.Thread(target=tcp.serve_forever, daemon=True).start()
     print(json.dumps({"port": port}), flush=True)
     while True:

@@ -12,7 +12,7 @@ from deeptrace_plugins.trace.probe import TraceConfig, TraceProbe
 def raw(payload=b"hello", **kw):
     f = dict(ts_enter=100, ts_exit=250, conn_id=7, ret=len(payload), pid=10, tid=11, fd=3,
              seq=4294967290, plen=len(payload), msg_index=0, sysno=8, family=socket.AF_INET6,
-             lport=8080, rport=40000, direction=2, l4=1, flags=decoder.F_SEQ, l7_proto=0, l7_role=0,
+             lport=8080, rport=40000, direction=2, l4=1, flags=decoder.F_SEQ, l7_proto=0, l7_role=0, tcp_state=1,
              laddr=socket.inet_pton(socket.AF_INET6, "::1"),
              raddr=socket.inet_pton(socket.AF_INET6, "fe80::1"), comm=b"myserver\0junk\0\0\0")
     f.update(kw)

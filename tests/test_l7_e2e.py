@@ -243,7 +243,7 @@ def test_dns_over_udp_and_tcp(l7, peer):
         for name, tcp in [('known.example.', False), ('missing.example.', False),
                           ('known.example.', True)]:
             q = dns.message.make_query(name, 'A')
-            (dns.query.tcp if tcp else dns.query.udp)(q, '127.0.0.1', port={peer.port}, timeout=5)
+            (dns.query.tcp if tcp else dns.query.udp)(q, '127.0.0.53', port={peer.port}, timeout=5)
     """, both_ends(n=3))
     for role in ("client", "server"):
         got = sorted((s.l4, s.operation, s.status, s.error) for s in by_role(spans, role))

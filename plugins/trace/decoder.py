@@ -11,7 +11,7 @@ import time
 import attrs
 
 # struct event_t header (before payload): see trace.bpf.c.
-HEADER = struct.Struct("<QQQqIIiIIHHHHHBBBBB5x16s16s16s")
+HEADER = struct.Struct("<QQQqIIiIIHHHHHBBBBBB4x16s16s16s")
 assert HEADER.size == 120
 
 SYSCALLS = {1: "read", 2: "readv", 3: "recvfrom", 4: "recvmsg", 5: "recvmmsg",
@@ -100,7 +100,7 @@ def decode(buf: bytes, protocols=()) -> SocketRecord:
     if len(buf) < HEADER.size:
         raise ValueError(f"record of {len(buf)} bytes is shorter than its header")
     (ts_enter, ts_exit, conn_id, ret, pid, tid, fd, seq, plen, msg_index, sysno, family,
-     lport, rport, direction, l4, flags, l7_proto, l7_role, laddr, raddr,
+     lport, rport, direction, l4, flags, l7_proto, l7_role, _tcp_state, laddr, raddr,
      comm) = HEADER.unpack_from(buf)
     if plen > len(buf) - HEADER.size:
         raise ValueError(f"payload length {plen} exceeds the record")

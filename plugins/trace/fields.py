@@ -24,6 +24,8 @@ KERNEL_FIELDS = (
     "sock_common.skc_family",
     "sock_common.skc_v6_daddr",
     "sock_common.skc_v6_rcv_saddr",
+    "sock_common.skc_state",
     "tcp_sock.write_seq",
     "tcp_sock.copied_seq",
+    "tcp_sock.rcv_nxt",
 )

@@ -19,6 +19,12 @@
 #define MSG_PEEK 2
 #define EAGAIN 11
 #define EINPROGRESS 115
+// TCP states (include/net/tcp_states.h, stable ABI).
+#define TCP_TIME_WAIT 6
+#define TCP_CLOSE 7
+#define TCP_CLOSE_WAIT 8
+#define TCP_LAST_ACK 9
+#define TCP_CLOSING 11
 
 // Syscall ids; decoder.py mirrors this table.
 enum { SYS_READ = 1, SYS_READV, SYS_RECVFROM, SYS_RECVMSG, SYS_RECVMMSG,
@@ -67,7 +73,8 @@ struct event_t {
     u8 flags;
     u8 l7_proto;      // index+1 of the detected protocol in L7 order, 0 unknown
     u8 l7_role;       // ROLE_CLIENT / ROLE_SERVER of this process on the connection
-    u8 pad[5];
+    u8 tcp_state;     // sk_state after the call
+    u8 pad[4];
     u8 laddr[16];
     u8 raddr[16];
     char comm[16];
@@ -203,6 +210,7 @@ static __always_inline int read_sock(u64 sk, struct event_t *e) {
     else
         return -1;
     e->family = family;
+    e->tcp_state = *(u8 *)(c + OFF_sock_common__skc_state);
     e->lport = *(u16 *)(c + OFF_sock_common__skc_num);
     e->rport = bpf_ntohs(*(u16 *)(c + OFF_sock_common__skc_dport));
     if (family == AF_INET) {
@@ -349,6 +357,12 @@ static __always_inline u32 copy_iov(struct event_t *e, u64 iov, u64 iovcnt, u64 
 BPF_PERCPU_ARRAY(since_wakeup, u32, 1);
 
 static __always_inline void submit(struct event_t *e) {
+#if FILTER_PORTS
+    // Checked last: an unconnected UDP socket's peer is known only from the call's address.
+    u16 lp = e->lport, rp = e->rport;
+    if (!port_filter.lookup(&lp) && !port_filter.lookup(&rp))
+        return;
+#endif
     u32 len = e->payload_len & (PAYLOAD_MAX * 2 - 1);
     u64 flags = BPF_RB_NO_WAKEUP;
     // Batch wake-ups: user space drains on a timer, and is woken early only once every
@@ -384,11 +398,6 @@ static __always_inline struct event_t *begin(u64 pid_tgid, s32 fd, u16 sys, u64 
     e->l7_role = 0;
     if (read_sock(sk, e))
         return 0;
-#if FILTER_PORTS
-    u16 lp = e->lport, rp = e->rport;
-    if (!port_filter.lookup(&lp) && !port_filter.lookup(&rp))
-        return 0;
-#endif
     e->ts_enter = ts_enter;
     e->ts_exit = bpf_ktime_get_ns();
     e->pid = pid_tgid >> 32;
@@ -413,8 +422,16 @@ static __always_inline void set_seq(struct event_t *e, u64 sk, u8 dir, u32 peek,
         if (RD(seq, sk + OFF_tcp_sock__write_seq))
             return;
     } else {
-        if (RD(seq, sk + OFF_tcp_sock__copied_seq))
+        u32 rcv_nxt = 0;
+        if (RD(seq, sk + OFF_tcp_sock__copied_seq) || RD(rcv_nxt, sk + OFF_tcp_sock__rcv_nxt))
             return;
+        // A read that reaches the peer's FIN moves copied_seq one past the data (the FIN
+        // takes a sequence number). Once the FIN is in (the peer closed), copied_seq can
+        // equal rcv_nxt only by having consumed it: take it back out.
+        u8 st = e->tcp_state;
+        if (seq == rcv_nxt && (st == TCP_CLOSE_WAIT || st == TCP_LAST_ACK || st == TCP_CLOSING ||
+                               st == TCP_TIME_WAIT || st == TCP_CLOSE))
+            seq -= 1;
     }
     if (peek) {
         e->flags |= F_PEEK;

@@ -28,8 +28,9 @@ _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
 # Headers recorded as http.{request,response}.header.<name>; values of the sensitive
 # ones are never recorded.
 HEADER_ALLOW = frozenset({"content-type", "content-length", "accept", "x-request-id",
-                          "x-forwarded-for", "traceparent", "authorization", "cookie",
-                          "set-cookie", "proxy-authorization"})
+                          "x-forwarded-for", "traceparent", "tracestate", "b3", "x-b3-traceid",
+                          "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled",
+                          "authorization", "cookie", "set-cookie", "proxy-authorization"})
 HEADER_REDACT = frozenset({"authorization", "cookie", "set-cookie", "proxy-authorization"})
 # Query parameters whose values are credentials (OpenTelemetry url.query guidance).
 _QUERY_SECRET = re.compile(r"(?i)((?:^|&)(?:AWSAccessKeyId|Signature|sig|X-Goog-Signature"

@@ -1,0 +1,1 @@
+"""Benchmarks and the multi-host test topology (network namespaces) for DeepTrace."""

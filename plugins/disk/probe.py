@@ -1,0 +1,292 @@
+"""The disk probe: block I/O latency, sizes, queue time, bytes and operations per device
+and per process, aggregated in the kernel (disk.bpf.c) and read every ``interval``.
+
+Metrics (cumulative since attach; see deeptrace_core.metrics):
+
+=====================================  =========  ====  ===================================
+name                                   type       unit  attributes
+=====================================  =========  ====  ===================================
+process.disk.io                        sum        By    process.pid, process.executable.name,
+                                                        system.device, disk.io.direction
+deeptrace.process.disk.operations      sum        {operation}  (same)
+deeptrace.process.disk.io.latency      histogram  s     process.pid, process.executable.name,
+                                                        disk.io.direction
+deeptrace.disk.io.latency              histogram  s     system.device, disk.io.direction
+deeptrace.disk.io.queue_time           histogram  s     system.device, disk.io.direction
+deeptrace.disk.io.size                 histogram  By    system.device, disk.io.direction
+=====================================  =========  ====  ===================================
+
+Latency is device time, block_rq_issue -> block_rq_complete; queue time is
+block_rq_insert -> block_rq_issue, for requests that went through an I/O scheduler (both
+tracepoints fire). The size histogram's count and sum are each device's operations and
+bytes. ``disk.io.direction`` is ``read``/``write`` (rwbs R/W), or ``discard``, ``flush``
+(a pure flush), ``other``. The process is the one current when the request was inserted
+(or, without a scheduler, issued): for writeback that is the flusher thread, not the
+process that dirtied the pages; direct and synchronous I/O is attributed to its process.
+"""
+
+import ctypes
+import logging
+import os
+import time
+
+import attrs
+from attrs import validators as v
+
+from deeptrace_core import bpf
+from deeptrace_core.metrics import HISTOGRAM, SUM, MetricPoint, log2_bounds
+
+log = logging.getLogger("deeptrace.disk")
+
+NSLOTS = 27                     # log2 buckets: 1 us .. 2^26 us (67 s), 1 B .. 64 MiB, +Inf
+DIRECTIONS = ("read", "write", "discard", "flush", "other")
+H_LATENCY, H_QUEUE, H_SIZE = 0, 1, 2
+STAT_NAMES = ("completed", "inflight_map_full", "proc_map_full", "hist_map_full",
+              "unmatched_complete", "complete_without_issue")
+LAT_BOUNDS = log2_bounds(1e-6, NSLOTS)
+SIZE_BOUNDS = log2_bounds(1, NSLOTS)
+OTHER = "other"
+
+
+@attrs.define
+class DiskConfig:
+    """``probes.disk`` in the YAML config."""
+
+    interval: float = attrs.field(default=10.0, validator=v.gt(0),
+                                  metadata={"unit": "seconds"})
+    top_n: int = attrs.field(default=20, validator=v.ge(1))   # busiest processes kept
+    max_inflight: int = attrs.field(default=16384, validator=v.ge(64))
+    max_processes: int = attrs.field(default=16384, validator=v.ge(64))  # map entries
+    stale_seconds: float = attrs.field(default=120.0, validator=v.gt(0),
+                                       metadata={"unit": "seconds"})
+
+
+def device_names() -> dict:
+    """Kernel dev_t (major << 20 | minor, as block tracepoints carry it) -> name."""
+    names = {}
+    try:
+        with open("/proc/partitions") as f:
+            for line in f.read().splitlines()[2:]:
+                parts = line.split()
+                if len(parts) == 4:
+                    names[int(parts[0]) << 20 | int(parts[1])] = parts[3]
+    except OSError:
+        pass
+    return names
+
+
+def _comm(raw) -> str:
+    return bytes(raw).split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def _pid_alive(pid: int) -> bool:
+    return os.path.exists(f"/proc/{pid}")
+
+
+class DiskProbe:
+    name = "disk"
+    config_class = DiskConfig
+    kernel_fields = ()           # tracepoint fields only: no kernel struct is read
+    source = ("deeptrace_plugins.disk", "disk.bpf.c")
+
+    def __init__(self, config: DiskConfig, context=None):
+        self.config = config
+        self.context = context
+        self.bpf = None
+        self.start_ns = 0
+        self._next = 0.0
+        self._devs = {}
+        # Entries of exited processes, folded out of the kernel maps by gc().
+        self._retired_io: dict = {}      # (pid, comm, dev, dir) -> [bytes, ops]
+        self._retired_hist: dict = {}    # (pid, comm, dir, slot) -> [count, sum_ns]
+        self.stale_dropped = 0
+
+    # -- build --------------------------------------------------------------------------
+    def defines(self) -> dict:
+        c = self.config
+        return {"INFLIGHT_MAX": c.max_inflight, "PROC_MAX": c.max_processes,
+                "HIST_MAX": c.max_processes * 4, "NSLOTS": NSLOTS}
+
+    def render(self, defines: dict) -> str:
+        return bpf.render(bpf.read_source(*self.source), {**defines, **self.defines()})
+
+    # -- run ----------------------------------------------------------------------------
+    def attach(self, defines: dict):
+        self.bpf = bpf.load(self.render(defines))
+        self.start_ns = time.time_ns()
+        self._next = time.monotonic() + self.config.interval
+        self._devs = device_names()
+
+    def poll(self, timeout_ms: int | None = None) -> list:
+        """Never blocks: [] until the interval has elapsed, then every point."""
+        if self.bpf is None or time.monotonic() < self._next:
+            return []
+        self._next = time.monotonic() + self.config.interval
+        return self.collect()
+
+    def device(self, dev: int) -> str:
+        name = self._devs.get(dev)
+        if name is None:
+            self._devs = device_names()
+            name = self._devs.setdefault(dev, f"{dev >> 20}:{dev & 0xFFFFF}")
+        return name
+
+    # -- reading the maps ---------------------------------------------------------------
+    def process_io(self) -> dict:
+        """(pid, comm, dev, direction) -> [bytes, ops], exited processes included."""
+        out = {k: list(val) for k, val in self._retired_io.items()}
+        for k, val in self.bpf[b"proc_io"].items():
+            acc = out.setdefault((k.tgid, _comm(k.comm), k.dev, k.dir), [0, 0])
+            acc[0] += val.bytes
+            acc[1] += val.ops
+        return out
+
+    def process_hist(self) -> dict:
+        """(pid, comm, direction, slot) -> [count, sum_ns], exited processes included."""
+        out = {k: list(val) for k, val in self._retired_hist.items()}
+        for k, val in self.bpf[b"proc_hist"].items():
+            acc = out.setdefault((k.tgid, _comm(k.comm), k.dir, k.slot), [0, 0])
+            acc[0] += val.count
+            acc[1] += val.sum
+        return out
+
+    def device_hist(self) -> dict:
+        """(dev, kind, direction, slot) -> [count, sum]."""
+        return {(k.dev, k.kind, k.dir, k.slot): [val.count, val.sum]
+                for k, val in self.bpf[b"dev_hist"].items()}
+
+    def collect(self) -> list:
+        now = time.time_ns()
+        io, phist, dhist = self.process_io(), self.process_hist(), self.device_hist()
+        # Busiest processes by bytes, then operations; the rest become pid "other".
+        load: dict = {}
+        for (pid, comm, _, _), (nbytes, ops) in io.items():
+            acc = load.setdefault((pid, comm), [0, 0])
+            acc[0] += nbytes
+            acc[1] += ops
+        for (pid, comm, _, _), (count, _) in phist.items():
+            load.setdefault((pid, comm), [0, 0])
+        top = set(sorted(load, key=lambda p: load[p], reverse=True)[:self.config.top_n])
+
+        def who(pid, comm):
+            if (pid, comm) in top:
+                return {"process.pid": pid, "process.executable.name": comm}
+            return {"process.pid": OTHER, "process.executable.name": OTHER}
+
+        points = []
+        sums: dict = {}
+        for (pid, comm, dev, d), (nbytes, ops) in io.items():
+            key = (tuple(who(pid, comm).items()), self.device(dev), DIRECTIONS[d])
+            acc = sums.setdefault(key, [0, 0])
+            acc[0] += nbytes
+            acc[1] += ops
+        for (proc, device, direction), (nbytes, ops) in sorted(sums.items(), key=str):
+            attributes = {**dict(proc), "system.device": device, "disk.io.direction": direction}
+            points.append(MetricPoint("process.disk.io", SUM, "By", nbytes, dict(attributes),
+                                      "Bytes transferred by block requests of the process",
+                                      start_ns=self.start_ns, time_ns=now))
+            points.append(MetricPoint("deeptrace.process.disk.operations", SUM, "{operation}",
+                                      ops, dict(attributes),
+                                      "Block requests of the process",
+                                      start_ns=self.start_ns, time_ns=now))
+
+        hists: dict = {}
+        for (pid, comm, d, slot), (count, total) in phist.items():
+            key = (tuple(who(pid, comm).items()), DIRECTIONS[d])
+            h = hists.setdefault(key, [[0] * (NSLOTS + 1), 0])
+            h[0][min(slot, NSLOTS)] += count
+            h[1] += total
+        for (proc, direction), (counts, total) in sorted(hists.items(), key=str):
+            points.append(_hist("deeptrace.process.disk.io.latency", "s", LAT_BOUNDS, counts,
+                                total / 1e9, {**dict(proc), "disk.io.direction": direction},
+                                "Block request latency (issue to complete) of the process",
+                                self.start_ns, now))
+
+        names = {H_LATENCY: ("deeptrace.disk.io.latency", "s", LAT_BOUNDS, 1e-9,
+                             "Block request latency, issue to complete (device time)"),
+                 H_QUEUE: ("deeptrace.disk.io.queue_time", "s", LAT_BOUNDS, 1e-9,
+                           "Block request time in the I/O scheduler, insert to issue"),
+                 H_SIZE: ("deeptrace.disk.io.size", "By", SIZE_BOUNDS, 1,
+                          "Block request size; count and sum are operations and bytes")}
+        dev_h: dict = {}
+        for (dev, kind, d, slot), (count, total) in dhist.items():
+            h = dev_h.setdefault((kind, self.device(dev), DIRECTIONS[d]),
+                                 [[0] * (NSLOTS + 1), 0])
+            h[0][min(slot, NSLOTS)] += count
+            h[1] += total
+        for (kind, device, direction), (counts, total) in sorted(dev_h.items()):
+            name, unit, bounds, scale, desc = names[kind]
+            points.append(_hist(name, unit, bounds, counts, total * scale,
+                                {"system.device": device, "disk.io.direction": direction},
+                                desc, self.start_ns, now))
+        return points
+
+    # -- housekeeping -------------------------------------------------------------------
+    def gc(self):
+        """Fold exited processes out of the kernel maps (their totals are kept here), and
+        drop in-flight entries older than ``stale_seconds`` (completions never seen)."""
+        if self.bpf is None:
+            return
+        table = self.bpf[b"proc_io"]
+        for k, val in list(table.items()):
+            if not _pid_alive(k.tgid):
+                acc = self._retired_io.setdefault((k.tgid, _comm(k.comm), k.dev, k.dir), [0, 0])
+                acc[0] += val.bytes
+                acc[1] += val.ops
+                _delete(table, k)
+        table = self.bpf[b"proc_hist"]
+        for k, val in list(table.items()):
+            if not _pid_alive(k.tgid):
+                acc = self._retired_hist.setdefault(
+                    (k.tgid, _comm(k.comm), k.dir, k.slot), [0, 0])
+                acc[0] += val.count
+                acc[1] += val.sum
+                _delete(table, k)
+        self._compact_retired()
+        table = self.bpf[b"inflight"]
+        limit = time.monotonic_ns() - int(self.config.stale_seconds * 1e9)
+        for k, val in list(table.items()):
+            if max(val.ts_insert, val.ts_issue) < limit:
+                _delete(table, k)
+                self.stale_dropped += 1
+
+    def _compact_retired(self):
+        """Bound memory: beyond max_processes retired keys, fold the least busy into
+        pid "other" (they would be labelled "other" anyway outside the top N)."""
+        limit = self.config.max_processes
+        for store in (self._retired_io, self._retired_hist):
+            if len(store) <= limit:
+                continue
+            ranked = sorted(store, key=lambda k: store[k][0], reverse=True)
+            for k in ranked[limit // 2:]:
+                val = store.pop(k)
+                acc = store.setdefault((OTHER, OTHER, *k[2:]), [0, 0])
+                acc[0] += val[0]
+                acc[1] += val[1]
+
+    def stats(self) -> dict:
+        if self.bpf is None:
+            return {}
+        table = self.bpf[b"stats"]
+        out = {name: int(table.sum(i).value) for i, name in enumerate(STAT_NAMES)}
+        out["inflight_stale_dropped"] = self.stale_dropped
+        out["inflight_entries"] = len(self.bpf[b"inflight"])
+        return out
+
+    def detach(self):
+        if self.bpf is not None:
+            self.bpf.cleanup()
+            self.bpf = None
+
+
+def _hist(name, unit, bounds, counts, total, attributes, desc, start_ns, now) -> MetricPoint:
+    return MetricPoint(name, HISTOGRAM, unit, 0, attributes, desc, bounds=tuple(bounds),
+                       counts=tuple(counts), count=sum(counts), sum=total,
+                       start_ns=start_ns, time_ns=now)
+
+
+def _delete(table, key):
+    try:
+        del table[key]
+    except KeyError:
+        pass

@@ -1,0 +1,340 @@
+"""prometheus exporter: the latest metric points, and RED metrics of spans, served in the
+Prometheus text exposition format (0.0.4) at http://ADDRESS/metrics.
+
+The server runs in its own threads (``http.server.ThreadingHTTPServer``) and listens on
+127.0.0.1 unless ``address`` says otherwise. ``export()`` only stores: the latest
+MetricPoint per (name, attributes), at most ``max_series`` of them (points of further
+series are dropped and counted in ``dropped_points``; series not updated for
+``series_ttl`` seconds are forgotten, 0 keeps them forever), and spans are accounted
+into the RED metrics of ``red.py`` (bounded by ``red_max_series``).
+
+Names follow the OpenTelemetry-to-Prometheus conventions: characters other than
+``[a-zA-Z0-9_:]`` (dots included) become ``_``; the unit is appended as a suffix
+(``s`` -> ``_seconds``, ``By`` -> ``_bytes``, ``By/s`` -> ``_bytes_per_second``, ``1`` on a
+gauge -> ``_ratio``; ``{annotations}`` add nothing); counters (sums) end in ``_total``.
+So ``process.cpu.time`` [s, sum] is ``process_cpu_time_seconds_total`` and
+``deeptrace.request.duration`` [s, histogram] is ``deeptrace_request_duration_seconds``
+with ``_bucket{le=...}`` (cumulative), ``_sum`` and ``_count``. Attribute keys become label
+names the same way (``service.name`` -> ``service_name``); label values are escaped.
+"""
+
+from __future__ import annotations
+
+import http.server
+import logging
+import math
+import re
+import socket
+import threading
+import time
+
+import attrs
+
+from deeptrace_core.hookspecs import hookimpl
+from deeptrace_core.metrics import GAUGE, HISTOGRAM, SUM
+
+from .red import Red, ServiceNamer, ServiceRule
+
+log = logging.getLogger("deeptrace.exporter.prometheus")
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_UNIT_WORDS = {
+    "s": "seconds", "ms": "milliseconds", "us": "microseconds", "ns": "nanoseconds",
+    "min": "minutes", "h": "hours", "d": "days",
+    "By": "bytes", "KBy": "kilobytes", "MBy": "megabytes", "GBy": "gigabytes",
+    "KiBy": "kibibytes", "MiBy": "mebibytes", "GiBy": "gibibytes",
+    "bit": "bits", "Hz": "hertz", "%": "percent", "Cel": "celsius", "V": "volts",
+    "W": "watts", "J": "joules", "A": "amperes", "m": "meters", "g": "grams",
+}
+_PER_WORDS = {"s": "second", "m": "minute", "h": "hour", "d": "day"}
+_BAD = re.compile(r"[^a-zA-Z0-9_:]")
+_BAD_LABEL = re.compile(r"[^a-zA-Z0-9_]")
+_UNDERSCORES = re.compile(r"__+")
+
+
+def _sanitize(text: str, bad=_BAD) -> str:
+    out = _UNDERSCORES.sub("_", bad.sub("_", text))
+    if out and out[0].isdigit():
+        out = "_" + out
+    return out or "_"
+
+
+def unit_suffix(unit: str, mtype: str) -> str:
+    unit = re.sub(r"\{[^}]*\}", "", unit or "").strip()
+    if not unit:
+        return ""
+    if unit == "1":
+        return "ratio" if mtype == GAUGE else ""
+    main, _, per = unit.partition("/")
+    words = _UNIT_WORDS.get(main, main)
+    if per:
+        per_word = _PER_WORDS.get(per, _UNIT_WORDS.get(per, per))
+        words = f"{words}_per_{per_word}" if main else f"per_{per_word}"
+    return _sanitize(words).strip("_")
+
+
+def metric_name(name: str, unit: str, mtype: str) -> str:
+    """The Prometheus family name (what _total/_bucket/_sum/_count are added to)."""
+    base = _sanitize(name)
+    suffix = unit_suffix(unit, mtype)
+    if base.endswith("_total"):
+        base = base[:-len("_total")]
+    if suffix and not base.endswith("_" + suffix) and base != suffix:
+        base = f"{base}_{suffix}"
+    return base + "_total" if mtype == SUM else base
+
+
+def label_name(key: str) -> str:
+    out = _sanitize(str(key), _BAD_LABEL)
+    if out.startswith("__"):  # reserved for Prometheus' internal use
+        out = "key" + out
+    return out
+
+
+def escape_label_value(value) -> str:
+    text = value if isinstance(value, str) else _label_text(value)
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _label_text(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return ",".join(_label_text(v) for v in value)
+    return str(value)
+
+
+def format_value(v) -> str:
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, int):
+        return str(v)
+    v = float(v)
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    return repr(v)
+
+
+def _labels(attributes: dict, extra: tuple = ()) -> str:
+    merged: dict = {}
+    for k, v in attributes.items():
+        if v is None:
+            continue
+        name = label_name(k)
+        text = _label_text(v)
+        # Two keys that sanitize alike (a.b, a_b) share the label: values joined by ";".
+        merged[name] = f"{merged[name]};{text}" if name in merged else text
+    parts = [f'{k}="{escape_label_value(v)}"' for k, v in sorted(merged.items())]
+    parts += [f'{k}="{v}"' for k, v in extra]
+    return "{" + ",".join(parts) + "}" if parts else ""
+
+
+def _help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def render(points) -> str:
+    """The exposition text of MetricPoints (at most one per (name, attributes))."""
+    families: dict = {}  # prom name -> (type, help, [points])
+    for p in points:
+        name = metric_name(p.name, p.unit, p.type)
+        fam = families.get(name)
+        if fam is None:
+            fam = families[name] = (p.type, p.description or p.name, [])
+        elif fam[0] != p.type:
+            continue  # the same name as another type: the first type wins
+        fam[2].append(p)
+    out = []
+    for name in sorted(families):
+        mtype, help_text, pts = families[name]
+        out.append(f"# HELP {name} {_help(help_text)}\n")
+        out.append(f"# TYPE {name} {'counter' if mtype == SUM else mtype}\n")
+        if mtype == HISTOGRAM:
+            for p in sorted(pts, key=lambda p: _label_key(p.attributes)):
+                running = 0
+                bounds = list(p.bounds)
+                for i, bound in enumerate(bounds):
+                    running += p.counts[i] if i < len(p.counts) else 0
+                    out.append(f"{name}_bucket{_labels(p.attributes, (('le', format_value(float(bound))),))} "
+                               f"{running}\n")
+                # +Inf and _count must agree: take them from the buckets when given.
+                total = sum(p.counts) if p.counts else p.count
+                out.append(f"{name}_bucket{_labels(p.attributes, (('le', '+Inf'),))} {total}\n")
+                lbl = _labels(p.attributes)
+                out.append(f"{name}_sum{lbl} {format_value(p.sum)}\n")
+                out.append(f"{name}_count{lbl} {total}\n")
+        else:
+            for p in sorted(pts, key=lambda p: _label_key(p.attributes)):
+                out.append(f"{name}{_labels(p.attributes)} {format_value(p.value)}\n")
+    return "".join(out)
+
+
+def _label_key(attributes):
+    return sorted((str(k), _label_text(v)) for k, v in attributes.items())
+
+
+def _parse_address(address: str):
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"address {address!r} is not HOST:PORT")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    return host or "127.0.0.1", int(port)
+
+
+@attrs.define
+class PrometheusConfig:
+    address: str = "127.0.0.1:9464"      # HOST:PORT ([v6]:PORT); port 0 picks a free one
+    path: str = "/metrics"
+    max_series: int = 10000
+    series_ttl: float = attrs.field(default=300.0, metadata={"unit": "seconds"})
+    red_metrics: bool = True
+    red_max_series: int = 1000
+    service_name_rules: list[ServiceRule] = attrs.Factory(list)
+
+    def __attrs_post_init__(self):
+        _parse_address(self.address)
+        if not self.path.startswith("/"):
+            raise ValueError(f"path must start with '/', got {self.path!r}")
+        if self.series_ttl < 0:
+            raise ValueError(f"series_ttl must be >= 0, got {self.series_ttl}")
+        if self.max_series < 1 or self.red_max_series < 1:
+            raise ValueError("max_series and red_max_series must be at least 1")
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class PrometheusExporter:
+    name = "prometheus"
+    config_class = PrometheusConfig
+
+    def __init__(self, config: PrometheusConfig, context=None):
+        self.config = config
+        self.red = (Red(ServiceNamer(config.service_name_rules), config.red_max_series)
+                    if config.red_metrics else None)
+        self._lock = threading.Lock()
+        self._series: dict = {}          # (name, sorted attrs) -> (MetricPoint, monotonic)
+        self.points_in = 0
+        self.dropped_points = 0
+        self.expired_series = 0
+        self.scrapes = 0
+        host, port = _parse_address(config.address)
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            family = infos[0][0]
+            server_cls = type("_BoundServer", (_Server,), {"address_family": family})
+            self.server = server_cls((host, port), self._handler())
+        except OSError as e:
+            raise ValueError(f"cannot listen on {config.address}: {e.strerror or e}") from None
+        self.address = self.server.server_address[:2]   # (host, port) actually bound
+        self._thread = threading.Thread(target=self.server.serve_forever,
+                                        kwargs={"poll_interval": 0.2},
+                                        name="deeptrace-prometheus", daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{port}{self.config.path}"
+
+    # -- hot path -------------------------------------------------------------------------
+    def export(self, batch):
+        spans = None
+        now = time.monotonic()
+        with self._lock:
+            series = self._series
+            for r in batch:
+                kind = getattr(r, "kind", None)
+                if kind == "metric":
+                    self.points_in += 1
+                    key = r.key()
+                    if key in series or len(series) < self.config.max_series:
+                        series[key] = (r, now)
+                    else:
+                        self.dropped_points += 1
+                elif kind == "span" and self.red is not None:
+                    if spans is None:
+                        spans = []
+                    spans.append(r)
+        if spans:
+            self.red.add_all(spans)
+
+    def _expire(self):
+        ttl = self.config.series_ttl
+        if ttl <= 0:
+            return
+        limit = time.monotonic() - ttl
+        with self._lock:
+            old = [k for k, (_, seen) in self._series.items() if seen < limit]
+            for k in old:
+                del self._series[k]
+            self.expired_series += len(old)
+
+    def render(self) -> str:
+        self._expire()
+        with self._lock:
+            points = [p for p, _ in self._series.values()]
+            self.scrapes += 1
+        if self.red is not None:
+            points += self.red.points()
+        return render(points)
+
+    def _handler(self):
+        exporter = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                if self.path.split("?", 1)[0] != exporter.config.path:
+                    self._reply(404, "text/plain; charset=utf-8",
+                                f"not found: try {exporter.config.path}\n".encode())
+                    return
+                try:
+                    body = exporter.render().encode("utf-8")
+                except Exception as exc:  # never take the server down
+                    log.error("rendering metrics failed: %r", exc)
+                    self._reply(500, "text/plain; charset=utf-8", b"internal error\n")
+                    return
+                self._reply(200, CONTENT_TYPE, body)
+
+            def _reply(self, code, ctype, body):
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, fmt, *args):
+                log.debug("scrape from %s: " + fmt, self.client_address[0], *args)
+
+        return Handler
+
+    def flush(self):
+        pass
+
+    def shutdown(self):
+        if self._thread.is_alive():
+            self.server.shutdown()
+            self._thread.join(5)
+        self.server.server_close()
+
+    def stats(self) -> dict:
+        with self._lock:
+            out = {"series": len(self._series), "points_in": self.points_in,
+                   "dropped_points": self.dropped_points,
+                   "expired_series": self.expired_series, "scrapes": self.scrapes}
+        if self.red is not None:
+            out.update(self.red.stats())
+        return out
+
+
+@hookimpl
+def deeptrace_register_exporters(registry):
+    registry.add_exporter(PrometheusExporter)

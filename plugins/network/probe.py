@@ -1,0 +1,309 @@
+"""The network probe: TCP connection lifecycle records (like BCC's tcplife), retransmits,
+resets, smoothed RTT, and bytes per process over TCP and UDP (network.bpf.c).
+
+Records: one :class:`~.decoder.TcpConnection` (kind ``tcp_connection``) per connection
+that reaches CLOSE, drained from a ring buffer at every poll without waiting.
+
+Metrics (cumulative since attach), every ``interval``:
+
+==================================  =========  ============  ==============================
+name                                type       unit          attributes
+==================================  =========  ============  ==============================
+process.network.io                  sum        By            process.pid,
+                                                             process.executable.name,
+                                                             network.transport (tcp/udp),
+                                                             network.io.direction
+                                                             (transmit/receive)
+deeptrace.tcp.connections           sum        {connection}  process.pid, process.executable.name
+deeptrace.tcp.connection.io         sum        By            process.*, network.io.direction
+deeptrace.tcp.retransmits           sum        {segment}     process.*
+deeptrace.tcp.resets                sum        {reset}       process.*, network.io.direction
+deeptrace.tcp.srtt                  histogram  s             (none)
+deeptrace.tcp.connection.duration   histogram  s             (none)
+==================================  =========  ============  ==============================
+
+``process.network.io`` counts what sendmsg/recvmsg moved on IPv4/IPv6 TCP and UDP
+sockets (tracepoints sock:sock_send_length / sock:sock_recv_length, which fire in the
+calling process after every socket send/receive: write, send*, read, recv*, splice,
+io_uring alike; MSG_PEEK reads are not counted). ``deeptrace.tcp.connections`` and
+``deeptrace.tcp.connection.io`` count closed connections and their bytes
+(tcp_sock.bytes_received / bytes_acked at CLOSE). A connection's process is the one that
+called connect(), else the first to send or receive on it, else the one that closed it;
+connections with none of these (and resets sent without a socket, e.g. to a SYN on a
+closed port) count for process.pid "unknown". The agent's own connections and bytes are
+never counted.
+"""
+
+import ctypes
+import logging
+import os
+import time
+
+import attrs
+from attrs import validators as v
+
+from deeptrace_core import bpf
+from deeptrace_core.metrics import HISTOGRAM, SUM, MetricPoint, log2_bounds
+
+from .decoder import STAT_NAMES, decode
+
+log = logging.getLogger("deeptrace.network")
+
+NSLOTS = 40                     # log2 buckets in microseconds: 1 us .. 2^39 us (6.4 days)
+US_BOUNDS = log2_bounds(1e-6, NSLOTS)
+H_SRTT, H_DURATION = 0, 1
+TRANSPORTS = {6: "tcp", 17: "udp"}
+IO_DIRECTIONS = ("receive", "transmit")
+OTHER, UNKNOWN = "other", "unknown"
+KERNEL_FIELDS = (
+    "tcp_sock.bytes_received",
+    "tcp_sock.bytes_acked",
+    "tcp_sock.srtt_us",
+    "tcp_sock.total_retrans",
+    "tcp_sock.snd_una",
+    "tcp_sock.write_seq",
+    "sock.__sk_common",
+    "sock_common.skc_flags",      # sk->sk_flags
+)
+# enum sock_flags { SOCK_DEAD, SOCK_DONE, ... }: unchanged since Linux 2.6; a test checks
+# it against the kernel's BTF (bpftool).
+SOCK_DONE_BIT = 1
+
+
+def _power_of_two(inst, attribute, value):
+    if value <= 0 or value & (value - 1):
+        raise ValueError(f"{attribute.name} must be a power of two, got {value}")
+
+
+@attrs.define
+class NetworkConfig:
+    """``probes.network`` in the YAML config."""
+
+    interval: float = attrs.field(default=10.0, validator=v.gt(0),
+                                  metadata={"unit": "seconds"})
+    top_n: int = attrs.field(default=20, validator=v.ge(1))   # busiest processes kept
+    max_connections: int = attrs.field(default=65536, validator=v.ge(64))
+    max_processes: int = attrs.field(default=16384, validator=v.ge(64))
+    ringbuf_pages: int = attrs.field(default=64, validator=_power_of_two)
+
+
+def _comm(raw) -> str:
+    return bytes(raw).split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def _pid_alive(pid: int) -> bool:
+    return pid == 0 or os.path.exists(f"/proc/{pid}")
+
+
+class NetworkProbe:
+    name = "network"
+    config_class = NetworkConfig
+    kernel_fields = KERNEL_FIELDS
+    source = ("deeptrace_plugins.network", "network.bpf.c")
+
+    def __init__(self, config: NetworkConfig, context=None):
+        self.config = config
+        self.context = context
+        self.bpf = None
+        self.start_ns = 0
+        self._next = 0.0
+        self._records: list = []
+        self.decode_errors = 0
+        self.self_pid = os.getpid()
+        self._retired_io: dict = {}     # (pid, comm, proto, dir) -> [bytes, calls]
+        self._retired_tcp: dict = {}    # (pid, comm) -> [closed, retrans, rst_tx, rst_rx, rx, tx]
+
+    # -- build --------------------------------------------------------------------------
+    def defines(self) -> dict:
+        c = self.config
+        return {"CONN_MAX": c.max_connections, "PROC_MAX": c.max_processes,
+                "RINGBUF_PAGES": c.ringbuf_pages, "NSLOTS": NSLOTS,
+                "SELF_TGID": self.self_pid, "SOCK_DONE_BIT": SOCK_DONE_BIT}
+
+    def render(self, defines: dict) -> str:
+        return bpf.render(bpf.read_source(*self.source), {**defines, **self.defines()})
+
+    # -- run ----------------------------------------------------------------------------
+    def attach(self, defines: dict):
+        self.bpf = bpf.load(self.render(defines))
+        self.start_ns = time.time_ns()
+        self._next = time.monotonic() + self.config.interval
+        self.bpf[b"events"].open_ring_buffer(self._on_event)
+
+    def _on_event(self, ctx, data, size):
+        try:
+            self._records.append(decode(ctypes.string_at(data, size)))
+        except Exception:  # a malformed record is counted, never fatal
+            self.decode_errors += 1
+
+    def poll(self, timeout_ms: int | None = None) -> list:
+        """Never blocks: the connection records closed so far, plus every metric point
+        once the interval has elapsed."""
+        if self.bpf is not None:
+            self.bpf.ring_buffer_consume()
+        out, self._records = self._records, []
+        if self.bpf is not None and time.monotonic() >= self._next:
+            self._next = time.monotonic() + self.config.interval
+            out += self.collect()
+        return out
+
+    # -- reading the maps ---------------------------------------------------------------
+    def process_io(self) -> dict:
+        """(pid, comm, transport, direction) -> [bytes, calls], exited processes included."""
+        out = {k: list(val) for k, val in self._retired_io.items()}
+        for k, val in self.bpf[b"proc_io"].items():
+            acc = out.setdefault((k.tgid, _comm(k.comm), k.proto, k.dir), [0, 0])
+            acc[0] += val.bytes
+            acc[1] += val.calls
+        return out
+
+    def process_tcp(self) -> dict:
+        """(pid, comm) -> [closed, retransmits, resets sent, resets received,
+        bytes received, bytes acked] (pid 0: unknown)."""
+        out = {k: list(val) for k, val in self._retired_tcp.items()}
+        for k, val in self.bpf[b"tcp_procs"].items():
+            acc = out.setdefault((k.tgid, _comm(k.comm)), [0] * 6)
+            for i, x in enumerate((val.closed, val.retrans, val.rst_sent, val.rst_recv,
+                                   val.bytes_received, val.bytes_acked)):
+                acc[i] += x
+        return out
+
+    def histograms(self) -> dict:
+        """kind (H_SRTT, H_DURATION) -> ([count per slot], sum in us)."""
+        out = {H_SRTT: [[0] * (NSLOTS + 1), 0], H_DURATION: [[0] * (NSLOTS + 1), 0]}
+        for k, val in self.bpf[b"hists"].items():
+            h = out.setdefault(k.kind, [[0] * (NSLOTS + 1), 0])
+            h[0][min(k.slot, NSLOTS)] += val.count
+            h[1] += val.sum
+        return out
+
+    def collect(self) -> list:
+        now = time.time_ns()
+        io, tcp = self.process_io(), self.process_tcp()
+        load: dict = {}
+        for (pid, comm, _, _), (nbytes, calls) in io.items():
+            acc = load.setdefault((pid, comm), [0, 0])
+            acc[0] += nbytes
+            acc[1] += calls
+        for (pid, comm), vals in tcp.items():
+            acc = load.setdefault((pid, comm), [0, 0])
+            acc[0] += vals[4] + vals[5]
+            acc[1] += sum(vals[:4])
+        top = set(sorted(load, key=lambda p: load[p], reverse=True)[:self.config.top_n])
+
+        def who(pid, comm):
+            if pid == 0:
+                return (("process.pid", UNKNOWN), ("process.executable.name", UNKNOWN))
+            if (pid, comm) in top:
+                return (("process.pid", pid), ("process.executable.name", comm))
+            return (("process.pid", OTHER), ("process.executable.name", OTHER))
+
+        def point(name, unit, value, attributes, desc):
+            return MetricPoint(name, SUM, unit, value, attributes, desc,
+                               start_ns=self.start_ns, time_ns=now)
+
+        points = []
+        sums: dict = {}
+        for (pid, comm, proto, d), (nbytes, _) in io.items():
+            key = (who(pid, comm), TRANSPORTS.get(proto, str(proto)), IO_DIRECTIONS[d])
+            sums[key] = sums.get(key, 0) + nbytes
+        for (proc, transport, direction), nbytes in sorted(sums.items(), key=str):
+            points.append(point("process.network.io", "By", nbytes,
+                                {**dict(proc), "network.transport": transport,
+                                 "network.io.direction": direction},
+                                "Bytes sent/received through socket calls of the process"))
+        per: dict = {}
+        for (pid, comm), vals in tcp.items():
+            acc = per.setdefault(who(pid, comm), [0] * 6)
+            for i, x in enumerate(vals):
+                acc[i] += x
+        for proc, (closed, retrans, rst_tx, rst_rx, rx, tx) in sorted(per.items(), key=str):
+            a = dict(proc)
+            points += [
+                point("deeptrace.tcp.connections", "{connection}", closed, dict(a),
+                      "TCP connections of the process that closed"),
+                point("deeptrace.tcp.connection.io", "By", rx,
+                      {**a, "network.io.direction": "receive"},
+                      "Bytes received on closed TCP connections (tcp_sock.bytes_received)"),
+                point("deeptrace.tcp.connection.io", "By", tx,
+                      {**a, "network.io.direction": "transmit"},
+                      "Bytes sent and acknowledged on closed TCP connections"),
+                point("deeptrace.tcp.retransmits", "{segment}", retrans, dict(a),
+                      "TCP retransmissions (tcp:tcp_retransmit_skb)"),
+                point("deeptrace.tcp.resets", "{reset}", rst_tx,
+                      {**a, "network.io.direction": "transmit"}, "TCP resets sent"),
+                point("deeptrace.tcp.resets", "{reset}", rst_rx,
+                      {**a, "network.io.direction": "receive"}, "TCP resets received"),
+            ]
+        hists = self.histograms()
+        for kind, name, desc in ((H_SRTT, "deeptrace.tcp.srtt",
+                                  "Smoothed RTT of TCP connections at close"),
+                                 (H_DURATION, "deeptrace.tcp.connection.duration",
+                                  "Lifetime of TCP connections, first state change to close")):
+            counts, total_us = hists[kind]
+            points.append(MetricPoint(name, HISTOGRAM, "s", 0, {}, desc, bounds=US_BOUNDS,
+                                      counts=tuple(counts), count=sum(counts),
+                                      sum=total_us / 1e6, start_ns=self.start_ns,
+                                      time_ns=now))
+        return points
+
+    # -- housekeeping -------------------------------------------------------------------
+    def gc(self):
+        """Fold exited processes out of the kernel maps; their totals are kept here."""
+        if self.bpf is None:
+            return
+        table = self.bpf[b"proc_io"]
+        for k, val in list(table.items()):
+            if not _pid_alive(k.tgid):
+                acc = self._retired_io.setdefault(
+                    (k.tgid, _comm(k.comm), k.proto, k.dir), [0, 0])
+                acc[0] += val.bytes
+                acc[1] += val.calls
+                _delete(table, k)
+        table = self.bpf[b"tcp_procs"]
+        for k, val in list(table.items()):
+            if not _pid_alive(k.tgid):
+                acc = self._retired_tcp.setdefault((k.tgid, _comm(k.comm)), [0] * 6)
+                for i, x in enumerate((val.closed, val.retrans, val.rst_sent, val.rst_recv,
+                                       val.bytes_received, val.bytes_acked)):
+                    acc[i] += x
+                _delete(table, k)
+        self._compact_retired()
+
+    def _compact_retired(self):
+        """Bound memory: beyond max_processes retired keys, fold the least busy into
+        pid "other" (they would be labelled "other" anyway outside the top N)."""
+        limit = self.config.max_processes
+        for store, width in ((self._retired_io, 2), (self._retired_tcp, 6)):
+            if len(store) <= limit:
+                continue
+            ranked = sorted(store, key=lambda k: store[k], reverse=True)
+            for k in ranked[limit // 2:]:
+                val = store.pop(k)
+                acc = store.setdefault((OTHER, OTHER, *k[2:]), [0] * width)
+                for i, x in enumerate(val):
+                    acc[i] += x
+
+    def stats(self) -> dict:
+        if self.bpf is None:
+            return {}
+        table = self.bpf[b"stats"]
+        out = {name: int(table.sum(i).value) for i, name in enumerate(STAT_NAMES)}
+        out["decode_failed"] = self.decode_errors
+        out["conn_map_entries"] = len(self.bpf[b"conns"])
+        return out
+
+    def detach(self):
+        if self.bpf is not None:
+            try:
+                self.bpf.ring_buffer_consume()
+            finally:
+                self.bpf.cleanup()
+                self.bpf = None
+
+
+def _delete(table, key):
+    try:
+        del table[key]
+    except KeyError:
+        pass

@@ -2,7 +2,7 @@
 VENV := .venv
 CONFIG ?= config/agent.yaml
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench accuracy clean
 
 setup:
 	bash scripts/setup.sh
@@ -12,6 +12,13 @@ run: setup
 
 test: setup
 	$(VENV)/bin/python -m pytest -v tests
+
+bench: setup
+	$(VENV)/bin/python -m bench
+
+accuracy: setup
+	$(VENV)/bin/python -m bench.accuracy
+	$(VENV)/bin/python -m bench.accuracy --asyncio
 
 clean:
 	rm -rf $(VENV) *.egg-info build

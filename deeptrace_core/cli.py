@@ -5,6 +5,7 @@
   deeptrace plugins                   list plugins with their distribution and version
   deeptrace doctor                    check root, BTF, tracefs, BCC, headers, tracepoints
   deeptrace probe render NAME         print the final BPF C of a probe
+  deeptrace traces [show ID]          recent traces from the local store, or one as a tree
 """
 
 import argparse
@@ -12,7 +13,7 @@ import logging
 import signal
 import sys
 
-from . import __version__, doctor
+from . import __version__, doctor, traces_cli
 from .bpf import BPFUnavailable, check_privileges
 from .config import ConfigError, load_config
 from .plugins import PluginHost
@@ -33,6 +34,7 @@ def _parser():
     v = sub.add_parser("validate", help="check a config file")
     v.add_argument("-c", "--config", required=True)
     sub.add_parser("plugins", help="list plugins")
+    traces_cli.add_parser(sub)
     sub.add_parser("doctor", help="check this machine")
     pr = sub.add_parser("probe", help="probe tools")
     prs = pr.add_subparsers(dest="probe_command", required=True)
@@ -130,7 +132,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="deeptrace: %(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
     handlers = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins,
-                "doctor": cmd_doctor, "probe": cmd_probe_render}
+                "doctor": cmd_doctor, "probe": cmd_probe_render, "traces": traces_cli.run}
     command = args.command or ("run" if args.config else None)
     if command is None:
         _parser().print_help()

@@ -15,7 +15,7 @@ from deeptrace_core.hookspecs import hookimpl
 from deeptrace_core.plugins import PluginHost
 
 DEEPTRACE = [sys.executable, "-m", "deeptrace_core.cli"]
-BUILTIN = {"trace", "console", "jsonl", "filter", "spans", "traces", "http1", "http2",
+BUILTIN = {"trace", "console", "jsonl", "store", "filter", "spans", "traces", "http1", "http2",
            "mysql", "postgresql", "mongodb", "dns", "memcached"}
 
 

@@ -1,10 +1,13 @@
 // disk.bpf.c: block I/O per device and per process, aggregated in the kernel.
 //
 // Tracepoints only: block:block_rq_insert (queued to the I/O scheduler, in the submitter's
-// context), block:block_rq_issue (sent to the driver), block:block_rq_complete (done).
-// Their `args->` fields come from the tracefs format files, so no kernel struct is read
-// here at all. A request in flight is keyed by (dev, sector); the process that submitted
-// it is `current` at the first of insert/issue we see, remembered in the in-flight entry.
+// context), block:block_rq_issue (sent to the driver), block:block_rq_complete (done),
+// and, to keep the in-flight keys right, block:block_rq_requeue, block:block_rq_merge
+// (a request absorbed by another) and block:block_bio_frontmerge (a request's start
+// moved). Their `args->` fields come from the tracefs format files, so no kernel struct
+// is read here at all. A request in flight is keyed by (dev, sector); the process that
+// submitted it is `current` at its insert (or, without one, its issue), remembered in
+// the in-flight entry.
 //
 // Compile-time knobs (set by probe.py): INFLIGHT_MAX, PROC_MAX, HIST_MAX, NSLOTS.
 
@@ -28,10 +31,12 @@ struct rq_val_t {
     u64 ts_insert;    // 0: insert not seen (no scheduler, or requeued)
     u64 ts_issue;     // 0: not issued yet
     u32 tgid;
-    u32 pad;
+    u32 requeued;
     char comm[16];
 };
 BPF_HASH(inflight, struct rq_key_t, struct rq_val_t, INFLIGHT_MAX);
+// Partition dev_t -> whole-disk dev_t, filled by probe.py from /sys/class/block.
+BPF_HASH(part_to_disk, u32, u32, 1024);
 
 // Bytes and operations per (process, device, direction).
 struct proc_key_t { u32 tgid; u32 dev; u32 dir; char comm[16]; };
@@ -106,31 +111,77 @@ static __always_inline void phist_add(struct rq_val_t *rq, u16 dir, u32 slot, u6
     __sync_fetch_and_add(&h->sum, v);
 }
 
-static __always_inline struct rq_val_t *remember(u32 dev, u64 sector) {
-    struct rq_key_t k = {.dev = dev, .sector = sector};
-    struct rq_val_t *rq = inflight.lookup(&k);
-    if (rq)
-        return rq;
+static __always_inline struct rq_val_t *fresh(struct rq_key_t *k) {
     struct rq_val_t v = {.tgid = bpf_get_current_pid_tgid() >> 32};
     bpf_get_current_comm(&v.comm, sizeof(v.comm));
-    inflight.insert(&k, &v);         // EEXIST on a race is fine; E2BIG: the map is full
-    rq = inflight.lookup(&k);
-    if (!rq)
+    if (inflight.update(k, &v)) {
         stat_inc(ST_INFLIGHT_FULL);
-    return rq;
+        return 0;
+    }
+    return inflight.lookup(k);
 }
 
+// A request enters the scheduler: a new request at this position, unless it is one of
+// ours coming back from a requeue (possibly re-inserted by a kworker: keep its owner).
 TRACEPOINT_PROBE(block, block_rq_insert) {
-    struct rq_val_t *rq = remember(args->dev, args->sector);
-    if (rq)
+    struct rq_key_t k = {.dev = args->dev, .sector = args->sector};
+    struct rq_val_t *rq = inflight.lookup(&k);
+    if (!rq || !rq->requeued)
+        rq = fresh(&k);
+    if (rq) {
         rq->ts_insert = bpf_ktime_get_ns();
+        rq->ts_issue = 0;
+        rq->requeued = 0;
+    }
     return 0;
 }
 
+// To the driver. Without a scheduler (or for flushes) there was no insert: the request
+// is new, and current is its submitter. An entry already issued is stale (its completion
+// was missed): replace it.
 TRACEPOINT_PROBE(block, block_rq_issue) {
-    struct rq_val_t *rq = remember(args->dev, args->sector);
+    struct rq_key_t k = {.dev = args->dev, .sector = args->sector};
+    struct rq_val_t *rq = inflight.lookup(&k);
+    if (!rq || rq->ts_issue)
+        rq = fresh(&k);
     if (rq)
         rq->ts_issue = bpf_ktime_get_ns();
+    return 0;
+}
+
+TRACEPOINT_PROBE(block, block_rq_requeue) {
+    struct rq_key_t k = {.dev = args->dev, .sector = args->sector};
+    struct rq_val_t *rq = inflight.lookup(&k);
+    if (rq) {
+        rq->requeued = 1;
+        rq->ts_issue = 0;
+    }
+    return 0;
+}
+
+// `next` was merged into the request before it: it will never be issued on its own.
+TRACEPOINT_PROBE(block, block_rq_merge) {
+    struct rq_key_t k = {.dev = args->dev, .sector = args->sector};
+    inflight.delete(&k);
+    return 0;
+}
+
+// A bio joined the front of a queued request, which now starts at the bio's sector:
+// move the entry. Bio tracepoints name the partition, request ones the whole disk.
+TRACEPOINT_PROBE(block, block_bio_frontmerge) {
+    u32 dev = args->dev;
+    u32 *whole = part_to_disk.lookup(&dev);
+    if (whole)
+        dev = *whole;
+    struct rq_key_t old = {.dev = dev, .sector = args->sector + args->nr_sector};
+    struct rq_val_t *rq = inflight.lookup(&old);
+    if (!rq)
+        return 0;
+    struct rq_val_t v = *rq;
+    struct rq_key_t k = {.dev = dev, .sector = args->sector};
+    inflight.delete(&old);
+    if (inflight.update(&k, &v))
+        stat_inc(ST_INFLIGHT_FULL);
     return 0;
 }
 

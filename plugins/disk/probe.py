@@ -75,6 +75,29 @@ def device_names() -> dict:
     return names
 
 
+def partitions() -> dict:
+    """Partition dev_t -> its whole disk's dev_t (kernel encoding), from /sys/class/block."""
+    def devt(path):
+        with open(os.path.join(path, "dev")) as f:
+            major, minor = f.read().split(":")
+        return int(major) << 20 | int(minor)
+
+    out = {}
+    base = "/sys/class/block"
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return out
+    for name in names:
+        path = os.path.realpath(os.path.join(base, name))
+        if os.path.exists(os.path.join(path, "partition")):
+            try:
+                out[devt(path)] = devt(os.path.dirname(path))
+            except (OSError, ValueError):
+                pass
+    return out
+
+
 def _comm(raw) -> str:
     return bytes(raw).split(b"\0", 1)[0].decode("utf-8", "replace")
 
@@ -116,6 +139,12 @@ class DiskProbe:
         self.start_ns = time.time_ns()
         self._next = time.monotonic() + self.config.interval
         self._devs = device_names()
+        self._load_partitions()
+
+    def _load_partitions(self):
+        table = self.bpf[b"part_to_disk"]
+        for part, disk in partitions().items():
+            table[table.Key(part)] = table.Leaf(disk)
 
     def poll(self, timeout_ms: int | None = None) -> list:
         """Never blocks: [] until the interval has elapsed, then every point."""
@@ -243,6 +272,7 @@ class DiskProbe:
                 acc[1] += val.sum
                 _delete(table, k)
         self._compact_retired()
+        self._load_partitions()
         table = self.bpf[b"inflight"]
         limit = time.monotonic_ns() - int(self.config.stale_seconds * 1e9)
         for k, val in list(table.items()):

@@ -45,7 +45,9 @@ def _cell(v) -> str:
 
 
 def _sort_key(p):
-    return [(str(k), _cell(v)) for k, v in sorted(p.attributes.items())]
+    # Numbers in numeric order (pid 7 before pid 12), then everything else as text.
+    return [(str(k), (0, v, "") if isinstance(v, (int, float)) else (1, 0, _cell(v)))
+            for k, v in sorted(p.attributes.items(), key=lambda kv: str(kv[0]))]
 
 
 def format_summary(points, max_rows: int = 20, when: float | None = None, dropped: int = 0) -> str:

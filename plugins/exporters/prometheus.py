@@ -136,20 +136,24 @@ def _help(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\n", "\\n")
 
 
-def render(points) -> str:
-    """The exposition text of MetricPoints (at most one per (name, attributes))."""
+def render(points, helps=None) -> str:
+    """The exposition text of MetricPoints (at most one per (name, attributes));
+    `helps` maps metric names to descriptions for points that carry none."""
     families: dict = {}  # prom name -> (type, help, [points])
     for p in points:
         name = metric_name(p.name, p.unit, p.type)
         fam = families.get(name)
         if fam is None:
-            fam = families[name] = (p.type, p.description or p.name, [])
+            fam = families[name] = [p.type, p.description, []]
         elif fam[0] != p.type:
             continue  # the same name as another type: the first type wins
+        elif not fam[1]:
+            fam[1] = p.description
         fam[2].append(p)
     out = []
     for name in sorted(families):
         mtype, help_text, pts = families[name]
+        help_text = help_text or (helps or {}).get(pts[0].name) or pts[0].name
         out.append(f"# HELP {name} {_help(help_text)}\n")
         out.append(f"# TYPE {name} {'counter' if mtype == SUM else mtype}\n")
         if mtype == HISTOGRAM:
@@ -219,6 +223,7 @@ class PrometheusExporter:
                     if config.red_metrics else None)
         self._lock = threading.Lock()
         self._series: dict = {}          # (name, sorted attrs) -> (MetricPoint, monotonic)
+        self._helps: dict = {}           # name -> description (points may omit it)
         self.points_in = 0
         self.dropped_points = 0
         self.expired_series = 0
@@ -256,6 +261,8 @@ class PrometheusExporter:
                     key = r.key()
                     if key in series or len(series) < self.config.max_series:
                         series[key] = (r, now)
+                        if r.description and r.name not in self._helps:
+                            self._helps[r.name] = r.description
                     else:
                         self.dropped_points += 1
                 elif kind == "span" and self.red is not None:
@@ -280,10 +287,11 @@ class PrometheusExporter:
         self._expire()
         with self._lock:
             points = [p for p, _ in self._series.values()]
+            helps = dict(self._helps)
             self.scrapes += 1
         if self.red is not None:
             points += self.red.points()
-        return render(points)
+        return render(points, helps)
 
     def _handler(self):
         exporter = self

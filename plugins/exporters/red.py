@@ -110,22 +110,23 @@ class Red:
     def add(self, span) -> None:
         """Account one span (anything with comm, cmdline, role, protocol, operation,
         error, start_ns and end_ns)."""
-        service = self.namer(span.comm, span.cmdline)
-        key = (service, span.role, span.protocol, span.operation or span.protocol)
-        seconds = max(0, span.end_ns - span.start_ns) / 1e9
-        with self._lock:
-            s = self.series.get(key)
-            if s is None:
-                s = self._new_series(key)
-            s.requests += 1
-            if span.error:
-                s.errors += 1
-            s.counts[bisect.bisect_left(self.bounds, seconds)] += 1
-            s.sum += seconds
+        self.add_all((span,))
 
     def add_all(self, spans) -> None:
-        for span in spans:
-            self.add(span)
+        namer, bounds, bisect_left = self.namer, self.bounds, bisect.bisect_left
+        rows = [((namer(s.comm, s.cmdline), s.role, s.protocol, s.operation or s.protocol),
+                 s.error, max(0, s.end_ns - s.start_ns) / 1e9) for s in spans]
+        series = self.series
+        with self._lock:
+            for key, error, seconds in rows:
+                s = series.get(key)
+                if s is None:
+                    s = self._new_series(key)
+                s.requests += 1
+                if error:
+                    s.errors += 1
+                s.counts[bisect_left(bounds, seconds)] += 1
+                s.sum += seconds
 
     def _new_series(self, key):
         if self.named < self.max_series:

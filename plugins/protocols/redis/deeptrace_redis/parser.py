@@ -339,9 +339,12 @@ class RedisParser(Parser):
             line, incomplete = c.buf[c.i:j], False
             c.i = j + 1
         args = line.rstrip(b"\r").split()
-        if not args:
+        if not args:                           # an empty line: Redis ignores it
             c.commit()
-            c.s.take_span()                    # an empty line: Redis ignores it
+            if incomplete:
+                skip_through_hole(c.s)
+                c.refresh()
+            c.s.take_span()
             return True
         if any(b < 0x20 and b not in (9, 13) or b == 0x7F for b in line) or \
                 not args[0][:1].isalpha() or not args[0].replace(b".", b"").replace(

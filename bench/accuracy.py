@@ -285,9 +285,9 @@ def _interrupt(signum, frame):
 
 
 def run(requests=2000, clients=16, asyncio_a=False, traceparent=False, wait=1.0,
-        out=None, quiet=False):
+        out=None, quiet=False, keep=False):
     t_begin = time.monotonic()
-    topo = Topology(asyncio_a=asyncio_a, pool=clients, a_pool=4)
+    topo = Topology(asyncio_a=asyncio_a, pool=clients, a_pool=4, keep=keep)
     agent = None
     try:
         topo.up()
@@ -342,6 +342,8 @@ def run(requests=2000, clients=16, asyncio_a=False, traceparent=False, wait=1.0,
     if not quiet:
         print(table(result))
         print(f"\nwritten: {out}")
+        if keep:
+            print(f"kept: {topo.workdir} (spans.jsonl, ground truth a/b/load.jsonl, agent.*)")
     return result
 
 
@@ -397,13 +399,16 @@ def main(argv=None):
                    help="the load client sends a W3C traceparent header")
     p.add_argument("--wait", type=float, default=1.0, help="the linker's wait (seconds)")
     p.add_argument("--out", help="result JSON (default bench/results/accuracy-*.json)")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the work directory (spans, ground-truth logs, agent output)")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         print("bench.accuracy: must run as root (network namespaces, BPF)", file=sys.stderr)
         return 1
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        run(args.requests, args.clients, args.asyncio, args.traceparent, args.wait, args.out)
+        run(args.requests, args.clients, args.asyncio, args.traceparent, args.wait, args.out,
+            keep=args.keep)
     except KeyboardInterrupt:
         print("bench.accuracy: interrupted (topology torn down)", file=sys.stderr)
         return 130

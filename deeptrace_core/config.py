@@ -24,8 +24,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 _NULL_TAG = "tag:yaml.org,2002:null"
 _ENV = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ns|us|ms|s|m|h)")
-_UNITS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ns|us|ms|s|m|h|d)")
+_UNITS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _WANT = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", type(None): "null"}
 # Scalar resolution/construction are stateless in PyYAML, so one shared
 # instance of each is enough (we only call their scalar methods).

@@ -45,8 +45,9 @@ static int cmp_u32(const void *a, const void *b) {
     return x < y ? -1 : x > y;
 }
 
-// Length of one complete response at the start of buf, or 0 if incomplete, -1 if bad.
-static int response_len(const char *buf, int len) {
+// Length of one complete response at the start of buf, or 0 if incomplete, -1 if bad;
+// *close is set when the server says it closes the connection after it.
+static int response_len(const char *buf, int len, int *close_after) {
     const char *end = memmem(buf, len, "\r\n\r\n", 4);
     if (!end)
         return 0;
@@ -59,11 +60,34 @@ static int response_len(const char *buf, int len) {
             nl = end;
         if (nl - p > 15 && !strncasecmp(p, "Content-Length:", 15))
             body = strtol(p + 15, NULL, 10);
+        if (nl - p >= 17 && !strncasecmp(p, "Connection: close", 17))
+            *close_after = 1;
         p = nl + 2;
     }
     if (strncmp(buf, "HTTP/1.", 7))
         return -1;
     return head + body <= len ? (int)(head + body) : 0;
+}
+
+static struct sockaddr_in addr;
+static int ep;
+
+static int open_conn(struct conn *c, int i) {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (connect(fd, (struct sockaddr *)&addr, sizeof addr)) {
+        perror("connect");
+        close(fd);
+        return -1;
+    }
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    c->fd = fd;
+    c->len = 0;
+    c->busy = 0;
+    c->next_idle = -1;
+    struct epoll_event ev = {.events = EPOLLIN, .data.u32 = i};
+    epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev);
+    return 0;
 }
 
 int main(int argc, char **argv) {
@@ -78,26 +102,18 @@ int main(int argc, char **argv) {
     uint32_t *lat = calloc(total + 1, sizeof(uint32_t));
     uint32_t *slat = calloc(total + 1, sizeof(uint32_t));
     struct conn *conns = calloc(nconn, sizeof(struct conn));
-    int ep = epoll_create1(0);
-    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons(port),
-                               .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    ep = epoll_create1(0);
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(port);
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     int head = -1, tail = -1;  // idle queue
     for (int i = 0; i < nconn; i++) {
-        int fd = socket(AF_INET, SOCK_STREAM, 0);
-        if (connect(fd, (struct sockaddr *)&addr, sizeof addr)) {
-            perror("connect");
+        if (open_conn(&conns[i], i))
             return 1;
-        }
-        int one = 1;
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-        conns[i].fd = fd;
-        conns[i].next_idle = -1;
-        struct epoll_event ev = {.events = EPOLLIN, .data.u32 = i};
-        epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev);
         if (tail < 0) head = i; else conns[tail].next_idle = i;
         tail = i;
     }
-    long sent = 0, completed = 0, errors = 0, late = 0;
+    long sent = 0, completed = 0, errors = 0, late = 0, reconnects = 0;
     uint64_t start = now_ns();
     uint64_t interval = (uint64_t)(1e9 / rate);
     uint64_t stop = start + (uint64_t)(seconds * 1e9);
@@ -144,14 +160,20 @@ int main(int argc, char **argv) {
             if (r <= 0) {
                 if (r < 0 && errno == EAGAIN)
                     continue;
-                fprintf(stderr, "connection %d closed by server\n", i);
+                // Closed under a request: counted as an error; the connection is reopened.
                 epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
-                if (c->busy) { inflight--; errors++; c->busy = 0; }
+                close(c->fd);
+                if (c->busy) { inflight--; errors++; }
+                if (open_conn(c, i))
+                    continue;
+                reconnects++;
+                if (tail < 0) head = i; else conns[tail].next_idle = i;
+                tail = i;
                 continue;
             }
             c->len += r;
-            int m;
-            while ((m = response_len(c->buf, c->len)) != 0) {
+            int m, close_after = 0;
+            while ((m = response_len(c->buf, c->len, &close_after)) != 0) {
                 if (m < 0) {
                     errors++;
                     c->len = 0;
@@ -159,6 +181,22 @@ int main(int argc, char **argv) {
                 }
                 memmove(c->buf, c->buf + m, c->len - m);
                 c->len -= m;
+                if (c->busy && close_after) {
+                    // The server closes after this response (nginx: keepalive_requests).
+                    uint64_t t = now_ns();
+                    lat[completed] = (uint32_t)((t - c->sent_ns) / 1000);
+                    slat[completed] = (uint32_t)((t - c->due_ns) / 1000);
+                    completed++;
+                    inflight--;
+                    epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
+                    close(c->fd);
+                    if (open_conn(c, i) == 0) {
+                        reconnects++;
+                        if (tail < 0) head = i; else conns[tail].next_idle = i;
+                        tail = i;
+                    }
+                    break;
+                }
                 if (c->busy) {
                     uint64_t t = now_ns();
                     lat[completed] = (uint32_t)((t - c->sent_ns) / 1000);
@@ -176,10 +214,10 @@ int main(int argc, char **argv) {
     qsort(lat, completed, sizeof(uint32_t), cmp_u32);
     qsort(slat, completed, sizeof(uint32_t), cmp_u32);
 #define PCT(a, p) (completed ? a[(long)((completed - 1) * (p))] : 0)
-    printf("{\"sent\": %ld, \"completed\": %ld, \"errors\": %ld, \"late\": %ld, "
+    printf("{\"sent\": %ld, \"completed\": %ld, \"errors\": %ld, \"late\": %ld, \"reconnects\": %ld, "
            "\"elapsed_s\": %.3f, \"target_rate\": %.0f, \"rate\": %.1f, \"p50_us\": %u, "
            "\"p90_us\": %u, \"p99_us\": %u, \"max_us\": %u, \"p99_sched_us\": %u}\n",
-           sent, completed, errors, late, elapsed, rate,
+           sent, completed, errors, late, reconnects, elapsed, rate,
            completed / (elapsed > 0 ? elapsed : 1), PCT(lat, 0.5), PCT(lat, 0.9),
            PCT(lat, 0.99), completed ? lat[completed - 1] : 0, PCT(slat, 0.99));
     for (int i = 0; i < nconn; i++)

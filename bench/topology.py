@@ -148,7 +148,7 @@ def cleanup_leftovers(prefix="dt-") -> list:
     wrx = re.compile(rf"^{re.escape(prefix)}topo-(\d+)-")
     for d in glob.glob(os.path.join(tempfile.gettempdir(), f"{prefix}topo-*")):
         m = wrx.match(os.path.basename(d))
-        if m and not _alive(int(m.group(1))):
+        if m and not _alive(int(m.group(1))) and not os.path.exists(os.path.join(d, "KEEP")):
             shutil.rmtree(d, ignore_errors=True)
     return gone
 
@@ -437,6 +437,10 @@ pipelines:
                 _kill_ns(self.ns[role])
         if self.workdir and not self.keep:
             shutil.rmtree(self.workdir, ignore_errors=True)
+        elif self.workdir:  # keep logs and outputs, not the servers' data
+            for d in ("pg", "redis"):
+                shutil.rmtree(os.path.join(self.workdir, d), ignore_errors=True)
+            open(os.path.join(self.workdir, "KEEP"), "w").close()
 
 
 # -- span classification (shared by the e2e test and the accuracy benchmark) ------------

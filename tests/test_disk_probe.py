@@ -101,13 +101,21 @@ def of(points, name, pid, **attrs):
 
 
 def test_direct_io_bytes_ops_and_latency_per_process(disk, target):
+    from deeptrace_plugins.disk.probe import recursion_misses
+
     path, dev = target
     t0 = time.monotonic()
+    missed0 = sum(recursion_misses(disk.bpf).values())
     create = run_io(path, "create")
     over = run_io(path, "overwrite")
     read = run_io(path, "read")
     time.sleep(0.05)                  # completions are synchronous for O_DIRECT; be safe
     pts = disk.collect()
+    # Requests whose issue or completion the kernel did not run our program for (another
+    # BPF program was running on that CPU when the interrupt came: counted by the kernel,
+    # reported in stats()). Usually 0; each costs at most one 64 KiB request.
+    missed = sum(recursion_misses(disk.bpf).values()) - missed0
+    short = missed * SIZE
 
     def io(pid, direction):
         b = of(pts, "process.disk.io", pid, system_device=dev, disk_io_direction=direction)
@@ -120,8 +128,8 @@ def test_direct_io_bytes_ops_and_latency_per_process(disk, target):
 
     # Reads: O_DIRECT bypasses the page cache, so every byte is one device read of ours.
     nbytes, reads = io(read, "read")
-    assert nbytes == TOTAL
-    assert N <= reads <= TOTAL // 4096           # at least one request per call
+    assert TOTAL - short <= nbytes <= TOTAL, missed          # == TOTAL when missed == 0
+    assert N - missed <= reads <= TOTAL // 4096  # at least one request per call
     assert io(read, "write") == (0, 0)
     h = lat(read, "read")
     assert h.count == reads and sum(h.counts) == reads   # one latency sample per request
@@ -130,7 +138,8 @@ def test_direct_io_bytes_ops_and_latency_per_process(disk, target):
     # Overwriting allocated blocks: exactly the data. (No sync: the mtime update is
     # written back later by the flusher thread, not by this process.)
     nbytes, ops = io(over, "write")
-    assert nbytes == TOTAL and N <= ops <= TOTAL // 4096
+    assert TOTAL - short <= nbytes <= TOTAL, missed
+    assert N - missed <= ops <= TOTAL // 4096
     assert lat(over, "write").count == ops
 
     # A new file: the data, plus the few metadata blocks (inode, bitmaps, extents: whole
@@ -138,8 +147,8 @@ def test_direct_io_bytes_ops_and_latency_per_process(disk, target):
     # journal; with a journal those go through jbd2 and the excess is 0.
     nbytes, ops = io(create, "write")
     extra = nbytes - TOTAL
-    assert 0 <= extra <= 16 * 4096 and extra % 4096 == 0
-    assert N <= ops <= (TOTAL + extra) // 4096
+    assert -short <= extra <= 16 * 4096 and extra % 4096 == 0
+    assert N - missed <= ops <= (TOTAL + 16 * 4096) // 4096
     assert lat(create, "write").count == ops
 
     # Device histograms hold at least what these processes did.

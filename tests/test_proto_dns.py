@@ -353,8 +353,8 @@ def test_detect_kernel_matches_python(kernel_detector):
 @settings(max_examples=1, deadline=None)
 @given(st.lists(st.tuples(
     st.one_of(st.binary(max_size=40),
-              st.tuples(st.sampled_from([Q, QE, R, NX, tcp(query()), tcp(answer(query()))]), st.integers(0, 31),
-                        st.integers(0, 255)).map(
+              st.tuples(st.sampled_from([Q, QE, R, NX, tcp(query()), tcp(answer(query()))]),
+                        st.integers(0, 31), st.integers(0, 255)).map(
                   lambda t: t[0][:t[1]] + bytes([t[2]]) + t[0][t[1] + 1:])),
     st.sampled_from([53, 5555]), st.sampled_from([53, 80]), st.sampled_from([1, 2])),
     min_size=200, max_size=200))

@@ -301,6 +301,12 @@ def test_inline_commands_and_values_truncated():
     # Spaces and empty arguments are quoted.
     _, msgs = run([(REQ, encode([b"SET", b"a b", b""]))])
     assert msgs[0].attributes["db.query.text"] == 'SET "a b" ""'
+    # An inline command or a blank line cut by a hole.
+    p = RedisParser()
+    assert p.feed(REQ, b"  \r", 100, 1, 2) == [] and len(p.streams[REQ]) == 0
+    out = p.feed(REQ, b"SET k " + b"v" * 90, 3000, 3, 4)
+    assert [(m.operation, m.attributes["deeptrace.incomplete"]) for m in out] == [("SET", True)]
+    assert p.feed(REQ, encode([b"PING"]), 14, 5, 6)[0].operation == "PING"
 
 
 RESP3 = [
@@ -482,6 +488,7 @@ def test_property_any_split_gives_the_same_messages(cmds, values, cuts):
 @given(st.lists(st.tuples(st.sampled_from([REQ, RESP]),
                           st.one_of(st.binary(max_size=64),
                                     st.sampled_from(RESP3 + [b"*3\r\n$3\r\nSET\r\n", b"\r\n",
+                                                             b"\r", b" ", b"GET k",
                                                              b"$99999\r\n", b"*9\r\n"])),
                           st.integers(0, 5000)), max_size=20))
 def test_property_random_bytes_never_raise_and_stay_bounded(feeds):

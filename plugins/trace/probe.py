@@ -137,6 +137,7 @@ class TraceProbe:
         if c.ports:
             self.add_ports(c.ports)
         self.bpf[b"events"].open_ring_buffer(self._on_event)
+        self.bpf[b"armed"][ctypes.c_int(0)] = ctypes.c_uint32(1)  # start recording now
 
     def add_pids(self, pids):
         """Select more processes at run time (needs a config with a non-empty ``pids``)."""

@@ -118,8 +118,14 @@ BPF_HASH(exclude_comm_filter, struct comm_key_t, u8, 256);
 BPF_HASH(port_filter, u16, u8, 1024);
 #endif
 
+// Set by user space once filters and the L7 tail call are in place: BCC attaches the
+// tracepoints while it loads, before any of that could be done.
+BPF_ARRAY(armed, u32, 1);
+
 static __always_inline int selected(u32 tgid) {
-    if (tgid == SELF_TGID)
+    u32 zero = 0;
+    u32 *on = armed.lookup(&zero);
+    if (!on || !*on || tgid == SELF_TGID)
         return 0;
 #if FILTER_COMMS || FILTER_EXCLUDE_COMMS
     struct comm_key_t k = {};
@@ -484,7 +490,7 @@ static __always_inline int data_exit(void *ctx, s64 ret, u16 sys, u8 dir) {
         // Detection runs in one tail-called program, verified once, not inlined into every
         // syscall's program (that made start-up ten times slower). It submits the record.
         l7_progs.call(ctx, 0);
-        stat_inc(ST_TAILCALL_FAIL);  // not loaded yet: send it undetected, user space decides
+        stat_inc(ST_TAILCALL_FAIL);  // cannot happen once armed; if it does, user space detects
     } else if (!l7_pass(e, conn)) {
         return 0;
     }

@@ -5,9 +5,9 @@
 // and "VALUE <key>". Words are compared as the little-endian number of their bytes
 // against the first 8 bytes of the payload (zero past its end).
 
-#define MC_IS(p, w, n, len, mask, val) ((n) >= (len) && ((w) & (mask)) == (val))
-#define MC_KEYED(p, w, n, len, mask, val) \
-    (MC_IS(p, w, n, len, mask, val) && mc_key_byte(p, n, len))
+#define MC_MASK(len) ((len) >= 8 ? ~0ULL : (1ULL << (8 * (len))) - 1)
+#define MC_IS(p, w, n, len, val) ((n) >= (len) && ((w) & MC_MASK(len)) == (val))
+#define MC_KEYED(p, w, n, len, val) (MC_IS(p, w, n, len, val) && mc_key_byte(p, n, len))
 
 static __always_inline int mc_key_byte(const u8 *p, u32 n, u32 i) {
     return n > i && p[i] > 0x20 && p[i] != 0x7f;
@@ -62,57 +62,61 @@ static __always_inline int detect_memcached(const u8 *p, u32 n, u16 lport, u16 r
     if (n > 5) w |= (u64)p[5] << 40;
     if (n > 6) w |= (u64)p[6] << 48;
     if (n > 7) w |= (u64)p[7] << 56;
-    if (MC_KEYED(p, w, n, 4, 0xffffffffULL, 0x20746567ULL)  /* "get " */ ||
-        MC_KEYED(p, w, n, 5, 0xffffffffffULL, 0x2073746567ULL)  /* "gets " */ ||
-        MC_KEYED(p, w, n, 4, 0xffffffffULL, 0x20746167ULL)  /* "gat " */ ||
-        MC_KEYED(p, w, n, 5, 0xffffffffffULL, 0x2073746167ULL)  /* "gats " */ ||
-        MC_KEYED(p, w, n, 4, 0xffffffffULL, 0x20746573ULL)  /* "set " */ ||
-        MC_KEYED(p, w, n, 4, 0xffffffffULL, 0x20646461ULL)  /* "add " */ ||
-        MC_KEYED(p, w, n, 4, 0xffffffffULL, 0x20736163ULL)  /* "cas " */ ||
-        MC_KEYED(p, w, n, 5, 0xffffffffffULL, 0x2072636e69ULL)  /* "incr " */ ||
-        MC_KEYED(p, w, n, 5, 0xffffffffffULL, 0x2072636564ULL)  /* "decr " */ ||
-        MC_KEYED(p, w, n, 7, 0xffffffffffffffULL, 0x20646e65707061ULL)  /* "append " */ ||
-        MC_KEYED(p, w, n, 8, 0xffffffffffffffffULL, 0x20646e6570657270ULL)  /* "prepend " */ ||
-        MC_KEYED(p, w, n, 8, 0xffffffffffffffffULL, 0x206563616c706572ULL)  /* "replace " */)
+    if (
+        MC_KEYED(p, w, n, 4, 0x20746567ULL)  /* "get " */ ||
+        MC_KEYED(p, w, n, 5, 0x2073746567ULL)  /* "gets " */ ||
+        MC_KEYED(p, w, n, 4, 0x20746167ULL)  /* "gat " */ ||
+        MC_KEYED(p, w, n, 5, 0x2073746167ULL)  /* "gats " */ ||
+        MC_KEYED(p, w, n, 4, 0x20746573ULL)  /* "set " */ ||
+        MC_KEYED(p, w, n, 4, 0x20646461ULL)  /* "add " */ ||
+        MC_KEYED(p, w, n, 4, 0x20736163ULL)  /* "cas " */ ||
+        MC_KEYED(p, w, n, 5, 0x2072636e69ULL)  /* "incr " */ ||
+        MC_KEYED(p, w, n, 5, 0x2072636564ULL)  /* "decr " */ ||
+        MC_KEYED(p, w, n, 7, 0x20646e65707061ULL)  /* "append " */ ||
+        MC_KEYED(p, w, n, 8, 0x20646e6570657270ULL)  /* "prepend " */ ||
+        MC_KEYED(p, w, n, 8, 0x206563616c706572ULL)  /* "replace " */)
         return 1;
-    if (port && (MC_KEYED(p, w, n, 7, 0xffffffffffffffULL, 0x206574656c6564ULL)  /* "delete " */ ||
-        MC_KEYED(p, w, n, 6, 0xffffffffffffULL, 0x206863756f74ULL)  /* "touch " */ ||
-        MC_KEYED(p, w, n, 3, 0xffffffULL, 0x20676dULL)  /* "mg " */ ||
-        MC_KEYED(p, w, n, 3, 0xffffffULL, 0x20736dULL)  /* "ms " */ ||
-        MC_KEYED(p, w, n, 3, 0xffffffULL, 0x20646dULL)  /* "md " */ ||
-        MC_KEYED(p, w, n, 3, 0xffffffULL, 0x20616dULL)  /* "ma " */ ||
-        MC_KEYED(p, w, n, 3, 0xffffffULL, 0x20656dULL)  /* "me " */))
+    if (port && (
+        MC_KEYED(p, w, n, 7, 0x206574656c6564ULL)  /* "delete " */ ||
+        MC_KEYED(p, w, n, 6, 0x206863756f74ULL)  /* "touch " */ ||
+        MC_KEYED(p, w, n, 3, 0x20676dULL)  /* "mg " */ ||
+        MC_KEYED(p, w, n, 3, 0x20736dULL)  /* "ms " */ ||
+        MC_KEYED(p, w, n, 3, 0x20646dULL)  /* "md " */ ||
+        MC_KEYED(p, w, n, 3, 0x20616dULL)  /* "ma " */ ||
+        MC_KEYED(p, w, n, 3, 0x20656dULL)  /* "me " */))
         return 1;
-    if (port && (MC_IS(p, w, n, 8, 0xffffffffffffffffULL, 0xd6e6f6973726576ULL)  /* "version\r" */ ||
-        MC_IS(p, w, n, 7, 0xffffffffffffffULL, 0xa0d7374617473ULL)  /* "stats\r\n" */ ||
-        MC_IS(p, w, n, 6, 0xffffffffffffULL, 0x207374617473ULL)  /* "stats " */ ||
-        MC_IS(p, w, n, 8, 0xffffffffffffffffULL, 0x6c615f6873756c66ULL)  /* "flush_al" */ ||
-        MC_IS(p, w, n, 6, 0xffffffffffffULL, 0xa0d74697571ULL)  /* "quit\r\n" */ ||
-        MC_IS(p, w, n, 4, 0xffffffffULL, 0xa0d6e6dULL)  /* "mn\r\n" */))
+    if (port && (
+        MC_IS(p, w, n, 8, 0xd6e6f6973726576ULL)  /* "version\r" */ ||
+        MC_IS(p, w, n, 7, 0xa0d7374617473ULL)  /* "stats\r\n" */ ||
+        MC_IS(p, w, n, 6, 0x207374617473ULL)  /* "stats " */ ||
+        MC_IS(p, w, n, 8, 0x6c615f6873756c66ULL)  /* "flush_al" */ ||
+        MC_IS(p, w, n, 6, 0xa0d74697571ULL)  /* "quit\r\n" */ ||
+        MC_IS(p, w, n, 4, 0xa0d6e6dULL)  /* "mn\r\n" */))
         return 1;
-    if (MC_IS(p, w, n, 8, 0xffffffffffffffffULL, 0xa0d4445524f5453ULL)  /* "STORED\r\n" */ ||
-        MC_KEYED(p, w, n, 6, 0xffffffffffffULL, 0x2045554c4156ULL))  /* "VALUE " */
+    if (MC_IS(p, w, n, 8, 0xa0d4445524f5453ULL)  /* "STORED\r\n" */ ||
+        MC_KEYED(p, w, n, 6, 0x2045554c4156ULL))  /* "VALUE " */
         return 2;
-    if (port && (MC_IS(p, w, n, 8, 0xffffffffffffffffULL, 0x524f54535f544f4eULL)  /* "NOT_STOR" */ ||
-        MC_IS(p, w, n, 8, 0xffffffffffffffffULL, 0xa0d535453495845ULL)  /* "EXISTS\r\n" */ ||
-        MC_IS(p, w, n, 8, 0xffffffffffffffffULL, 0x4e554f465f544f4eULL)  /* "NOT_FOUN" */ ||
-        MC_IS(p, w, n, 8, 0xffffffffffffffffULL, 0xd444554454c4544ULL)  /* "DELETED\r" */ ||
-        MC_IS(p, w, n, 8, 0xffffffffffffffffULL, 0xd44454843554f54ULL)  /* "TOUCHED\r" */ ||
-        MC_IS(p, w, n, 5, 0xffffffffffULL, 0xa0d444e45ULL)  /* "END\r\n" */ ||
-        MC_IS(p, w, n, 4, 0xffffffffULL, 0xa0d4b4fULL)  /* "OK\r\n" */ ||
-        MC_IS(p, w, n, 8, 0xffffffffffffffffULL, 0x204e4f4953524556ULL)  /* "VERSION " */ ||
-        MC_IS(p, w, n, 5, 0xffffffffffULL, 0x2054415453ULL)  /* "STAT " */ ||
-        MC_IS(p, w, n, 7, 0xffffffffffffffULL, 0xa0d524f525245ULL)  /* "ERROR\r\n" */ ||
-        MC_IS(p, w, n, 8, 0xffffffffffffffffULL, 0x455f544e45494c43ULL)  /* "CLIENT_E" */ ||
-        MC_IS(p, w, n, 8, 0xffffffffffffffffULL, 0x455f524556524553ULL)  /* "SERVER_E" */ ||
-        MC_IS(p, w, n, 4, 0xffffffffULL, 0xa0d4448ULL)  /* "HD\r\n" */ ||
-        MC_IS(p, w, n, 3, 0xffffffULL, 0x204448ULL)  /* "HD " */ ||
-        MC_IS(p, w, n, 4, 0xffffffffULL, 0xa0d4e45ULL)  /* "EN\r\n" */ ||
-        MC_IS(p, w, n, 3, 0xffffffULL, 0x204156ULL)  /* "VA " */ ||
-        MC_IS(p, w, n, 4, 0xffffffffULL, 0xa0d464eULL)  /* "NF\r\n" */ ||
-        MC_IS(p, w, n, 4, 0xffffffffULL, 0xa0d534eULL)  /* "NS\r\n" */ ||
-        MC_IS(p, w, n, 4, 0xffffffffULL, 0xa0d5845ULL)  /* "EX\r\n" */ ||
-        MC_IS(p, w, n, 4, 0xffffffffULL, 0xa0d4e4dULL)  /* "MN\r\n" */))
+    if (port && (
+        MC_IS(p, w, n, 8, 0x524f54535f544f4eULL)  /* "NOT_STOR" */ ||
+        MC_IS(p, w, n, 8, 0xa0d535453495845ULL)  /* "EXISTS\r\n" */ ||
+        MC_IS(p, w, n, 8, 0x4e554f465f544f4eULL)  /* "NOT_FOUN" */ ||
+        MC_IS(p, w, n, 8, 0xd444554454c4544ULL)  /* "DELETED\r" */ ||
+        MC_IS(p, w, n, 8, 0xd44454843554f54ULL)  /* "TOUCHED\r" */ ||
+        MC_IS(p, w, n, 5, 0xa0d444e45ULL)  /* "END\r\n" */ ||
+        MC_IS(p, w, n, 4, 0xa0d4b4fULL)  /* "OK\r\n" */ ||
+        MC_IS(p, w, n, 8, 0x204e4f4953524556ULL)  /* "VERSION " */ ||
+        MC_IS(p, w, n, 5, 0x2054415453ULL)  /* "STAT " */ ||
+        MC_IS(p, w, n, 7, 0xa0d524f525245ULL)  /* "ERROR\r\n" */ ||
+        MC_IS(p, w, n, 8, 0x455f544e45494c43ULL)  /* "CLIENT_E" */ ||
+        MC_IS(p, w, n, 8, 0x455f524556524553ULL)  /* "SERVER_E" */ ||
+        MC_IS(p, w, n, 4, 0xa0d4448ULL)  /* "HD\r\n" */ ||
+        MC_IS(p, w, n, 3, 0x204448ULL)  /* "HD " */ ||
+        MC_IS(p, w, n, 4, 0xa0d4e45ULL)  /* "EN\r\n" */ ||
+        MC_IS(p, w, n, 3, 0x204156ULL)  /* "VA " */ ||
+        MC_IS(p, w, n, 4, 0xa0d464eULL)  /* "NF\r\n" */ ||
+        MC_IS(p, w, n, 4, 0xa0d534eULL)  /* "NS\r\n" */ ||
+        MC_IS(p, w, n, 4, 0xa0d5845ULL)  /* "EX\r\n" */ ||
+        MC_IS(p, w, n, 4, 0xa0d4e4dULL)  /* "MN\r\n" */))
         return 2;
     return 0;
 }

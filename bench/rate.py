@@ -1,0 +1,250 @@
+"""nginx at fixed request rates (bench/loadgen.c: open loop, HTTP/1 keep-alive), with and
+without the agent.
+
+* fixed 10,000 requests/s: latency and nginx CPU without and with the agent (A B B A), and
+  with it the agent's CPU (% of one core), RSS, spans produced vs requests answered, and
+  lost events;
+* lossless: one agent, rates stepped up until the agent loses something (a loss counter
+  moves or fewer spans than answered requests), one bisection step between the last good
+  and the first bad rate, then twice the highest lossless rate; the highest rate the
+  generator and nginx reach without the agent is measured in the same run, so a ceiling
+  of the machine is not mistaken for the agent's.
+"""
+
+import json
+import os
+import subprocess
+import tempfile
+import time
+
+from . import native
+from .agent import Agent, Sampler, lost, spans_made, trace_config
+from .http import Servers
+
+FIXED_RATE = 10_000
+CONNS = 64
+TARGET_CPU_PCT = 25.0
+TARGET_RSS_MB = 200.0
+TARGET_LOSSLESS = 30_000
+STEPS = (5_000, 10_000, 15_000, 20_000, 25_000, 30_000, 40_000, 50_000, 60_000)
+
+
+def loadgen(port, rate, seconds, conns=CONNS, during=None) -> dict:
+    """Run the generator; `during()` is called every 0.25 s while it runs."""
+    binary = native.build("loadgen")
+    p = subprocess.Popen([binary, str(port), str(int(rate)), str(seconds), str(conns)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while p.poll() is None:
+        if during:
+            during()
+        time.sleep(0.25)
+    out, err = p.communicate()
+    if p.returncode != 0:
+        raise RuntimeError(f"loadgen failed ({p.returncode}): {err}")
+    return json.loads(out)
+
+
+def _agent(servers, out) -> Agent:
+    cfg = trace_config(out_path=out, comms=[servers.comm("nginx")],
+                       ports=[servers.ports["nginx"]], protocols=["http1"],
+                       stats_interval="500ms")
+    return Agent(cfg, "rate")
+
+
+class _Traced:
+    """An agent for a phase: start, measured windows, stop."""
+
+    def __init__(self, servers):
+        self.out = tempfile.mktemp(prefix="dtb-rate-", suffix=".jsonl")
+        self.agent = _agent(servers, self.out).start()
+        self.prev = self.agent.settle(quiet_s=0.5)
+
+    def window(self, port, rate, seconds) -> dict:
+        sampler = Sampler(self.agent.pid).start()
+        res = loadgen(port, rate, seconds, during=sampler.sample)
+        usage = sampler.stop()
+        cur = self.agent.settle(quiet_s=0.5)
+        res.update(spans=spans_made(cur) - spans_made(self.prev),
+                   lost=lost(cur) - lost(self.prev),
+                   lost_by_cause={k: cur.get("probe.trace", {}).get(k, 0)
+                                  - self.prev.get("probe.trace", {}).get(k, 0)
+                                  for k in ("ringbuf_full", "inflight_map_full",
+                                            "conn_map_full", "read_failed")},
+                   agent_cpu_pct=usage["cpu_pct"], agent_rss_max_kb=usage["rss_max_kb"],
+                   agent_rss_end_kb=usage["rss_end_kb"])
+        res["lossless"] = res["lost"] == 0 and res["spans"] >= res["completed"]
+        self.prev = cur
+        return res
+
+    def close(self) -> dict:
+        final = self.agent.stop()
+        info = {"startup_s": self.agent.startup_s,
+                "hwm_at_start_kb": self.agent.hwm_at_start_kb, "final": final}
+        self.agent.cleanup()
+        try:
+            os.unlink(self.out)
+        except OSError:
+            pass
+        return info
+
+
+def _nginx_window(servers, rate, seconds) -> dict:
+    cpu0, t0 = servers.cpu_seconds("nginx"), time.monotonic()
+    res = loadgen(servers.ports["nginx"], rate, seconds)
+    res["nginx_cpu_pct"] = 100 * (servers.cpu_seconds("nginx") - cpu0) / (time.monotonic() - t0)
+    return res
+
+
+def run_fixed(servers, seconds=8, rounds=2, log=print) -> dict:
+    port = servers.ports["nginx"]
+    base, traced, agents = [], [], []
+    for r in range(rounds):
+        order = ("baseline", "traced") if r % 2 == 0 else ("traced", "baseline")
+        for cond in order:
+            if cond == "baseline":
+                res = _nginx_window(servers, FIXED_RATE, seconds)
+                base.append(res)
+            else:
+                t = _Traced(servers)
+                try:
+                    cpu0, t0 = servers.cpu_seconds("nginx"), time.monotonic()
+                    res = t.window(port, FIXED_RATE, seconds)
+                    res["nginx_cpu_pct"] = 100 * (servers.cpu_seconds("nginx") - cpu0) / (
+                        time.monotonic() - t0)  # includes the settle wait: a lower bound
+                finally:
+                    agents.append(t.close())
+                traced.append(res)
+            log(f"  rate: {FIXED_RATE}/s {cond:8} achieved {res['rate']:.0f}/s "
+                f"p50 {res['p50_us']} us p99 {res['p99_us']} us"
+                + (f", spans {res['spans']}/{res['completed']}, lost {res['lost']}, "
+                   f"agent cpu {res['agent_cpu_pct']:.1f}% rss "
+                   f"{res['agent_rss_max_kb'] / 1024:.0f} MB" if cond == "traced" else ""))
+    return {"rate": FIXED_RATE, "seconds": seconds, "connections": CONNS, "rounds": rounds,
+            "baseline": base, "traced": traced, "agents": agents}
+
+
+def run_lossless(servers, seconds=4, steps=STEPS, log=print) -> dict:
+    port = servers.ports["nginx"]
+    # The machine's ceiling without the agent: ask for more than any step.
+    ceiling = _nginx_window(servers, max(steps) * 2, seconds)
+    log(f"  lossless: ceiling without the agent {ceiling['rate']:.0f}/s")
+    tried = []
+    t = _Traced(servers)
+    try:
+        def step(rate):
+            res = t.window(port, rate, seconds)
+            res["target_rate"] = rate
+            tried.append(res)
+            log(f"  lossless: {rate}/s achieved {res['rate']:.0f}/s spans "
+                f"{res['spans']}/{res['completed']} lost {res['lost']} "
+                f"agent cpu {res['agent_cpu_pct']:.0f}%")
+            return res
+
+        best, first_bad, saturated = None, None, False
+        for rate in steps:
+            res = step(rate)
+            if not res["lossless"]:
+                first_bad = rate
+                break
+            if res["rate"] < 0.95 * rate:  # the generator/nginx cannot go this fast here
+                saturated = True
+                break
+            best = rate
+        if best is not None and first_bad is not None and first_bad - best > 2_000:
+            mid = (best + first_bad) // 2 // 500 * 500
+            res = step(mid)
+            if res["lossless"] and res["rate"] >= 0.95 * mid:
+                best = mid
+            else:
+                first_bad = mid
+        double = step(2 * best) if best else None
+        ceiling_traced = step(max(steps) * 2)
+    finally:
+        agent = t.close()
+    best_achieved = max((r["rate"] for r in tried if r["lossless"]
+                         and r["target_rate"] <= (best or 0)), default=0.0)
+    return {"seconds": seconds, "connections": CONNS, "steps": list(steps),
+            "ceiling_without_agent": ceiling, "ceiling_with_agent": ceiling_traced,
+            "highest_lossless_target": best, "highest_lossless_achieved": best_achieved,
+            "first_lossy_target": first_bad, "saturated": saturated,
+            "at_double": double, "tried": tried, "agent": agent}
+
+
+def _mean(vals):
+    vals = list(vals)
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def rows_fixed(res) -> list:
+    b, t = res["baseline"], res["traced"]
+    g = f"nginx at a fixed {res['rate']:,} requests/s (open loop)"
+    spans = sum(x["spans"] for x in t)
+    done = sum(x["completed"] for x in t)
+    lost_n = sum(x["lost"] for x in t)
+    cpu = _mean(x["agent_cpu_pct"] for x in t)
+    rss = max(x["agent_rss_max_kb"] for x in t) / 1024
+    out = [
+        {"group": g, "figure": "achieved requests/s",
+         "baseline": f"{_mean(x['rate'] for x in b):.0f}",
+         "traced": f"{_mean(x['rate'] for x in t):.0f}", "delta": "", "target": "",
+         "ok": None, "note": ""},
+        {"group": g, "figure": "latency p50 / p99 (us)",
+         "baseline": f"{_mean(x['p50_us'] for x in b):.0f} / {_mean(x['p99_us'] for x in b):.0f}",
+         "traced": f"{_mean(x['p50_us'] for x in t):.0f} / {_mean(x['p99_us'] for x in t):.0f}",
+         "delta": "", "target": "", "ok": None, "note": ""},
+        {"group": g, "figure": "nginx CPU (% of a core)",
+         "baseline": f"{_mean(x['nginx_cpu_pct'] for x in b):.1f}",
+         "traced": f"{_mean(x['nginx_cpu_pct'] for x in t):.1f}", "delta": "", "target": "",
+         "ok": None, "note": "traced figure spans the agent's catch-up wait too (lower bound)"},
+        {"group": g, "figure": "spans / requests answered", "baseline": "",
+         "traced": f"{spans} / {done}", "delta": f"{100 * spans / done:.2f}%" if done else "",
+         "target": "100%", "ok": spans >= done,
+         "note": "" if spans >= done else f"{done - spans} requests without a span"},
+        {"group": g, "figure": "lost events", "baseline": "", "traced": f"{lost_n}",
+         "delta": "", "target": "0", "ok": lost_n == 0,
+         "note": "" if lost_n == 0 else f"{lost_n} lost"},
+        {"group": g, "figure": "agent CPU (% of one core)", "baseline": "",
+         "traced": f"{cpu:.1f}", "delta": "", "target": f"<= {TARGET_CPU_PCT:.0f}",
+         "ok": cpu <= TARGET_CPU_PCT,
+         "note": "" if cpu <= TARGET_CPU_PCT else
+         f"over by {cpu - TARGET_CPU_PCT:.1f} points ({cpu / TARGET_CPU_PCT:.1f}x)"},
+        {"group": g, "figure": "agent RSS, max while loaded (MB)", "baseline": "",
+         "traced": f"{rss:.0f}", "delta": "", "target": f"<= {TARGET_RSS_MB:.0f}",
+         "ok": rss <= TARGET_RSS_MB,
+         "note": "" if rss <= TARGET_RSS_MB else f"over by {rss - TARGET_RSS_MB:.0f} MB"},
+    ]
+    return out
+
+
+def rows_lossless(res) -> list:
+    g = "highest lossless rate (nginx, HTTP/1 keep-alive)"
+    best = res["highest_lossless_target"] or 0
+    ceil_b, ceil_t = res["ceiling_without_agent"], res["ceiling_with_agent"]
+    ok = best >= TARGET_LOSSLESS
+    note = ""
+    if not ok:
+        note = f"short by {TARGET_LOSSLESS - best:,}/s"
+        if res["saturated"] or ceil_b["rate"] < TARGET_LOSSLESS:
+            note += (f"; the generator + nginx reach only {ceil_b['rate']:,.0f}/s on this "
+                     "machine without the agent")
+    out = [
+        {"group": g, "figure": "max rate, generator + nginx (req/s)",
+         "baseline": f"{ceil_b['rate']:.0f}", "traced": f"{ceil_t['rate']:.0f}",
+         "delta": f"{100 * ceil_t['rate'] / ceil_b['rate']:.1f}%" if ceil_b["rate"] else "",
+         "target": "", "ok": None,
+         "note": f"traced: spans {ceil_t['spans']}/{ceil_t['completed']}, lost {ceil_t['lost']}"},
+        {"group": g, "figure": "highest lossless rate (req/s)", "baseline": "",
+         "traced": f"{best:,} (achieved {res['highest_lossless_achieved']:.0f})",
+         "delta": "", "target": f">= {TARGET_LOSSLESS:,}", "ok": ok, "note": note},
+    ]
+    d = res["at_double"]
+    if d:
+        miss = d["completed"] - d["spans"]
+        out.append({
+            "group": g, "figure": f"loss at twice that ({2 * best:,}/s asked)", "baseline": "",
+            "traced": f"lost {d['lost']}, {max(miss, 0)} requests without span",
+            "delta": (f"{100 * max(miss, 0) / d['completed']:.1f}% of requests"
+                      if d["completed"] else ""),
+            "target": "", "ok": None,
+            "note": f"achieved {d['rate']:.0f}/s, agent cpu {d['agent_cpu_pct']:.0f}%"})
+    return out

@@ -35,7 +35,7 @@ import sys
 import time
 from collections import Counter, defaultdict
 
-from bench.topology import KINDS, PARENT, SUBNET, Topology, classify
+from bench.topology import KINDS, PARENT, SUBNET, Topology, classify, die_with_parent
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -250,7 +250,7 @@ class AgentProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "deeptrace_core.cli", "--config", config_path],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.err, cwd=REPO,
-            start_new_session=True)
+            start_new_session=True, preexec_fn=die_with_parent)
 
     def text(self):
         with open(self.stderr_path, errors="replace") as f:

@@ -29,7 +29,7 @@ def _yaml(value) -> str:
 
 
 def trace_config(*, out_path, comms=(), ports=(), pids=(), protocols=(), spans=True,
-                 drop_all=False, stats_interval="1s", **trace) -> str:
+                 drop_all=False, stats_interval="1s", log_level="warning", **trace) -> str:
     """The YAML of a trace-probe pipeline.
 
     spans: processors [spans] (L7 spans out); drop_all: a filter processor that drops every
@@ -51,7 +51,7 @@ def trace_config(*, out_path, comms=(), ports=(), pids=(), protocols=(), spans=T
     if drop_all:
         processors["filter/drop-all"] = {"include": {"pid": ["-1"]}}
         used.append("filter/drop-all")
-    lines = [f"agent: {{stats_interval: {stats_interval}, log_level: warning}}",
+    lines = [f"agent: {{stats_interval: {stats_interval}, log_level: {log_level}}}",
              "probes:",
              f"  trace: {_yaml(probe)}"]
     if processors:
@@ -67,18 +67,19 @@ def trace_config(*, out_path, comms=(), ports=(), pids=(), protocols=(), spans=T
     return "\n".join(lines)
 
 
-def all_probes_config(out_path) -> tuple[str, list]:
+def all_probes_config(out_path, comms=("dtb-startup",)) -> tuple[str, list]:
     """Every probe the installed plugins register, at defaults (the trace probe with every
-    registered protocol detected in the kernel), spans processor, jsonl exporter."""
+    registered protocol detected in the kernel, selecting only `comms` so a start-up
+    measurement records nobody else's traffic), spans processor, jsonl exporter."""
     from deeptrace_core.plugins import PluginHost
     import logging
     logging.getLogger("deeptrace").setLevel(logging.ERROR)
     registry = PluginHost().load_entry_points().registry()
     probes = sorted(registry.probes)
     protocols = sorted(registry.protocols)
-    lines = ["agent: {stats_interval: 60s, log_level: warning}", "probes:"]
+    lines = ["agent: {stats_interval: 60s, log_level: info}", "probes:"]
     for p in probes:
-        body = {"protocols": protocols, "exclude_comms": ["sshd"]} if p == "trace" else {}
+        body = {"protocols": protocols, "comms": list(comms)} if p == "trace" else {}
         lines.append(f"  {p}: {_yaml(body)}")
     lines += ["processors:", "  spans: {}",
               "exporters:", f"  jsonl: {{path: {_yaml(out_path)}, append: false}}",

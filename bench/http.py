@@ -1,8 +1,8 @@
 """HTTP servers under wrk at fixed connection counts, with and without the agent.
 
 nginx (Debian, one worker, `return 200`, from tests/servers.py) and a Python
-ThreadingHTTPServer (bench/pyhttp.py: tests/l7_peers.py's server with TCP_NODELAY), each under `wrk -t2 -cN -dS --latency`
-(closed loop: as fast as they answer). The agent selects exactly the two servers
+ThreadingHTTPServer (bench/pyhttp.py: tests/l7_peers.py's server with TCP_NODELAY),
+each under `wrk -t2 -cN -dS --latency` (closed loop: as fast as they answer). The agent selects exactly the two servers
 (`comms` of the servers and `ports` of their listening sockets: wrk's own sockets are
 not traced), detects HTTP/1 in the kernel (`protocols: [http1]`), builds spans and
 writes them as JSON lines to a temp file.

@@ -65,6 +65,9 @@ class _Traced:
         usage = sampler.stop()
         cur = self.agent.settle(quiet_s=0.5)
         res.update(spans=spans_made(cur) - spans_made(self.prev),
+                   records=(cur.get("pipeline.main", {}).get("records_in", 0)
+                            - self.prev.get("pipeline.main", {}).get("records_in", 0)),
+                   agent_cpu_s=usage["cpu_s"],
                    lost=lost(cur) - lost(self.prev),
                    lost_by_cause={k: cur.get("probe.trace", {}).get(k, 0)
                                   - self.prev.get("probe.trace", {}).get(k, 0)
@@ -183,6 +186,8 @@ def rows_fixed(res) -> list:
     lost_n = sum(x["lost"] for x in t)
     cpu = _mean(x["agent_cpu_pct"] for x in t)
     rss = max(x["agent_rss_max_kb"] for x in t) / 1024
+    records = sum(x["records"] for x in t)
+    cpu_s = sum(x["agent_cpu_s"] for x in t)
     out = [
         {"group": g, "figure": "achieved requests/s",
          "baseline": f"{_mean(x['rate'] for x in b):.0f}",
@@ -208,6 +213,12 @@ def rows_fixed(res) -> list:
          "ok": cpu <= TARGET_CPU_PCT,
          "note": "" if cpu <= TARGET_CPU_PCT else
          f"over by {cpu - TARGET_CPU_PCT:.1f} points ({cpu / TARGET_CPU_PCT:.1f}x)"},
+        {"group": g, "figure": "agent CPU per request (us)", "baseline": "",
+         "traced": f"{1e6 * cpu_s / done:.1f}" if done else "", "delta": "", "target": "",
+         "ok": None,
+         "note": (f"{records / done:.2f} records per request, "
+                  f"{1e6 * cpu_s / records:.1f} us per record (drain, decode, spans, jsonl)"
+                  if done and records else "")},
         {"group": g, "figure": "agent RSS, max while loaded (MB)", "baseline": "",
          "traced": f"{rss:.0f}", "delta": "", "target": f"<= {TARGET_RSS_MB:.0f}",
          "ok": rss <= TARGET_RSS_MB,

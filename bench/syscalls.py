@@ -191,6 +191,16 @@ def rows(res) -> list:
             "traced": _pair(x["median_ns"], x["p99_ns"]),
             "delta": _delta(r["excluded_added_median_ns"], r["excluded_added_p99_ns"]),
             "target": "", "ok": None, "note": ""})
+    adds = sorted(r["added_median_ns"] for r in res["syscalls"].values())
+    if adds:
+        over = sum(a > TARGET_NS for a in adds)
+        out.append({
+            "group": "syscall latency, median / p99 (us)",
+            "figure": "added median over all traced syscalls", "baseline": "",
+            "traced": f"min {adds[0] / 1000:+.2f}, median {adds[len(adds) // 2] / 1000:+.2f}, "
+                      f"max {adds[-1] / 1000:+.2f}",
+            "delta": "", "target": f"each +<= {TARGET_NS / 1000:.2f}", "ok": over == 0,
+            "note": f"{over} of {len(adds)} over the budget" if over else ""})
     for i, a in enumerate(res["agent"]):
         per = a.get("cpu_us_per_record")
         out.append({

@@ -23,7 +23,10 @@ their ``comm`` says what they are: dt-svc-a, dt-svc-a-aio, dt-svc-b, dt-load):
   (Redis, PostgreSQL) connection pairs opened at start-up is shared by its threads.
 * A: thread-per-request; each thread keeps one keep-alive connection to B.
 * A (``asyncio_a=True``): one asyncio event loop, minimal HTTP/1.1 with keep-alive; calls
-  to B go over a small pool of keep-alive connections shared by all requests.
+  to B go over a small pool of keep-alive connections shared by all requests, opened on
+  demand. (Connections whose server side sits in a blocking read are opened after the
+  agent starts: a read that entered before the probe attached is never seen, so the
+  first request on such a connection would be missing on the server side.)
 * the load client: threads each with its own keep-alive connection, unique request ids,
   optionally a W3C traceparent header per request; bounded in count and time.
 
@@ -72,6 +75,15 @@ def set_comm(name: str):
     """Name this process (and the threads it starts later) for the kernel: comm."""
     try:
         ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except Exception:
+        pass
+
+
+def die_with_parent():
+    """preexec_fn: SIGTERM this child when the process that started it dies (a crashed
+    bench must not leave servers or an attached agent behind)."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
     except Exception:
         pass
 
@@ -166,7 +178,8 @@ class Topology:
         tag = f"{prefix}{self.owner}" + (f"_{_instances}" if _instances > 1 else "")
         self.ns = {r: f"{tag}-{r}" for r in ROLES}
         self.addr = {h: f"{SUBNET}.{n}" for h, n in HOSTS.items()}
-        base = base_port or random.randrange(20000, 40000, 10)
+        # Below the ephemeral range (32768-), so no other socket on the machine has them.
+        base = base_port or random.randrange(20000, 32000, 10)
         self.ports = {"a": base, "b": base + 1, "redis": base + 2, "postgres": base + 3}
         self.asyncio_a = asyncio_a
         self.pool, self.a_pool, self.keep = pool, a_pool, keep
@@ -247,7 +260,8 @@ class Topology:
         try:
             p = subprocess.Popen(["ip", "netns", "exec", self.ns[host], *argv],
                                  stdin=subprocess.DEVNULL, stdout=stdout, stderr=err,
-                                 cwd=REPO, env=env, start_new_session=True)
+                                 cwd=REPO, env=env, start_new_session=True,
+                                 preexec_fn=die_with_parent)
         finally:
             err.close()
         self.procs[name] = p

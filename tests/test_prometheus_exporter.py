@@ -216,6 +216,11 @@ def test_series_are_bounded_and_expire(exporter):
     assert exp.stats()["expired_series"] == 2
     exp.export([MetricPoint("m", GAUGE, "", 3, {"i": 3})])     # room again
     assert scrape(exp)[2][("m", ("i", "3"))] == 3
+    # A full store makes room by itself when its series went stale, even unscraped.
+    exp.export([MetricPoint("m", GAUGE, "", i, {"j": i}) for i in range(1)])
+    time.sleep(1.1)
+    exp.export([MetricPoint("m", GAUGE, "", 5, {"k": 5})])
+    assert scrape(exp)[2] == {("m", ("k", "5")): 5}
 
 
 def test_red_series_bounded_into_other(exporter):

@@ -20,9 +20,17 @@ Latency is device time, block_rq_issue -> block_rq_complete; queue time is
 block_rq_insert -> block_rq_issue, for requests that went through an I/O scheduler (both
 tracepoints fire). The size histogram's count and sum are each device's operations and
 bytes. ``disk.io.direction`` is ``read``/``write`` (rwbs R/W), or ``discard``, ``flush``
-(a pure flush), ``other``. The process is the one current when the request was inserted
-(or, without a scheduler, issued): for writeback that is the flusher thread, not the
-process that dirtied the pages; direct and synchronous I/O is attributed to its process.
+(REQ_OP_FLUSH, or a preflush write carrying no data), ``other``. The process is the one
+current when the request was inserted (or, without a scheduler, issued): for writeback
+that is the flusher thread, not the process that dirtied the pages; direct and
+synchronous I/O is attributed to its process.
+
+Losses are counted in ``stats()``: map overflows; ``prog_recursion_misses`` (the kernel
+skipped a program because another BPF program was running on that CPU);
+``lost_completion`` (an issued request whose completion never reached us: the kernel also
+drops tracepoint events silently when its perf recursion guard is taken, seen on this
+platform for completions in softirq over some tasks); ``unmatched_complete`` (issued
+before attach).
 """
 
 import ctypes
@@ -42,7 +50,7 @@ NSLOTS = 27                     # log2 buckets: 1 us .. 2^26 us (67 s), 1 B .. 6
 DIRECTIONS = ("read", "write", "discard", "flush", "other")
 H_LATENCY, H_QUEUE, H_SIZE = 0, 1, 2
 STAT_NAMES = ("completed", "inflight_map_full", "proc_map_full", "hist_map_full",
-              "unmatched_complete", "complete_without_issue")
+              "unmatched_complete", "complete_without_issue", "lost_completion")
 LAT_BOUNDS = log2_bounds(1e-6, NSLOTS)
 SIZE_BOUNDS = log2_bounds(1, NSLOTS)
 OTHER = "other"
@@ -158,7 +166,8 @@ class DiskProbe:
         # Entries of exited processes, folded out of the kernel maps by gc().
         self._retired_io: dict = {}      # (pid, comm, dev, dir) -> [bytes, ops]
         self._retired_hist: dict = {}    # (pid, comm, dir, slot) -> [count, sum_ns]
-        self.stale_dropped = 0
+        self.stale_dropped = 0           # in-flight entries aged out by gc()
+        self.stale_lost = 0              # ... of them issued: a completion we never saw
 
     # -- build --------------------------------------------------------------------------
     def defines(self) -> dict:
@@ -315,6 +324,7 @@ class DiskProbe:
             if max(val.ts_insert, val.ts_issue) < limit:
                 _delete(table, k)
                 self.stale_dropped += 1
+                self.stale_lost += bool(val.ts_issue)
 
     def _compact_retired(self):
         """Bound memory: beyond max_processes retired keys, fold the least busy into
@@ -335,6 +345,7 @@ class DiskProbe:
             return {}
         table = self.bpf[b"stats"]
         out = {name: int(table.sum(i).value) for i, name in enumerate(STAT_NAMES)}
+        out["lost_completion"] += self.stale_lost
         out["prog_recursion_misses"] = sum(recursion_misses(self.bpf).values())
         out["inflight_stale_dropped"] = self.stale_dropped
         out["inflight_entries"] = len(self.bpf[b"inflight"])

@@ -46,9 +46,10 @@ has none), status ERROR when ``error``; attributes are the span's own plus
 
 Metric points: SUM -> cumulative monotonic Sum, GAUGE -> Gauge, HISTOGRAM -> cumulative
 explicit-bounds Histogram. Points whose attributes carry ``process.pid`` are grouped
-under that process's resource (the same resource as its spans: the ``process.*``
-attributes move there); the others under the host resource (``service.name =
-deeptrace-host``). RED metrics (see ``red.py``) go every ``export_interval`` under one
+under that process's resource (the same resource as its spans); they keep their
+``process.*`` attributes, so series of two processes of one service stay apart where
+resource attributes are not labels (e.g. after conversion to Prometheus). The others go
+under the host resource (``service.name = deeptrace-host``). RED metrics (see ``red.py``) go every ``export_interval`` under one
 resource per service; they bypass the queue (they are bounded by ``red_max_series``)
 and, being cumulative, are simply sent again next time when a send fails.
 """
@@ -83,7 +84,6 @@ GRPC_DEFAULT = "127.0.0.1:4317"
 HTTP_DEFAULT = "http://127.0.0.1:4318"
 HOST_SERVICE = "deeptrace-host"
 SCOPE = "deeptrace"
-PROCESS_KEYS = ("process.pid", "process.executable.name", "process.command_line")
 RETRYABLE_HTTP = (429, 502, 503, 504)
 
 try:
@@ -464,7 +464,6 @@ class Converter:
                 comm, cmdline = self._process_of(pid, attributes)
                 rkey = ("p", pid, comm, cmdline)
                 make = (lambda p=pid, c=comm, l=cmdline: self.process_resource(p, c, l))
-                attributes = {k: v for k, v in attributes.items() if k not in PROCESS_KEYS}
             else:
                 rkey, make = ("s", HOST_SERVICE), (lambda: self.named_resource(HOST_SERVICE))
             entry = resources.get(rkey)
@@ -786,7 +785,7 @@ class OtlpExporter:
                 if not exc.retryable or attempt >= retries:
                     break
                 cap = min(self.config.retry_max_backoff,
-                          self.config.retry_initial_backoff * (2 ** attempt))
+                          self.config.retry_initial_backoff * (2 ** min(attempt, 30)))
                 delay = cap * random.uniform(0.5, 1.0)
                 if exc.retry_after is not None:
                     delay = min(self.config.retry_max_backoff, max(delay, exc.retry_after))

@@ -162,8 +162,8 @@ def render(points, helps=None) -> str:
                 bounds = list(p.bounds)
                 for i, bound in enumerate(bounds):
                     running += p.counts[i] if i < len(p.counts) else 0
-                    out.append(f"{name}_bucket{_labels(p.attributes, (('le', format_value(float(bound))),))} "
-                               f"{running}\n")
+                    le = (("le", format_value(float(bound))),)
+                    out.append(f"{name}_bucket{_labels(p.attributes, le)} {running}\n")
                 # +Inf and _count must agree: take them from the buckets when given.
                 total = sum(p.counts) if p.counts else p.count
                 out.append(f"{name}_bucket{_labels(p.attributes, (('le', '+Inf'),))} {total}\n")
@@ -227,6 +227,7 @@ class PrometheusExporter:
         self.points_in = 0
         self.dropped_points = 0
         self.expired_series = 0
+        self._last_expiry = 0.0
         self.scrapes = 0
         host, port = _parse_address(config.address)
         try:
@@ -259,6 +260,9 @@ class PrometheusExporter:
                 if kind == "metric":
                     self.points_in += 1
                     key = r.key()
+                    if key not in series and len(series) >= self.config.max_series \
+                            and now - self._last_expiry >= 1.0:
+                        self._expire_locked(now)   # stale series make room (once a second)
                     if key in series or len(series) < self.config.max_series:
                         series[key] = (r, now)
                         if r.description and r.name not in self._helps:
@@ -272,20 +276,20 @@ class PrometheusExporter:
         if spans:
             self.red.add_all(spans)
 
-    def _expire(self):
+    def _expire_locked(self, now):
+        self._last_expiry = now
         ttl = self.config.series_ttl
         if ttl <= 0:
             return
-        limit = time.monotonic() - ttl
-        with self._lock:
-            old = [k for k, (_, seen) in self._series.items() if seen < limit]
-            for k in old:
-                del self._series[k]
-            self.expired_series += len(old)
+        limit = now - ttl
+        old = [k for k, (_, seen) in self._series.items() if seen < limit]
+        for k in old:
+            del self._series[k]
+        self.expired_series += len(old)
 
     def render(self) -> str:
-        self._expire()
         with self._lock:
+            self._expire_locked(time.monotonic())
             points = [p for p, _ in self._series.values()]
             helps = dict(self._helps)
             self.scrapes += 1

@@ -22,7 +22,7 @@ F_SELF, F_BIRTH = 1, 2
 
 # Counter slots of the `stats` per-CPU array, in C enum order.
 STAT_NAMES = ("closed", "ringbuf_full", "conn_map_full", "proc_map_full", "hist_map_full",
-              "read_failed", "unknown_connection", "reset_without_socket")
+              "read_failed", "unknown_connection", "reset_without_socket", "lost_close")
 
 # bpf_ktime_get_ns() is CLOCK_MONOTONIC; records carry wall-clock ns.
 _MONO_TO_WALL = time.time_ns() - time.monotonic_ns()
@@ -43,8 +43,11 @@ class TcpConnection:
     local_port: int
     remote_addr: str
     remote_port: int
-    bytes_received: int           # tcp_sock.bytes_received at CLOSE
-    bytes_sent: int               # tcp_sock.bytes_acked at CLOSE (sent and acknowledged)
+    # Data bytes, from tcp_sock.bytes_received / bytes_acked at CLOSE less the SYN and
+    # FINs they count (see network.bpf.c). bytes_sent is what the peer acknowledged. For
+    # a connection opened before the probe attached, bytes_sent may include 1 for its SYN.
+    bytes_received: int
+    bytes_sent: int
     srtt_us: int                  # tcp_sock.srtt_us >> 3 at CLOSE; 0 if never measured
     retransmits: int              # tcp:tcp_retransmit_skb seen since the probe attached
     total_retrans: int            # the kernel's lifetime count (tcp_sock.total_retrans)

@@ -46,8 +46,10 @@ enum { OWN_NONE = 0, OWN_CONNECT, OWN_IO, OWN_CLOSE };
 #define F_FIN_SENT 8      // entered FIN_WAIT1/LAST_ACK: a FIN was queued after our data
 
 // Counters by cause; decoder.py mirrors the names.
+// ST_LOST_CLOSE: a new connection was born at the address of one whose CLOSE we never
+// saw (the kernel dropped that event: recursion, or its perf recursion guard).
 enum { ST_CLOSED = 0, ST_RB_FULL, ST_CONN_FULL, ST_PROC_FULL, ST_HIST_FULL,
-       ST_READ_FAIL, ST_UNKNOWN_CONN, ST_RST_NO_SOCK, ST_NSTATS };
+       ST_READ_FAIL, ST_UNKNOWN_CONN, ST_RST_NO_SOCK, ST_LOST_CLOSE, ST_NSTATS };
 BPF_PERCPU_ARRAY(stats, u64, ST_NSTATS);
 
 static __always_inline void stat_inc(u32 idx) {
@@ -272,6 +274,8 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
         // Birth: connect() (in the caller's context), or a passive child cloned from its
         // listener (in softirq: its owner is the first process to send or receive).
         struct conn_t fresh = {.birth_ns = bpf_ktime_get_ns(), .flags = F_BIRTH};
+        if (conns.lookup(&sk))
+            stat_inc(ST_LOST_CLOSE);
         if (new == TCP_SYN_SENT)
             set_owner(&fresh, OWN_CONNECT);
         if (conns.update(&sk, &fresh))

@@ -1,0 +1,129 @@
+"""DeepTrace performance suite (run as root): `make bench`, or
+
+    python -m bench [--quick] [--out bench/results/bench.json] [--only NAME,...]
+
+Sections (NAME), each measured with and without the agent in the same run, interleaved:
+
+  startup    launch to all probes attached; peak RSS while compiling
+  syscalls   per-syscall added latency (C driver, 100,000 calls each), traced and excluded
+  http       nginx and a Python HTTP server under wrk at fixed connection counts
+  rate       nginx at a fixed 10,000 requests/s: agent CPU, RSS, spans vs requests, loss
+  lossless   the highest lossless request rate (stepping up), and the loss at twice that
+
+Prints one table (without agent, with agent, delta/ratio, target, pass/MISS, and a note
+saying by how much a missed target is missed) and writes every raw figure and the
+machine's description to the JSON file. The full run takes about 6 minutes on the
+project's 2-core VM (under 10); --quick (about 2 minutes) is a smoke run with fewer calls,
+shorter windows and one round, whose figures are not for publishing.
+"""
+
+import argparse
+import os
+import sys
+import time
+import traceback
+
+from . import report
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SECTIONS = ("startup", "syscalls", "http", "rate", "lossless")
+
+FULL = {"startup": {"repeats": 3},
+        "syscalls": {"n_calls": 100_000, "rounds": 2},
+        "http": {"conns": (16, 128), "seconds": 5, "rounds": 2},
+        "rate": {"seconds": 8, "rounds": 2},
+        "lossless": {"seconds": 4}}
+QUICK = {"startup": {"repeats": 1},
+         "syscalls": {"n_calls": 10_000, "rounds": 1},
+         "http": {"conns": (16,), "seconds": 2, "rounds": 1},
+         "rate": {"seconds": 3, "rounds": 1},
+         "lossless": {"seconds": 2, "steps": (5_000, 10_000, 20_000)}}
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_section(name, params):
+    """(raw results, table rows) of one section."""
+    if name == "startup":
+        from . import startup
+        res = startup.run(log=log, **params)
+        return res, startup.rows(res)
+    if name == "syscalls":
+        from . import syscalls
+        res = syscalls.run(log=log, **params)
+        return res, syscalls.rows(res)
+    if name == "http":
+        from . import http
+        res = http.run(log=log, **params)
+        return res, http.rows(res)
+    if name in ("rate", "lossless"):
+        from . import rate
+        from .http import Servers
+        servers = Servers(python=False)
+        try:
+            if name == "rate":
+                res = rate.run_fixed(servers, log=log, **params)
+                return res, rate.rows_fixed(res)
+            res = rate.run_lossless(servers, log=log, **params)
+            return res, rate.rows_lossless(res)
+        finally:
+            servers.stop()
+    raise ValueError(name)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke run (about 2 minutes)")
+    p.add_argument("--out", default=None,
+                   help="JSON output (default bench/results/bench.json, "
+                        "bench/results/bench-quick.json with --quick)")
+    p.add_argument("--only", default="", help=f"comma-separated subset of {','.join(SECTIONS)}")
+    args = p.parse_args(argv)
+    only = [s for s in args.only.split(",") if s] or list(SECTIONS)
+    unknown = [s for s in only if s not in SECTIONS]
+    if unknown:
+        p.error(f"unknown section(s) {', '.join(unknown)} (known: {', '.join(SECTIONS)})")
+    if os.geteuid() != 0:
+        print("bench: needs root (it loads BPF programs)", file=sys.stderr)
+        return 1
+    out = args.out or os.path.join(
+        HERE, "results", "bench-quick.json" if args.quick else "bench.json")
+    params = QUICK if args.quick else FULL
+
+    t_start = time.monotonic()
+    machine = report.machine()
+    log("bench: " + report.describe(machine))
+    sections, rows, timings = {}, [], {}
+    meta = {"quick": args.quick, "sections_run": only, "parameters": {s: params[s] for s in only}}
+    for name in only:
+        t0 = time.monotonic()
+        log(f"bench: {name} ...")
+        try:
+            res, section_rows = run_section(name, params[name])
+            res["loadavg_after"] = list(os.getloadavg())
+        except Exception as exc:
+            log(f"bench: {name} failed:\n{traceback.format_exc()}")
+            res = {"error": repr(exc), "traceback": traceback.format_exc()}
+            section_rows = [{"group": name, "figure": "section failed", "baseline": "",
+                             "traced": "", "delta": "", "target": "", "ok": False,
+                             "note": repr(exc)[:200]}]
+        timings[name] = time.monotonic() - t0
+        log(f"bench: {name} done in {timings[name]:.0f} s")
+        sections[name] = res
+        rows += section_rows
+        machine["loadavg_end"] = list(os.getloadavg())
+        meta.update(duration_s=time.monotonic() - t_start, section_seconds=timings)
+        report.write(out, machine, sections, rows, meta)  # partial results survive a crash
+    meta.update(duration_s=time.monotonic() - t_start,
+                generated=time.strftime("%Y-%m-%d %H:%M:%S"))
+    report.write(out, machine, sections, rows, meta)
+    print(report.render(machine, rows, meta))
+    print(f"\nJSON: {os.path.relpath(out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

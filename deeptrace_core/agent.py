@@ -98,6 +98,8 @@ class Agent:
                 busy = True
                 for pl in self.routes[cid]:
                     pl.consume(batch)
+        for pl in self.pipelines:
+            pl.consume([], tick=True)
         idle = budget / 1000 - (time.monotonic() - t0)
         if not busy and idle > 0.005 and timeout_ms is None:
             self.stop_event.wait(idle)

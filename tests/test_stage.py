@@ -186,3 +186,17 @@ def test_stream_is_capped():
     for i in range(50):
         s.append(b"x" * 30, 30, i, i)
     assert len(s) <= 100
+
+
+def test_threads_serving_overlapping_requests_are_marked_concurrent():
+    st = stage()
+    spans = st.process([
+        rec(b"ASK - one\n", "ingress", conn=1, t=0, tid=5),
+        rec(b"ASK - two\n", "ingress", conn=2, t=10, tid=5),   # same thread, first not answered
+        rec(b"ANS - ok\n", "egress", conn=1, t=20, tid=5),
+        rec(b"ANS - ok\n", "egress", conn=2, t=30, tid=5),
+        rec(b"ASK - three\n", "ingress", conn=3, t=40, tid=6),
+        rec(b"ANS - ok\n", "egress", conn=3, t=50, tid=6)])
+    marks = [(s.operation, s.tid, s.attributes.get("deeptrace.thread_concurrent")) for s in spans]
+    assert marks == [("one", 5, True), ("two", 5, True), ("three", 6, None)]
+    assert not st.open_server

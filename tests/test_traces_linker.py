@@ -111,3 +111,44 @@ def test_unlinked_span_is_its_own_trace_and_memory_is_bounded():
     for i in range(50):
         linker.process([chain()["redis"]])
     assert len(linker.held) <= 10
+
+
+def test_event_loop_threads_use_the_statistical_fallback():
+    """asyncio: one thread, overlapping requests (the stage marks such threads). The
+    thread rule would give C1 to whichever server span arrives first (S2); the fallback
+    matches the ids in the URLs."""
+    global BASE
+    BASE = time.time_ns() - 200 * MS
+    A = ("10.0.0.1", 8001)
+    mark = {"deeptrace.thread_concurrent": True}
+    s1 = span("server", 1, 1, 0, 100, A, ("10.0.0.9", 1), seq=1, op="GET /a",
+              **{"url.path": "/a/x1", **mark})
+    s2 = span("server", 1, 1, 5, 50, A, ("10.0.0.9", 2), seq=1, op="GET /a",
+              **{"url.path": "/a/x2", **mark})
+    c1 = span("client", 1, 1, 10, 40, ("10.0.0.1", 3), ("10.0.0.5", 80), seq=5, op="GET /b",
+              **{"url.path": "/b/x1", **mark})
+    c2 = span("client", 1, 1, 12, 45, ("10.0.0.1", 4), ("10.0.0.5", 80), seq=6, op="GET /b",
+              **{"url.path": "/b/x2", **mark})
+    run([s1, s2, c1, c2])
+    assert c1.parent_span_id == s1.span_id and c2.parent_span_id == s2.span_id
+    assert c1.link_source == c2.link_source == "statistical"
+    assert c1.trace_id == s1.trace_id and c2.trace_id == s2.trace_id
+
+
+def test_statistical_parent_may_already_be_released():
+    """A server span with traceparent leaves at once; a thread-pool call still finds it."""
+    global BASE
+    BASE = time.time_ns() - 200 * MS
+    tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    s = span("server", 1, 11, 0, 100, ("10.0.0.1", 8001), ("10.0.0.9", 1), seq=1,
+             op="GET /a", **{"url.path": "/a/x1", "http.request.header.traceparent": tp})
+    c = span("client", 1, 12, 10, 40, ("10.0.0.1", 3), ("10.0.0.5", 80), seq=5, op="GET /b",
+             **{"url.path": "/b/x1"})
+    linker = TraceLinker(TracesConfig(wait=0.05))
+    out = linker.process([s])  # released at once (traceparent)
+    out += linker.process([c])
+    deadline = time.monotonic() + 2
+    while linker.held and time.monotonic() < deadline:
+        time.sleep(0.02)
+        out += linker.process([])
+    assert c.parent_span_id == s.span_id and c.trace_id == "4bf92f3577b34da6a3ce929d0e0e4736"

@@ -112,6 +112,7 @@ class TraceLinker:
         self.gap_stats = defaultdict(lambda: [0, 0.0, 0.0])  # n, mean, M2 of log-gap
         self.counts = defaultdict(int)
         self._next_expiry = 0.0
+        self.recent_servers: OrderedDict = OrderedDict()  # released server spans, bounded
 
     # -- intake ---------------------------------------------------------------------------
     def process(self, batch):
@@ -183,8 +184,11 @@ class TraceLinker:
                 span.local_port, span.request_seq[0])
 
     def _adopt_thread_children(self, server_h, out):
-        """Client spans this thread made while serving the request are its children."""
+        """Client spans this thread made while serving the request are its children
+        (unless the thread serves requests concurrently: an event loop)."""
         s = server_h.span
+        if s.attributes.get("deeptrace.thread_concurrent"):
+            return
         ids = self.clients_by_thread.get((s.pid, s.tid))
         if not ids:
             return
@@ -194,7 +198,9 @@ class TraceLinker:
             if ch is None or ch.decided:
                 continue
             c = ch.span
-            if s.start_ns - TOLERANCE_NS <= c.start_ns and c.end_ns <= s.end_ns + TOLERANCE_NS:
+            if c.attributes.get("deeptrace.thread_concurrent"):
+                keep.append(cid)
+            elif s.start_ns - TOLERANCE_NS <= c.start_ns and c.end_ns <= s.end_ns + TOLERANCE_NS:
                 self._learn(s, c)
                 self._link(ch, server_h, "thread", out)
             else:
@@ -208,10 +214,12 @@ class TraceLinker:
         child.link_source = child.link_source or source
         child_h.decided = True
         self.counts[f"links_{source}"] += 1
-        if parent_h.span.span_id in self.released:
-            self._link_released(child_h, parent_h.span.span_id, source, out)
-        else:
+        pid = parent_h.span.span_id
+        if pid in self.held:
             parent_h.children.append(child_h)
+        else:  # already released: it carries its trace id
+            self.released.setdefault(pid, parent_h.span.trace_id)
+            self._link_released(child_h, pid, source, out)
 
     def _link_released(self, child_h, parent_id, source, out):
         child = child_h.span
@@ -243,6 +251,10 @@ class TraceLinker:
                 span.trace_id = new_id(16)
             self.held.pop(span.span_id, None)
             self.released[span.span_id] = span.trace_id
+            if span.role == "server":  # may still be a statistical parent for a while
+                self.recent_servers[span.span_id] = span
+                if len(self.recent_servers) > 20000:
+                    self.recent_servers.popitem(last=False)
             out.append(span)
             for ch in cur.children:
                 ch.span.trace_id = span.trace_id
@@ -273,8 +285,9 @@ class TraceLinker:
         horizon = wall - int((self.config.max_hold + self.config.wait) * 1e9)
         for pid in list(self.servers_by_pid):
             ids = [i for i in self.servers_by_pid[pid]
-                   if i in self.held or i in self.released]
-            ids = [i for i in ids if i not in self.held or self.held[i].span.end_ns > horizon]
+                   if i in self.held or i in self.recent_servers]
+            ids = [i for i in ids if (self.held[i].span if i in self.held
+                                      else self.recent_servers[i]).end_ns > horizon]
             if ids:
                 self.servers_by_pid[pid] = ids[-2000:]
             else:
@@ -296,7 +309,11 @@ class TraceLinker:
         for sid in self.servers_by_pid.get(c.pid, ()):
             sh = self.held.get(sid)
             if sh is None:
-                continue
+                recent = self.recent_servers.get(sid)
+                if recent is None:
+                    continue
+                sh = _Held(recent, 0)
+                sh.decided = True
             s = sh.span
             if s.start_ns - TOLERANCE_NS <= c.start_ns and c.end_ns <= s.end_ns + TOLERANCE_NS:
                 candidates.append(sh)
@@ -348,7 +365,9 @@ class TraceLinker:
         out = []
         for h in list(self.held.values()):
             if h.span.span_id in self.held and not h.decided:
-                self._root(h, out)
+                if not (h.span.role == "client" and self.config.statistical
+                        and self._statistical(h, out)):
+                    self._root(h, out)
         for h in list(self.held.values()):
             if h.span.span_id in self.held:
                 self._root(h, out, forced=True)

@@ -70,6 +70,11 @@ class SpanStage:
         self.counts = defaultdict(Counter)
         self._cmdlines: dict = {}
         self._next_expiry = 0.0
+        # Server requests open per (pid, tid). A thread that reads a second request before
+        # answering the first is an event loop (asyncio, epoll servers): its calls cannot
+        # be attributed by thread, and its spans say so (deeptrace.thread_concurrent).
+        self.open_server = defaultdict(int)
+        self.concurrent_threads: OrderedDict = OrderedDict()
 
     # -- the hot path ---------------------------------------------------------------------
     def process(self, batch):
@@ -156,6 +161,14 @@ class SpanStage:
             if not msg.expects_response:
                 spans.append(self._span(conn, msg, None, rec))
                 return
+            if conn.role == "server":
+                thread = (rec.pid, conn.req_tid or rec.tid)
+                if self.open_server[thread] > 0:
+                    self.concurrent_threads[thread] = True
+                    if len(self.concurrent_threads) > 10000:
+                        self.concurrent_threads.popitem(last=False)
+                self.open_server[thread] += 1
+                msg.attributes["deeptrace.server_thread"] = thread[1]
             if msg.key is not None:
                 conn.keyed[msg.key] = msg
             else:
@@ -178,6 +191,13 @@ class SpanStage:
 
     def _span(self, conn, req, resp, rec, missing=None):
         protocol = (resp and resp.protocol) or req.protocol or conn.name
+        tid = conn.req_tid or rec.tid
+        if conn.role == "server" and "deeptrace.server_thread" in req.attributes:
+            tid = req.attributes.pop("deeptrace.server_thread")
+            thread = (rec.pid, tid)
+            self.open_server[thread] -= 1
+            if self.open_server[thread] <= 0:
+                del self.open_server[thread]
         status = resp.status if resp else missing
         error = bool(req.error or (resp.error if resp else missing not in (None, "")))
         if protocol in HTTP and conn.role == "client" and status and status.isdigit() \
@@ -186,12 +206,14 @@ class SpanStage:
         attributes = {**req.attributes, **(resp.attributes if resp else {})}
         if missing:
             attributes["deeptrace.no_response"] = missing
+        if (rec.pid, tid) in self.concurrent_threads:
+            attributes["deeptrace.thread_concurrent"] = True
         self.counts[conn.name]["spans"] += 1
         return Span(
             start_ns=req.ts_start,
             end_ns=resp.ts_end if resp else max(req.ts_end, conn.last_ns),
             protocol=protocol, role=conn.role,
-            pid=rec.pid, tid=conn.req_tid or rec.tid, comm=rec.comm,
+            pid=rec.pid, tid=tid, comm=rec.comm,
             cmdline=self._cmdline(rec.pid),
             l4=rec.l4, family=rec.family,
             local_addr=rec.local_addr, local_port=rec.local_port,

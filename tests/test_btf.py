@@ -20,7 +20,19 @@ import pytest
 
 from deeptrace_core import btf
 from deeptrace_core.btf import BTF, Member, kernel_offsets, offset_cflags
-from deeptrace_plugins.trace.fields import KERNEL_FIELDS
+from deeptrace_plugins.trace.fields import KERNEL_FIELDS as TRACE_FIELDS
+
+
+def _all_probe_fields():
+    """Every kernel field any registered probe reads: all are checked against pahole."""
+    from deeptrace_core.plugins import PluginHost
+    fields = set(TRACE_FIELDS)
+    for entry in PluginHost().load_entry_points().registry().probes.values():
+        fields.update(getattr(entry.cls, "kernel_fields", ()))
+    return tuple(sorted(fields))
+
+
+KERNEL_FIELDS = _all_probe_fields()
 
 VMLINUX = "/sys/kernel/btf/vmlinux"
 

@@ -49,6 +49,8 @@ class Agent:
     # -- lifecycle ------------------------------------------------------------------------
     def start(self):
         t0 = time.monotonic()
+        # Sequential on purpose: libbcc is not thread-safe (compiling two programs at
+        # once corrupts its heap), so start-up is the sum of the probes' compile times.
         try:
             for cid, probe in self.probes.items():
                 probe.attach(self.defines(cid))

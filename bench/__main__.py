@@ -29,7 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SECTIONS = ("startup", "syscalls", "http", "rate", "lossless")
 
 FULL = {"startup": {"repeats": 3},
-        "syscalls": {"n_calls": 100_000, "rounds": 2},
+        "syscalls": {"n_calls": 100_000, "rounds": 4},
         "http": {"conns": (16, 128), "seconds": 5, "rounds": 2},
         "rate": {"seconds": 8, "rounds": 2},
         "lossless": {"seconds": 4}}

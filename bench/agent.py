@@ -202,30 +202,45 @@ class Agent:
         """The latest periodic stats (cumulative since start)."""
         return parse_counters(self.text(), "stats")
 
-    def fresh_counters(self, timeout=5.0) -> dict:
-        """Stats printed after this call: waits for the next periodic line."""
-        n0 = self.text().count("deeptrace stats: probe.trace")
+    def fresh_counters(self, timeout=5.0):
+        """Stats printed after this call (waits for the next periodic report), or None
+        when none came within `timeout` (the agent is busy inside one long batch)."""
+        n0 = self.text().count("deeptrace stats: pipeline.")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            text = self.text()
-            if text.count("deeptrace stats: probe.trace") > n0:
-                time.sleep(0.05)  # let the other sections of the same report land
+            if self.text().count("deeptrace stats: pipeline.") > n0:
                 return parse_counters(self.text(), "stats")
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agent exited with {self.proc.returncode}:\n"
+                                   f"{self.text()[-3000:]}")
             time.sleep(0.05)
-        return self.counters()
+        return None
 
-    def settle(self, quiet_s=1.0, timeout=20.0) -> dict:
-        """Wait until the agent has caught up: two consecutive periodic reports with the
-        same pipeline input count, at least `quiet_s` apart. Returns the last counters."""
-        deadline = time.monotonic() + timeout
-        prev = self.fresh_counters()
+    @staticmethod
+    def caught_up(c: dict) -> bool:
+        """Every record the probe submitted has gone through the pipeline (the probe's
+        section and the pipeline's come from the same report)."""
+        t, p = c.get("probe.trace", {}), c.get("pipeline.main", {})
+        return p.get("records_in", 0) + t.get("decode_failed", 0) >= t.get("events", 0)
+
+    def settle(self, quiet_s=0.5, timeout=60.0) -> dict:
+        """Wait until the agent has drained what the probe submitted, and the counters no
+        longer move (two reports `quiet_s` apart). Returns the last counters, with
+        `_settle_s` (how long the agent needed to catch up) and `_settled`."""
+        t0 = time.monotonic()
+        deadline = t0 + timeout
+        prev = None
         while time.monotonic() < deadline:
-            time.sleep(quiet_s)
             cur = self.fresh_counters()
-            if cur.get("pipeline.main") == prev.get("pipeline.main"):
-                return cur
-            prev = cur
-        return prev
+            if cur is not None and self.caught_up(cur):
+                if prev is not None and cur.get("pipeline.main") == prev.get("pipeline.main"):
+                    cur.update(_settle_s=time.monotonic() - t0, _settled=True)
+                    return cur
+                prev = cur
+                time.sleep(quiet_s)
+        cur = self.counters()
+        cur.update(_settle_s=time.monotonic() - t0, _settled=False)
+        return cur
 
     def stop(self, timeout=60) -> dict:
         if self.proc is not None and self.proc.poll() is None:

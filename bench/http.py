@@ -145,7 +145,8 @@ def run(conns=(16, 128), seconds=5, rounds=2, log=print) -> dict:
                     res.update(spans=spans_made(cur) - spans_made(prev),
                                lost=lost(cur) - lost(prev),
                                agent_cpu_pct=usage["cpu_pct"],
-                               agent_rss_kb=usage["rss_max_kb"])
+                               agent_rss_kb=usage["rss_max_kb"],
+                               settle_s=cur.get("_settle_s"), settled=cur.get("_settled"))
                     prev = cur
                     per[(name, c)]["traced"].append(res)
                     log(f"  http: {name} c={c} traced   {res['rps']:.0f} req/s "

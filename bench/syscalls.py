@@ -144,13 +144,19 @@ def run(n_calls=100_000, rounds=2, cases=CASES, log=print) -> dict:
     results = {}
     for key in sorted(data["baseline"], key=_order):
         b, t, x = (summary(data[c].get(key, [])) for c in ("baseline", "traced", "excluded"))
+        rm = {c: round_medians[c].get(key, []) for c in round_medians}
         results[key] = {
             "baseline": b, "traced": t, "excluded": x,
+            # Per round (each an adjacent A/B pair): traced minus baseline, and traced minus
+            # excluded (interleaved case by case inside one agent phase: the least noisy).
+            "round_added_median_ns": [tr - ba for tr, ba in zip(rm["traced"], rm["baseline"])],
+            "round_traced_minus_excluded_ns": [tr - ex for tr, ex in
+                                               zip(rm["traced"], rm["excluded"])],
             "added_median_ns": t["median_ns"] - b["median_ns"],
             "added_p99_ns": t["p99_ns"] - b["p99_ns"],
             "excluded_added_median_ns": x["median_ns"] - b["median_ns"],
             "excluded_added_p99_ns": x["p99_ns"] - b["p99_ns"],
-            "round_medians_ns": {c: round_medians[c].get(key, []) for c in round_medians},
+            "round_medians_ns": rm,
         }
     return {"n_calls": per_round * rounds, "rounds": rounds, "message_bytes": 64,
             "traced_comm": TRACED_COMM, "excluded_comm": OTHER_COMM,
@@ -177,14 +183,19 @@ def rows(res) -> list:
         b, t, x = r["baseline"], r["traced"], r["excluded"]
         add = r["added_median_ns"]
         ok = add <= TARGET_NS
+        per_round = r["round_added_median_ns"]
+        spread = (f"per round {min(per_round) / 1000:+.2f}..{max(per_round) / 1000:+.2f}; "
+                  if len(per_round) > 1 else "")
+        vs_ex = sorted(r["round_traced_minus_excluded_ns"])
+        spread += (f"traced - excluded {vs_ex[len(vs_ex) // 2] / 1000:+.2f}" if vs_ex else "")
         out.append({
             "group": "syscall latency, median / p99 (us)", "figure": f"{key} traced",
             "baseline": _pair(b["median_ns"], b["p99_ns"]),
             "traced": _pair(t["median_ns"], t["p99_ns"]),
             "delta": _delta(add, r["added_p99_ns"]),
             "target": f"median +<= {TARGET_NS / 1000:.2f}", "ok": ok,
-            "note": "" if ok else f"median over by {(add - TARGET_NS) / 1000:.2f} us "
-                                  f"({add / TARGET_NS:.1f}x the budget)"})
+            "note": ("" if ok else f"median over by {(add - TARGET_NS) / 1000:.2f} us "
+                                   f"({add / TARGET_NS:.1f}x the budget); ") + spread})
         out.append({
             "group": "syscall latency, median / p99 (us)", "figure": f"{key} filter excludes",
             "baseline": _pair(b["median_ns"], b["p99_ns"]),

@@ -69,6 +69,13 @@ def stage(**cfg):
 T0 = time.time_ns()
 
 
+@pytest.fixture(autouse=True)
+def _now():
+    """Records are stamped 'now' per test: requests older than 60 s would time out."""
+    global T0
+    T0 = time.time_ns()
+
+
 def rec(payload, direction="egress", t=0, nbytes=None, conn=1, pid=100, syscall=None,
         seq=None, protocol=None, role=None, tid=None):
     return SocketRecord(

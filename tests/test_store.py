@@ -232,6 +232,8 @@ LONE = "0" * 16 + "1234567890abcdef"
 
 @pytest.fixture
 def store(db):
+    global NOW
+    NOW = time.time_ns() - 1000 * MS  # per test: --since filters compare with the clock
     spans = [
         *chain(NOW - 60_000 * MS, T_API),                                   # 100 ms, error
         span(NOW - 30_000 * MS, NOW - 30_000 * MS + 2 * MS, op="GET /health?load=100%",

@@ -24,6 +24,13 @@ MS = 1_000_000
 NOW = time.time_ns() - 1000 * MS  # a second ago: every "recent" span is in the past
 
 
+@pytest.fixture(autouse=True)
+def _now():
+    """Per test, not per import: --since filters compare with the clock."""
+    global NOW
+    NOW = time.time_ns() - 1000 * MS
+
+
 def span(start, end, role="server", comm="frontend", op="GET /api", *, trace="1" * 32,
          sid=None, parent=None, pid=100, protocol="http1", status="200", error=False,
          attributes=None):
@@ -38,9 +45,10 @@ def span(start, end, role="server", comm="frontend", op="GET /api", *, trace="1"
     return s
 
 
-def chain(t0=NOW, trace="a" * 32):
+def chain(t0=None, trace="a" * 32):
     """server (frontend) -> client (frontend) -> server (users, another process)
     -> two clients (postgresql, redis: the second fails). 100 ms in all."""
+    t0 = NOW if t0 is None else t0
     return [
         span(t0, t0 + 100 * MS, "server", "frontend", "GET /api", trace=trace, sid="a" * 16),
         span(t0 + 10 * MS, t0 + 80 * MS, "client", "frontend", "GET /users", trace=trace,
@@ -232,8 +240,6 @@ LONE = "0" * 16 + "1234567890abcdef"
 
 @pytest.fixture
 def store(db):
-    global NOW
-    NOW = time.time_ns() - 1000 * MS  # per test: --since filters compare with the clock
     spans = [
         *chain(NOW - 60_000 * MS, T_API),                                   # 100 ms, error
         span(NOW - 30_000 * MS, NOW - 30_000 * MS + 2 * MS, op="GET /health?load=100%",

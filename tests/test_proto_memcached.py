@@ -296,10 +296,10 @@ def test_real_binary_with_quiet_commands(rec):
     p, msgs = run(chunks)
     assert p.errors == 0
     assert pairs(msgs) == [
-        ("set", "OK", False), ("get", "OK", False), ("get", "NOT_FOUND", True),
-        ("getq", "NOT_FOUND", True), ("getq", "OK", False), ("getkq", "NOT_FOUND", True),
+        ("set", "OK", False), ("get", "OK", False), ("get", "NOT_FOUND", False),
+        ("getq", "NOT_FOUND", False), ("getq", "OK", False), ("getkq", "NOT_FOUND", False),
         ("setq", "OK", False), ("noop", "OK", False), ("increment", "DELTA_BADVAL", True),
-        ("delete", "OK", False), ("delete", "NOT_FOUND", True), ("stat", "OK", False),
+        ("delete", "OK", False), ("delete", "NOT_FOUND", False), ("stat", "OK", False),
         ("version", "OK", False), ("quitq", None, False)]
     implied = [m for m in msgs if m.attributes.get("deeptrace.implied")]
     assert len(implied) == 3 and all(m.ts_start > 0 for m in implied)

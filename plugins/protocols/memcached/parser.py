@@ -338,7 +338,9 @@ class MemcachedParser(Parser):
 
     def _response(self, opaque, status, st) -> Message:
         name = STATUS.get(status, f"0x{status:04x}")
-        msg = Message(False, status=name, error=status != 0, key=("orphan", opaque),
+        # Not found / exists / not stored are answers, not failures (as in the text protocol).
+        msg = Message(False, status=name, error=status not in (0, 1, 2, 5),
+                      key=("orphan", opaque),
                       attributes={"db.response.status_code": name})
         match = next((seq for seq, (o, _) in self._pending.items() if o == opaque), None)
         if match is None:
@@ -353,7 +355,7 @@ class MemcachedParser(Parser):
             if opcode in QUIET:
                 miss = opcode in QUIET_GETS
                 status = "NOT_FOUND" if miss else "OK"
-                st.implied.append(Message(False, status=status, error=miss, key=seq,
+                st.implied.append(Message(False, status=status, error=False, key=seq,
                                           attributes={"db.response.status_code": status,
                                                       "deeptrace.implied": True}))
         return msg

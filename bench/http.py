@@ -2,9 +2,9 @@
 
 nginx (Debian, one worker, `return 200`, from tests/servers.py) and a Python
 ThreadingHTTPServer (bench/pyhttp.py: tests/l7_peers.py's server with TCP_NODELAY),
-each under `wrk -t2 -cN -dS --latency` (closed loop: as fast as they answer). The agent selects exactly the two servers
-(`comms` of the servers and `ports` of their listening sockets: wrk's own sockets are
-not traced), detects HTTP/1 in the kernel (`protocols: [http1]`), builds spans and
+each under `wrk -t2 -cN -dS --latency` (closed loop: as fast as they answer). The
+agent selects exactly the two servers (`comms` of the servers and `ports` of their
+listening sockets: wrk's own sockets are not traced), detects HTTP/1 in the kernel (`protocols: [http1]`), builds spans and
 writes them as JSON lines to a temp file.
 
 Rounds alternate the order of the baseline phase and the agent phase (A B B A); spans

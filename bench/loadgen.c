@@ -3,12 +3,14 @@
 //   dtb_loadgen PORT RATE SECONDS CONNS
 //
 // Opens CONNS keep-alive connections to 127.0.0.1:PORT and sends `GET / HTTP/1.1` on a
-// fixed schedule (request i is due at start + i/RATE), one request in flight per
-// connection, idle connections used round-robin. A request that is due while every
-// connection is busy waits for the next free one (counted as `late`; its latency is also
-// reported from its due time, `p99_sched_us`, so a saturated server cannot hide).
-// Prints one JSON object: sent, completed, errors, late, elapsed_s, rate (completed/s),
-// p50/p90/p99/max latency in microseconds from the send.
+// fixed schedule (request i is due at start + i/RATE) for SECONDS, one request in flight
+// per connection, idle connections used round-robin, then waits for the answers. A
+// request due while every connection is busy waits for the next free one (`late`: sent
+// more than 1 ms after its due time; `p99_sched_us` is the latency from the due time, so
+// a saturated server cannot hide). A connection the server closes (nginx closes one
+// after keepalive_requests, 1000) is reopened (`reconnects`).
+// Prints one JSON object: sent, completed, errors, late, reconnects, elapsed_s, rate
+// (completed/s), p50/p90/p99/max latency in microseconds from the send.
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
@@ -124,7 +126,6 @@ int main(int argc, char **argv) {
         // Send everything due, while a connection is idle.
         while (sent < total && now < stop && start + sent * interval <= now && head >= 0) {
             struct conn *c = &conns[head];
-            int idx = head;
             head = c->next_idle;
             if (head < 0) tail = -1;
             c->next_idle = -1;
@@ -136,7 +137,6 @@ int main(int argc, char **argv) {
                 errors++;
                 continue;
             }
-            (void)idx;
             c->busy = 1;
             inflight++;
             sent++;
@@ -145,14 +145,15 @@ int main(int argc, char **argv) {
             break;
         if (now > stop + 5000000000ull)  // responses overdue by 5 s: give up
             break;
-        int timeout = 0;
+        // Sleep until the next request is due (or an answer arrives): no busy polling,
+        // so the generator leaves the CPU to the server and the agent.
+        uint64_t wait_ns = 10000000;
         if (sent < total && now < stop && head >= 0) {
             uint64_t due = start + sent * interval;
-            timeout = due > now ? (int)((due - now) / 1000000) : 0;
-        } else {
-            timeout = 10;
+            wait_ns = due > now ? due - now : 0;
         }
-        int n = epoll_wait(ep, evs, 256, timeout);
+        struct timespec timeout = {wait_ns / 1000000000ull, wait_ns % 1000000000ull};
+        int n = epoll_pwait2(ep, evs, 256, &timeout, NULL);
         for (int k = 0; k < n; k++) {
             int i = evs[k].data.u32;
             struct conn *c = &conns[i];
@@ -214,7 +215,8 @@ int main(int argc, char **argv) {
     qsort(lat, completed, sizeof(uint32_t), cmp_u32);
     qsort(slat, completed, sizeof(uint32_t), cmp_u32);
 #define PCT(a, p) (completed ? a[(long)((completed - 1) * (p))] : 0)
-    printf("{\"sent\": %ld, \"completed\": %ld, \"errors\": %ld, \"late\": %ld, \"reconnects\": %ld, "
+    printf("{\"sent\": %ld, \"completed\": %ld, \"errors\": %ld, \"late\": %ld, "
+           "\"reconnects\": %ld, "
            "\"elapsed_s\": %.3f, \"target_rate\": %.0f, \"rate\": %.1f, \"p50_us\": %u, "
            "\"p90_us\": %u, \"p99_us\": %u, \"max_us\": %u, \"p99_sched_us\": %u}\n",
            sent, completed, errors, late, reconnects, elapsed, rate,

@@ -13,6 +13,7 @@ without the agent.
 
 import json
 import os
+import resource
 import subprocess
 import tempfile
 import time
@@ -33,6 +34,7 @@ STEPS = (5_000, 10_000, 15_000, 20_000, 25_000, 30_000, 40_000, 50_000, 60_000)
 def loadgen(port, rate, seconds, conns=CONNS, during=None) -> dict:
     """Run the generator; `during()` is called every 0.25 s while it runs."""
     binary = native.build("loadgen")
+    r0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
     p = subprocess.Popen([binary, str(port), str(int(rate)), str(seconds), str(conns)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while p.poll() is None:
@@ -42,7 +44,11 @@ def loadgen(port, rate, seconds, conns=CONNS, during=None) -> dict:
     out, err = p.communicate()
     if p.returncode != 0:
         raise RuntimeError(f"loadgen failed ({p.returncode}): {err}")
-    return json.loads(out)
+    res = json.loads(out)
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # the generator is the only child reaped
+    res["generator_cpu_pct"] = 100 * (r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime) / (
+        time.monotonic() - t0)
+    return res
 
 
 def _agent(servers, out) -> Agent:

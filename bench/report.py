@@ -89,7 +89,7 @@ def _result(ok) -> str:
     return {True: "pass", False: "MISS", None: ""}[ok]
 
 
-def table(rows: list, width_cap=46) -> str:
+def table(rows: list, width_cap=52) -> str:
     """One plain-text table; rows grouped under their group's title; notes under misses
     and context rows, indented."""
     cells = [[r["figure"], r["baseline"], r["traced"], r["delta"], r["target"],

@@ -63,18 +63,20 @@ def rows(res) -> list:
         med = times[len(times) // 2]
         gated = name.startswith("all")
         ok = med <= TARGET_S
+        attach = sorted(r["attach_s"] for r in runs if r["attach_s"] is not None)
+        notes = []
+        if gated and not ok:
+            notes.append(f"over by {med - TARGET_S:.2f} s ({med / TARGET_S:.1f}x)")
+        if attach:
+            notes.append(f"compile+attach {attach[len(attach) // 2]:.2f} s, the rest is "
+                         "interpreter, imports, config")
+        if gated:
+            notes.append(f"probes: {', '.join(res['probes'])}")
         out.append({
             "group": "start-up", "figure": f"{name}: launch to attached (s)",
             "baseline": "", "traced": f"{med:.2f} (min {times[0]:.2f}, max {times[-1]:.2f})",
             "delta": "", "target": f"<= {TARGET_S:.0f}" if gated else "",
-            "ok": ok if gated else None,
-            "note": (f"probes: {', '.join(res['probes'])}" if gated else "")
-            + ("" if ok or not gated else f"; over by {med - TARGET_S:.2f} s "
-               f"({med / TARGET_S:.1f}x)")})
-        attach = sorted(r["attach_s"] for r in runs if r["attach_s"] is not None)
-        if attach:
-            out[-1]["note"] = (f"compile+attach {attach[len(attach) // 2]:.2f} s, the rest is "
-                               "interpreter, imports, config; " + out[-1]["note"])
+            "ok": ok if gated else None, "note": "; ".join(notes)})
         peak = max(r["peak_rss_kb"] for r in runs) / 1024
         after = max(r["rss_after_start_kb"] for r in runs) / 1024
         out.append({

@@ -220,5 +220,6 @@ def rows(res) -> list:
             "baseline": "", "traced": f"{a['records_drained']} records", "delta": "",
             "target": "", "ok": None,
             "note": (f"lost={a['lost']} cpu={a['cpu_pct']:.0f}% of a core"
-                     + (f", {per:.1f} us CPU per record" if per else ""))})
+                     + (f", {per:.1f} us CPU per record" if per else "")
+                     + f", RSS max {a['rss_max_kb'] / 1024:.0f} MB")})
     return out

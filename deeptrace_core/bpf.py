@@ -4,6 +4,7 @@ The final program text is the ``#define`` block followed by the probe's ``.bpf.c
 ``deeptrace probe render`` prints is exactly what BCC compiles.
 """
 
+import ctypes
 import os
 from importlib import resources
 
@@ -59,3 +60,47 @@ def load(text: str):
     except Exception as exc:
         raise BPFUnavailable(f"BCC could not compile/load the program: {exc}; "
                              "`deeptrace doctor` checks headers and tracefs") from exc
+
+
+# -- counters every probe reports ------------------------------------------------------
+# The kernel skips a tracepoint program that fires while another BPF tracing program runs
+# on the same CPU (e.g. block_rq_complete in an interrupt that hit any probe's program)
+# and counts it in the program's recursion_misses: events lost before our code runs.
+# struct bpf_prog_info is UAPI (append-only); recursion_misses is at offset 208.
+
+class _ProgInfo(ctypes.Structure):
+    _fields_ = [("_head", ctypes.c_uint8 * 208), ("recursion_misses", ctypes.c_uint64)]
+
+
+class _InfoAttr(ctypes.Structure):
+    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32),
+                ("info", ctypes.c_uint64)]
+
+
+_SYS_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361,
+            "s390x": 351}.get(os.uname().machine)
+_BPF_OBJ_GET_INFO_BY_FD = 15
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def recursion_misses(bpf_obj) -> dict:
+    """Program name -> times the kernel skipped it (recursion), for a loaded BCC object."""
+    out = {}
+    if _SYS_BPF is None or bpf_obj is None:
+        return out
+    for name, fn in list(bpf_obj.funcs.items()):
+        info = _ProgInfo()
+        attr = _InfoAttr(fn.fd, ctypes.sizeof(info), ctypes.addressof(info))
+        if _libc.syscall(_SYS_BPF, _BPF_OBJ_GET_INFO_BY_FD, ctypes.byref(attr),
+                         ctypes.sizeof(attr)) == 0:
+            key = name.decode() if isinstance(name, bytes) else name
+            out[key] = int(info.recursion_misses)
+    return out
+
+
+
+
+def counters(bpf_obj, names, table=b"stats") -> dict:
+    """A per-CPU array of counters, summed over CPUs, by the names of its slots."""
+    t = bpf_obj[table]
+    return {name: int(t.sum(i).value) for i, name in enumerate(names)}

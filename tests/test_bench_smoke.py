@@ -7,7 +7,6 @@ report writer turns that into the table and the JSON file.
 
 import json
 import os
-import shutil
 import sys
 
 import pytest
@@ -23,9 +22,9 @@ pytestmark = pytest.mark.bpf
 
 def test_syscall_latency_and_report(tmp_path):
     require_bpf()
-    if not shutil.which("gcc"):
-        pytest.skip("gcc is not installed (scripts/setup.sh installs it)")
-    from bench import report, syscalls
+    from bench import native, report, syscalls
+    if native.compiler() is None:
+        pytest.skip("no C compiler: apt-get install gcc")
 
     res = syscalls.run(n_calls=2000, rounds=1, cases=["tcp_rw"], log=lambda m: None)
     assert set(res["syscalls"]) == {"tcp.write", "tcp.read"}

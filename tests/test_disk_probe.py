@@ -101,7 +101,7 @@ def of(points, name, pid, **attrs):
 
 
 def test_direct_io_bytes_ops_and_latency_per_process(disk, target):
-    from deeptrace_plugins.disk.probe import recursion_misses
+    from deeptrace_core.bpf import recursion_misses
 
     path, dev = target
     t0 = time.monotonic()

@@ -343,8 +343,7 @@ class CpuProbe:
     def stats(self) -> dict:
         if self.bpf is None:
             return {}
-        table = self.bpf[b"stats"]
-        out = {name: int(table.sum(i).value) for i, name in enumerate(STAT_NAMES)}
+        out = bpf.counters(self.bpf, STAT_NAMES)
         if not self.config.profile:
             for name in ("samples", "stack_lost", "stack_collision", "profile_map_full"):
                 out.pop(name)

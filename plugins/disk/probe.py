@@ -33,7 +33,6 @@ platform for completions in softirq over some tasks); ``unmatched_complete`` (is
 before attach).
 """
 
-import ctypes
 import logging
 import os
 import time
@@ -103,42 +102,6 @@ def partitions() -> dict:
                 out[devt(path)] = devt(os.path.dirname(path))
             except (OSError, ValueError):
                 pass
-    return out
-
-
-# -- BPF program statistics ----------------------------------------------------------------
-# The kernel skips a tracepoint program that fires while another BPF tracing program runs
-# on the same CPU (e.g. block_rq_complete in an interrupt that hit any probe's program)
-# and counts it in the program's recursion_misses: events lost before our code runs.
-# struct bpf_prog_info is UAPI (append-only); recursion_misses is at offset 208.
-
-class _ProgInfo(ctypes.Structure):
-    _fields_ = [("_head", ctypes.c_uint8 * 208), ("recursion_misses", ctypes.c_uint64)]
-
-
-class _InfoAttr(ctypes.Structure):
-    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32),
-                ("info", ctypes.c_uint64)]
-
-
-_SYS_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361,
-            "s390x": 351}.get(os.uname().machine)
-_BPF_OBJ_GET_INFO_BY_FD = 15
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def recursion_misses(bpf_obj) -> dict:
-    """Program name -> times the kernel skipped it (recursion), for a loaded BCC object."""
-    out = {}
-    if _SYS_BPF is None or bpf_obj is None:
-        return out
-    for name, fn in list(bpf_obj.funcs.items()):
-        info = _ProgInfo()
-        attr = _InfoAttr(fn.fd, ctypes.sizeof(info), ctypes.addressof(info))
-        if _libc.syscall(_SYS_BPF, _BPF_OBJ_GET_INFO_BY_FD, ctypes.byref(attr),
-                         ctypes.sizeof(attr)) == 0:
-            key = name.decode() if isinstance(name, bytes) else name
-            out[key] = int(info.recursion_misses)
     return out
 
 
@@ -343,10 +306,9 @@ class DiskProbe:
     def stats(self) -> dict:
         if self.bpf is None:
             return {}
-        table = self.bpf[b"stats"]
-        out = {name: int(table.sum(i).value) for i, name in enumerate(STAT_NAMES)}
+        out = bpf.counters(self.bpf, STAT_NAMES)
         out["lost_completion"] += self.stale_lost
-        out["prog_recursion_misses"] = sum(recursion_misses(self.bpf).values())
+        out["prog_recursion_misses"] = sum(bpf.recursion_misses(self.bpf).values())
         out["inflight_stale_dropped"] = self.stale_dropped
         out["inflight_entries"] = len(self.bpf[b"inflight"])
         return out

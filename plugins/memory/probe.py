@@ -240,8 +240,7 @@ class MemoryProbe:
     def stats(self) -> dict:
         if self.bpf is None:
             return {}
-        table = self.bpf[b"stats"]
-        out = {name: int(table.sum(i).value) for i, name in enumerate(STAT_NAMES)}
+        out = bpf.counters(self.bpf, STAT_NAMES)
         out["decode_failed"] = self.decode_errors
         out["procs_entries"] = len(self.bpf[b"procs"])
         return out

@@ -45,7 +45,6 @@ from attrs import validators as v
 from deeptrace_core import bpf
 from deeptrace_core.metrics import HISTOGRAM, SUM, MetricPoint, log2_bounds
 # Counts programs the kernel skipped (recursion); belongs in deeptrace_core.bpf.
-from deeptrace_plugins.disk.probe import recursion_misses
 
 from .decoder import STAT_NAMES, decode
 
@@ -289,10 +288,9 @@ class NetworkProbe:
     def stats(self) -> dict:
         if self.bpf is None:
             return {}
-        table = self.bpf[b"stats"]
-        out = {name: int(table.sum(i).value) for i, name in enumerate(STAT_NAMES)}
+        out = bpf.counters(self.bpf, STAT_NAMES)
         out["decode_failed"] = self.decode_errors
-        out["prog_recursion_misses"] = sum(recursion_misses(self.bpf).values())
+        out["prog_recursion_misses"] = sum(bpf.recursion_misses(self.bpf).values())
         out["conn_map_entries"] = len(self.bpf[b"conns"])
         return out
 

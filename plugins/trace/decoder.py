@@ -28,7 +28,7 @@ PROTO_NONE = 255
 STAT_NAMES = ("events", "ringbuf_full", "inflight_map_full", "conn_map_full",
               "read_failed", "mmsg_truncated", "iov_truncated", "l7_tail_call_failed")
 LOSS_STATS = ("ringbuf_full", "inflight_map_full", "conn_map_full", "read_failed",
-              "mmsg_truncated")
+              "mmsg_truncated", "prog_recursion_misses")
 
 # bpf_ktime_get_ns() is CLOCK_MONOTONIC; records carry wall-clock ns.
 _MONO_TO_WALL = time.time_ns() - time.monotonic_ns()

@@ -185,8 +185,10 @@ class TraceProbe:
     def stats(self) -> dict:
         if self.bpf is None:
             return {}
-        table = self.bpf[b"stats"]
-        out = {name: int(table.sum(i).value) for i, name in enumerate(STAT_NAMES)}
+        out = bpf.counters(self.bpf, STAT_NAMES)
+        # Calls the kernel skipped our program for (another BPF program was running on
+        # that CPU): lost before any counter of ours could see them.
+        out["prog_recursion_misses"] = sum(bpf.recursion_misses(self.bpf).values())
         out["decode_failed"] = self.decode_errors
         out["conn_map_entries"] = len(self.bpf[b"conns"])
         return out

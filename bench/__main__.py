@@ -33,11 +33,11 @@ FULL = {"startup": {"repeats": 3},
         "http": {"conns": (16, 128), "seconds": 5, "rounds": 2},
         "rate": {"seconds": 8, "rounds": 2},
         "lossless": {"seconds": 4}}
-QUICK = {"startup": {"repeats": 1},
+QUICK = {"startup": {"repeats": 1, "trace_only": False},
          "syscalls": {"n_calls": 10_000, "rounds": 1},
          "http": {"conns": (16,), "seconds": 2, "rounds": 1},
-         "rate": {"seconds": 3, "rounds": 1},
-         "lossless": {"seconds": 2, "steps": (5_000, 10_000, 20_000)}}
+         "rate": {"seconds": 2, "rounds": 1},
+         "lossless": {"seconds": 2, "steps": (5_000, 10_000, 20_000), "bisect": False}}
 
 
 def log(msg):

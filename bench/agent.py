@@ -17,9 +17,13 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-# Records lost or degraded, by cause (trace probe counters plus the decoder's).
-LOSS_KEYS = ("ringbuf_full", "inflight_map_full", "conn_map_full", "read_failed",
-             "mmsg_truncated", "decode_failed")
+# Records lost, by cause: the trace probe's own definition, plus the decoder's failures.
+try:
+    from deeptrace_plugins.trace.decoder import LOSS_STATS as _PROBE_LOSS
+except ImportError:  # pragma: no cover - the project is installed in .venv
+    _PROBE_LOSS = ("ringbuf_full", "inflight_map_full", "conn_map_full", "read_failed",
+                   "mmsg_truncated", "prog_recursion_misses")
+LOSS_KEYS = tuple(dict.fromkeys((*_PROBE_LOSS, "decode_failed")))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 

@@ -19,7 +19,7 @@ import tempfile
 import time
 
 from . import native
-from .agent import Agent, Sampler, lost, spans_made, trace_config
+from .agent import LOSS_KEYS, Agent, Sampler, lost, spans_made, trace_config
 from .http import Servers
 
 FIXED_RATE = 10_000
@@ -81,8 +81,7 @@ class _Traced:
                    lost=lost(cur) - lost(self.prev),
                    lost_by_cause={k: cur.get("probe.trace", {}).get(k, 0)
                                   - self.prev.get("probe.trace", {}).get(k, 0)
-                                  for k in ("ringbuf_full", "inflight_map_full",
-                                            "conn_map_full", "read_failed")},
+                                  for k in LOSS_KEYS},
                    agent_cpu_pct=usage["cpu_pct"], agent_rss_max_kb=usage["rss_max_kb"],
                    agent_rss_end_kb=usage["rss_end_kb"])
         res["lossless"] = res["lost"] == 0 and res["spans"] >= res["completed"]
@@ -135,7 +134,7 @@ def run_fixed(servers, seconds=8, rounds=2, log=print) -> dict:
             "baseline": base, "traced": traced, "agents": agents}
 
 
-def run_lossless(servers, seconds=4, steps=STEPS, log=print) -> dict:
+def run_lossless(servers, seconds=4, steps=STEPS, bisect=True, log=print) -> dict:
     port = servers.ports["nginx"]
     # The machine's ceiling without the agent: ask for more than any step.
     ceiling = _nginx_window(servers, CEILING_ASK, seconds)
@@ -162,7 +161,7 @@ def run_lossless(servers, seconds=4, steps=STEPS, log=print) -> dict:
                 saturated = True
                 break
             best = rate
-        if best is not None and first_bad is not None and first_bad - best > 2_000:
+        if bisect and best is not None and first_bad is not None and first_bad - best > 2_000:
             mid = (best + first_bad) // 2 // 500 * 500
             res = step(mid)
             if res["lossless"] and res["rate"] >= 0.95 * mid:

@@ -15,12 +15,14 @@ from .agent import Agent, all_probes_config, trace_config
 TARGET_S = 3.0
 
 
-def run(repeats=3, log=print) -> dict:
+def run(repeats=3, trace_only=True, log=print) -> dict:
     out = tempfile.mktemp(prefix="dtb-startup-", suffix=".jsonl")
     all_cfg, probes = all_probes_config(out)
     configs = {"all built-in probes": all_cfg,
                "trace probe only": trace_config(out_path=out, spans=False,
                                                  comms=["dtb-startup"], log_level="info")}
+    if not trace_only:
+        del configs["trace probe only"]
     res = {name: [] for name in configs}
     errors = {}
     for i in range(repeats):

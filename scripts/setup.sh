@@ -13,7 +13,7 @@ fi
 # Debian packages: BCC and its headers, BTF oracle (pahole), bpftool, and the real
 # servers/tools the tests and benchmarks drive.
 PKGS=(python3-bpfcc bpfcc-tools libbpfcc linux-headers-amd64 dwarves bpftool
-      iproute2 nftables iptables curl make procps kmod
+      iproute2 nftables iptables curl make gcc procps kmod
       redis-server memcached nginx-light mariadb-server postgresql wrk hyperfine)
 missing=()
 for p in "${PKGS[@]}"; do

@@ -20,7 +20,6 @@ import time
 
 from . import native
 from .agent import LOSS_KEYS, Agent, Sampler, lost, spans_made, trace_config
-from .http import Servers
 
 FIXED_RATE = 10_000
 CONNS = 64

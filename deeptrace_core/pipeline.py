@@ -23,7 +23,23 @@ class Pipeline:
         if not batch and not tick:
             return
         self.records_in += len(batch)
-        for cid, proc in self.processors:
+        self._run(batch, self.processors, tick)
+
+    def drain(self):
+        """At shutdown: what processors still hold (flush()) goes on down the pipeline."""
+        for i, (cid, proc) in enumerate(self.processors):
+            flush = getattr(proc, "flush", None)
+            if not callable(flush):
+                continue
+            try:
+                batch = flush() or []
+            except Exception as exc:
+                self._failed(cid, exc)
+                continue
+            self._run(batch, self.processors[i + 1:], tick=False)
+
+    def _run(self, batch, processors, tick):
+        for cid, proc in processors:
             try:
                 batch = proc.process(batch)
             except Exception as exc:
@@ -39,33 +55,6 @@ class Pipeline:
                 exp.export(batch)
             except Exception as exc:
                 self._failed(cid, exc)
-
-    def drain(self):
-        """At shutdown: what processors still hold (flush()) goes on down the pipeline."""
-        for i, (cid, proc) in enumerate(self.processors):
-            flush = getattr(proc, "flush", None)
-            if not callable(flush):
-                continue
-            try:
-                batch = flush() or []
-            except Exception as exc:
-                self._failed(cid, exc)
-                continue
-            for cid2, later in self.processors[i + 1:]:
-                if not batch:
-                    break
-                try:
-                    batch = later.process(batch)
-                except Exception as exc:
-                    self._failed(cid2, exc)
-                    batch = []
-            if batch:
-                self.records_out += len(batch)
-                for ecid, exp in self.exporters:
-                    try:
-                        exp.export(batch)
-                    except Exception as exc:
-                        self._failed(ecid, exc)
 
     def _failed(self, cid, exc):
         self.errors[cid] += 1

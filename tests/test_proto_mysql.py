@@ -485,7 +485,7 @@ def test_ssl_request_stops_parsing():
     p = MySQLParser()
     msgs = feed_all(p, [(RESP, greeting), (REQ, ssl), (REQ, b"\x16\x03\x01\x02\x00\x01" * 20),
                         (RESP, b"\x16\x03\x03\x00\x7a\x02" * 20), (REQ, pkt(0, b"\x03SELECT 1"))])
-    assert msgs == [] and p.tls and p.errors == 0
+    assert msgs == [] and p.encrypted and p.errors == 0
 
 
 def test_garbage_then_a_valid_command():

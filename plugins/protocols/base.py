@@ -225,3 +225,56 @@ class Parser:
 
     def parse(self, side: str, stream: Stream) -> list:
         raise NotImplementedError
+
+
+class FramedParser(Parser):
+    """Base for length-framed protocols (MySQL, PostgreSQL, MongoDB): a message is read
+    from its header, its bytes are consumed (stepping over uncaptured ones), and it is
+    held until its last byte is consumed so its timing and positions cover all of it;
+    bytes that belong to no message are left out of any message's timing. Subclasses
+    implement ``frame`` and may set ``encrypted`` (after TLS starts nothing is readable).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.skip = {REQ: 0, RESP: 0}        # bytes of the current message still to consume
+        self.held = {REQ: None, RESP: None}  # a message waiting for its last bytes
+        self.orphan = {REQ: False, RESP: False}  # the bytes to skip belong to no message
+        self.encrypted = False
+
+    def parse(self, side, stream):
+        out = []
+        while True:
+            try:
+                while self._settle(side, stream, out) and self.frame(side, stream, out):
+                    pass
+                return out
+            except ParseError:
+                # Not a message start: resync at the next syscall, keeping the messages
+                # already completed in this call.
+                self.errors += 1
+                stream.drop_segment()
+                self.skip[side] = 0
+                if not len(stream):
+                    return out
+
+    def _settle(self, side, stream, out) -> bool:
+        """Finish the message in progress; True when the stream is at a message start."""
+        if self.skip[side]:
+            self.skip[side] -= stream.consume(self.skip[side])
+            if self.orphan[side]:
+                stream.take_span()
+            if self.skip[side]:
+                return False
+        if self.held[side] is not None:
+            out.append(stream.stamp(self.held[side]))
+            self.held[side] = None
+        if self.encrypted:
+            stream.consume(len(stream))
+            stream.take_span()
+            return False
+        return bool(len(stream))
+
+    def frame(self, side, stream, out) -> bool:
+        """Read one message at a message start; False when more bytes are needed."""
+        raise NotImplementedError

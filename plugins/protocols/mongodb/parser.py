@@ -14,7 +14,7 @@ import zlib
 import bson
 from bson.codec_options import CodecOptions, DatetimeConversion
 
-from deeptrace_plugins.protocols.base import REQ, RESP, Message, ParseError, Parser
+from deeptrace_plugins.protocols.base import REQ, FramedParser, Message, ParseError
 
 OP_REPLY, OP_UPDATE, OP_INSERT, OP_QUERY = 1, 2001, 2002, 2004
 OP_GET_MORE, OP_DELETE, OP_KILL_CURSORS, OP_COMPRESSED, OP_MSG = 2005, 2006, 2007, 2012, 2013
@@ -142,66 +142,38 @@ def _string(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-class MongoDBParser(Parser):
+class MongoDBParser(FramedParser):
     protocol = "mongodb"
 
     def __init__(self):
         super().__init__()
-        self.skip = {REQ: 0, RESP: 0}
-        self.held = {REQ: None, RESP: None}
-        self.orphan = {REQ: False, RESP: False}   # the bytes still to skip belong to no message
 
-    def parse(self, side, stream):
-        out = []
-        while True:
-            try:
-                self._parse(side, stream, out)
-                return out
-            except ParseError:
-                # Not a message start: resync at the next syscall, keeping the messages
-                # already completed in this call.
-                self.errors += 1
-                stream.drop_segment()
-                self.skip[side] = 0
-                if not len(stream):
-                    return out
-
-    def _parse(self, side, stream, out):
-        while True:
-            if self.skip[side]:
-                self.skip[side] -= stream.consume(self.skip[side])
-                if self.orphan[side]:
-                    stream.take_span()         # the rest of bytes that belong to no message
-                if self.skip[side]:
-                    break
-            if self.held[side] is not None:
-                out.append(stream.stamp(self.held[side]))
-                self.held[side] = None
-            if not len(stream):
-                break
-            head = stream.peek(16)
-            if len(head) < 16:
-                if len(stream) > len(head):
-                    raise ParseError("mongodb: header not captured")
-                break
-            length, request_id, response_to, opcode = _HEAD.unpack(head)
-            if not 16 <= length <= MAX_MESSAGE or opcode not in OPCODES:
-                raise ParseError(f"mongodb: not a message header (opCode {opcode})")
-            want = min(length, PEEK)
-            data = stream.peek(want)
-            if len(data) < want and len(stream) <= len(data):
-                break
-            msg = self._message(side == REQ, request_id, response_to, opcode, data[16:],
-                                len(data) < length)
-            got = stream.consume(length)
-            self.skip[side] = length - got
-            self.orphan[side] = msg is None
-            if msg is not None:
-                self.held[side] = msg
-            else:
-                stream.take_span()
+    def frame(self, side, stream, out) -> bool:
+        head = stream.peek(16)
+        if len(head) < 16:
+            if len(stream) > len(head):
+                raise ParseError("mongodb: header not captured")
+            return False
+        length, request_id, response_to, opcode = _HEAD.unpack(head)
+        if not 16 <= length <= MAX_MESSAGE or opcode not in OPCODES:
+            raise ParseError(f"mongodb: not a message header (opCode {opcode})")
+        want = min(length, PEEK)
+        data = stream.peek(want)
+        if len(data) < want and len(stream) <= len(data):
+            return False
+        msg = self._message(side == REQ, request_id, response_to, opcode, data[16:],
+                            len(data) < length)
+        got = stream.consume(length)
+        self.skip[side] = length - got
+        self.orphan[side] = msg is None
+        if msg is not None:
+            self.held[side] = msg
+        else:
+            stream.take_span()
+        return True
 
     # -- one message --------------------------------------------------------------------
+
     def _message(self, is_request, request_id, response_to, opcode, body, cut):
         if opcode == OP_COMPRESSED:
             if len(body) < 9:

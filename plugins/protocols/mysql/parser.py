@@ -15,7 +15,7 @@ pairing is first-in-first-out and messages carry no key.
 import re
 from collections import OrderedDict, deque
 
-from deeptrace_plugins.protocols.base import REQ, RESP, Message, ParseError, Parser
+from deeptrace_plugins.protocols.base import REQ, RESP, FramedParser, Message, ParseError
 
 from .sql import QUERY_MAX, decode, first_keyword, redact
 
@@ -84,7 +84,7 @@ class _Reply:
         self.next = None         # prepare-OK: the column count, read after the params
 
 
-class MySQLParser(Parser):
+class MySQLParser(FramedParser):
     protocol = "mysql"
 
     def __init__(self, max_statements: int = 4096):
@@ -96,67 +96,33 @@ class MySQLParser(Parser):
         self.db = None                    # current schema (handshake, INIT_DB, USE)
         self.server_caps = None
         self.deprecate_eof = None         # None: unknown (the handshake was not seen)
-        self.tls = False
         self.lost = False                 # reply framing lost: skip replies until a request
-        self.skip = {REQ: 0, RESP: 0}     # bytes of the current packet still to step over
-        self.held = {REQ: None, RESP: None}     # message emitted once its packet is consumed
-        self.orphan = {REQ: False, RESP: False}   # the bytes still to skip belong to no message
         self.cont = {REQ: False, RESP: False}   # next packet continues a 16 MiB payload
 
     # -- framing ------------------------------------------------------------------------
-    def parse(self, side, stream):
-        out = []
-        while True:
-            try:
-                self._parse(side, stream, out)
-                return out
-            except ParseError:
-                # Not a message start: resync at the next syscall, keeping the messages
-                # already completed in this call.
-                self.errors += 1
-                stream.drop_segment()
-                self.skip[side] = 0
-                if not len(stream):
-                    return out
-
-    def _parse(self, side, stream, out):
-        while True:
-            if self.skip[side]:
-                self.skip[side] -= stream.consume(self.skip[side])
-                if self.orphan[side]:
-                    stream.take_span()         # the rest of bytes that belong to no message
-                if self.skip[side]:
-                    break
-            if self.held[side] is not None:
-                out.append(stream.stamp(self.held[side]))
-                self.held[side] = None
-            if self.tls:
-                stream.consume(len(stream))
-                stream.take_span()
-                break
-            if not len(stream):
-                break
-            head = stream.peek(4)
-            if len(head) < 4:
-                if len(stream) > len(head):    # the header is in bytes the capture cut
-                    out += self._lost(side, stream)
-                    continue
-                break
-            size = int.from_bytes(head[:3], "little")
-            want = TEXT_PEEK if side == REQ else HEAD_PEEK
-            data = stream.peek(4 + min(size, want))
-            if len(data) < 4 + min(size, want) and len(stream) <= len(data):
-                break                          # the rest has not arrived yet
-            handler = self._request if side == REQ else self._response
-            msg, keep = handler(head[3], size, data[4:], self.cont[side], stream)
-            self.cont[side] = size == MAX_PAYLOAD
-            got = stream.consume(4 + size)
-            self.skip[side] = 4 + size - got
-            self.orphan[side] = msg is None and not keep
-            if msg is not None:
-                self.held[side] = msg
-            elif not keep:
-                stream.take_span()             # bytes that belong to no message
+    def frame(self, side, stream, out) -> bool:
+        head = stream.peek(4)
+        if len(head) < 4:
+            if len(stream) > len(head):    # the header is in bytes the capture cut
+                out += self._lost(side, stream)
+                return True
+            return False
+        size = int.from_bytes(head[:3], "little")
+        want = TEXT_PEEK if side == REQ else HEAD_PEEK
+        data = stream.peek(4 + min(size, want))
+        if len(data) < 4 + min(size, want) and len(stream) <= len(data):
+            return False                          # the rest has not arrived yet
+        handler = self._request if side == REQ else self._response
+        msg, keep = handler(head[3], size, data[4:], self.cont[side], stream)
+        self.cont[side] = size == MAX_PAYLOAD
+        got = stream.consume(4 + size)
+        self.skip[side] = 4 + size - got
+        self.orphan[side] = msg is None and not keep
+        if msg is not None:
+            self.held[side] = msg
+        elif not keep:
+            stream.take_span()             # bytes that belong to no message
+        return True
 
     def _lost(self, side, stream):
         """A packet header fell in uncaptured bytes: close what is open, resync at the
@@ -249,7 +215,7 @@ class MySQLParser(Parser):
         if not caps & CLIENT_PROTOCOL_41:
             return
         if size == 32 and caps & CLIENT_SSL:
-            self.tls = True                   # an SSLRequest: TLS follows
+            self.encrypted = True                   # an SSLRequest: TLS follows
             return
         if self.server_caps is not None:
             self.deprecate_eof = bool(caps & self.server_caps & CLIENT_DEPRECATE_EOF)

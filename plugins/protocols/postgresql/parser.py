@@ -16,7 +16,7 @@ skipped unread.
 import re
 from collections import OrderedDict, deque
 
-from deeptrace_plugins.protocols.base import REQ, RESP, Message, ParseError, Parser
+from deeptrace_plugins.protocols.base import REQ, RESP, FramedParser, Message, ParseError
 from deeptrace_plugins.protocols.mysql.sql import QUERY_MAX, decode, first_keyword, redact
 
 FRONTEND = set(b"QPBDECHSXpFdcf")
@@ -53,7 +53,7 @@ class _Pending:
         self.execs = 0
 
 
-class PostgreSQLParser(Parser):
+class PostgreSQLParser(FramedParser):
     protocol = "postgresql"
 
     def __init__(self, max_statements: int = 4096):
@@ -65,94 +65,60 @@ class PostgreSQLParser(Parser):
         self.pending = deque()            # requests awaiting ReadyForQuery, oldest first
         self.db = None
         self.ssl_reply = False            # the server's next byte answers SSL/GSSENCRequest
-        self.encrypted = False
         self.lost = False                 # reply framing lost: skip to ReadyForQuery
         self.started = False              # the reply of pending[0] has begun
-        self.skip = {REQ: 0, RESP: 0}
-        self.held = {REQ: None, RESP: None}
-        self.orphan = {REQ: False, RESP: False}   # the bytes still to skip belong to no message
 
     # -- framing ------------------------------------------------------------------------
-    def parse(self, side, stream):
-        out = []
-        while True:
-            try:
-                self._parse(side, stream, out)
-                return out
-            except ParseError:
-                # Not a message start: resync at the next syscall, keeping the messages
-                # already completed in this call.
-                self.errors += 1
-                stream.drop_segment()
-                self.skip[side] = 0
-                if not len(stream):
-                    return out
-
-    def _parse(self, side, stream, out):
-        while True:
-            if self.skip[side]:
-                self.skip[side] -= stream.consume(self.skip[side])
-                if self.orphan[side]:
-                    stream.take_span()         # the rest of bytes that belong to no message
-                if self.skip[side]:
-                    break
-            if self.held[side] is not None:
-                out.append(stream.stamp(self.held[side]))
-                self.held[side] = None
-            if self.encrypted:
-                stream.consume(len(stream))
-                stream.take_span()
-                break
-            if not len(stream):
-                break
-            if side == RESP and self.ssl_reply:
-                b = stream.peek(1)
-                if not b:
-                    out += self._lost(side, stream)
-                    continue
-                if b in (b"S", b"G", b"N"):
-                    self.ssl_reply = False
-                    self.encrypted = b != b"N"
-                    stream.consume(1)
-                    stream.take_span()
-                    continue
+    def frame(self, side, stream, out) -> bool:
+        if side == RESP and self.ssl_reply:
+            b = stream.peek(1)
+            if not b:
+                out += self._lost(side, stream)
+                return True
+            if b in (b"S", b"G", b"N"):
                 self.ssl_reply = False
-            head = stream.peek(8 if side == REQ else 5)
-            untyped = side == REQ and head[:1] == b"\0"
-            need = 8 if untyped else 5
-            if len(head) < need:
-                if len(stream) > len(head):   # the header is in bytes the capture cut
+                self.encrypted = b != b"N"
+                stream.consume(1)
+                stream.take_span()
+                return True
+            self.ssl_reply = False
+        head = stream.peek(8 if side == REQ else 5)
+        untyped = side == REQ and head[:1] == b"\0"
+        need = 8 if untyped else 5
+        if len(head) < need:
+            if len(stream) > len(head):   # the header is in bytes the capture cut
+                out += self._lost(side, stream)
+                return True
+            return False
+        if untyped:
+            kind = None
+            size = total = int.from_bytes(head[:4], "big")
+            if not 8 <= size <= 10000:
+                raise ParseError("postgresql: implausible start-up packet")
+        else:
+            kind, size = head[0], int.from_bytes(head[1:5], "big")
+            total = 1 + size
+            if kind not in (FRONTEND if side == REQ else BACKEND) or not 4 <= size < MAX_LEN:
+                if side == RESP and self.pending and self.started:
                     out += self._lost(side, stream)
-                    continue
-                break
-            if untyped:
-                kind = None
-                size = total = int.from_bytes(head[:4], "big")
-                if not 8 <= size <= 10000:
-                    raise ParseError("postgresql: implausible start-up packet")
-            else:
-                kind, size = head[0], int.from_bytes(head[1:5], "big")
-                total = 1 + size
-                if kind not in (FRONTEND if side == REQ else BACKEND) or not 4 <= size < MAX_LEN:
-                    if side == RESP and self.pending and self.started:
-                        out += self._lost(side, stream)
-                        continue
-                    raise ParseError(f"postgresql: not a message start {head[:1]!r}")
-            want = self._want(side, kind, total)
-            data = stream.peek(want)
-            if len(data) < want and len(stream) <= len(data):
-                break                          # the rest has not arrived yet
-            if side == REQ:
-                msg, keep = self._frontend(kind, size, data, head)
-            else:
-                msg, keep = self._backend(kind, data)
-            got = stream.consume(total)
-            self.skip[side] = total - got
-            self.orphan[side] = msg is None and not keep
-            if msg is not None:
-                self.held[side] = msg
-            elif not keep:
-                stream.take_span()             # bytes that belong to no message
+                    return True
+                raise ParseError(f"postgresql: not a message start {head[:1]!r}")
+        want = self._want(side, kind, total)
+        data = stream.peek(want)
+        if len(data) < want and len(stream) <= len(data):
+            return False                          # the rest has not arrived yet
+        if side == REQ:
+            msg, keep = self._frontend(kind, size, data, head)
+        else:
+            msg, keep = self._backend(kind, data)
+        got = stream.consume(total)
+        self.skip[side] = total - got
+        self.orphan[side] = msg is None and not keep
+        if msg is not None:
+            self.held[side] = msg
+        elif not keep:
+            stream.take_span()             # bytes that belong to no message
+        return True
 
     @staticmethod
     def _want(side, kind, total):

@@ -37,7 +37,12 @@ REQ, RESP = "req", "resp"
 
 
 class ParseError(Exception):
-    """The bytes are not this protocol (or not in a state we can follow): resync."""
+    """The bytes are not this protocol (or not in a state we can follow): resync.
+
+    A parser that completed messages before meeting the bad bytes puts them in ``done``;
+    they are kept, and the rest of the syscall holding the bad bytes is dropped."""
+
+    done = ()
 
 
 @attrs.define(slots=True)
@@ -191,6 +196,26 @@ class Stream:
         return msg
 
 
+class Cursor:
+    """Captured bytes up to the first hole, read ahead of the stream and consumed on
+    commit: parsers of line- and prefix-framed protocols scan without copying."""
+    __slots__ = ("s", "buf", "i", "c", "hole")
+
+    def __init__(self, stream):
+        self.s = stream
+        self.refresh()
+
+    def refresh(self):
+        self.buf = self.s.peek()
+        self.i = self.c = 0
+        self.hole = len(self.s) > len(self.buf)   # uncaptured bytes follow buf
+
+    def commit(self):
+        if self.i > self.c:
+            self.s.consume(self.i - self.c)
+            self.c = self.i
+
+
 class Parser:
     """Base class: one parser per connection. Subclasses implement ``parse(side, stream)``,
     which returns the messages it can complete from the stream (consuming their bytes via
@@ -214,7 +239,8 @@ class Parser:
             before = len(stream)
             try:
                 msgs = self.parse(side, stream)
-            except ParseError:
+            except ParseError as exc:
+                out += exc.done
                 self.errors += 1
                 stream.drop_segment()
                 continue
@@ -244,19 +270,14 @@ class FramedParser(Parser):
 
     def parse(self, side, stream):
         out = []
-        while True:
-            try:
-                while self._settle(side, stream, out) and self.frame(side, stream, out):
-                    pass
-                return out
-            except ParseError:
-                # Not a message start: resync at the next syscall, keeping the messages
-                # already completed in this call.
-                self.errors += 1
-                stream.drop_segment()
-                self.skip[side] = 0
-                if not len(stream):
-                    return out
+        try:
+            while self._settle(side, stream, out) and self.frame(side, stream, out):
+                pass
+        except ParseError as exc:
+            self.skip[side] = 0   # feed() resyncs at the next syscall
+            exc.done = out
+            raise
+        return out
 
     def _settle(self, side, stream, out) -> bool:
         """Finish the message in progress; True when the stream is at a message start."""

@@ -17,7 +17,7 @@ found; setq: stored), so every request still gets exactly one response.
 import struct
 from collections import OrderedDict
 
-from deeptrace_plugins.protocols.base import REQ, Message, ParseError, Parser
+from deeptrace_plugins.protocols.base import REQ, Cursor, Message, ParseError, Parser
 
 MAX_LINE = 64 * 1024
 MAX_VALUE = 1 << 32
@@ -63,23 +63,8 @@ def hole_run(stream) -> int:
     return n
 
 
-class _Cursor:
-    """Captured bytes up to the first hole, read ahead of the stream, consumed on commit."""
-    __slots__ = ("s", "buf", "i", "c", "hole")
-
-    def __init__(self, stream):
-        self.s = stream
-        self.refresh()
-
-    def refresh(self):
-        self.buf = self.s.peek()
-        self.i = self.c = 0
-        self.hole = len(self.s) > len(self.buf)
-
-    def commit(self):
-        if self.i > self.c:
-            self.s.consume(self.i - self.c)
-            self.c = self.i
+class _Cursor(Cursor):
+    __slots__ = ()
 
     def line(self):
         """The next line (without CR LF) or None if it is not all there yet."""
@@ -124,26 +109,19 @@ class MemcachedParser(Parser):
     def __init__(self):
         super().__init__()
         self._st = {"req": _Side(), "resp": _Side()}
-        self._deferred = {"req": False, "resp": False}
         self._seq = 0
         self._pending = OrderedDict()   # binary: request number -> (opaque, opcode)
 
     def parse(self, side, stream):
         st = self._st[side]
-        if self._deferred[side]:
-            # Bad bytes were found after messages that had to be returned first.
-            self._deferred[side] = False
-            raise ParseError("not memcached")
         out = []
         c = _Cursor(stream)
         try:
             self._run(side == REQ, st, c, out)
-        except ParseError:
+        except ParseError as exc:
             c.commit()   # so that the resync drops the syscall holding the bad bytes
             st.reset()
-            if out:
-                self._deferred[side] = True
-                return out
+            exc.done = out  # messages completed before the bad bytes are kept
             raise
         c.commit()
         return out

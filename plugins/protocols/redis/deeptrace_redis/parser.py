@@ -15,7 +15,7 @@ the N confirmations of ``SUBSCRIBE a b ...`` are merged into one reply.
 
 from collections import deque
 
-from deeptrace_plugins.protocols.base import REQ, Message, ParseError, Parser
+from deeptrace_plugins.protocols.base import REQ, Cursor, Message, ParseError, Parser
 
 MAX_LINE = 64 * 1024       # Redis' own inline limit; a longer "line" is not RESP
 MAX_DEPTH = 32
@@ -59,25 +59,6 @@ class _State:
         self.want = None       # (length, type) of a bulk whose body comes next
         self.skip = 0          # bytes of a bulk body (and its CRLF) still to step over
         self.finished = False  # the message ends once `skip` is done
-
-
-class _Cursor:
-    """Captured bytes up to the first hole, read ahead of the stream, consumed on commit."""
-    __slots__ = ("s", "buf", "i", "c", "hole")
-
-    def __init__(self, stream):
-        self.s = stream
-        self.refresh()
-
-    def refresh(self):
-        self.buf = self.s.peek()
-        self.i = self.c = 0
-        self.hole = len(self.s) > len(self.buf)   # uncaptured bytes follow buf
-
-    def commit(self):
-        if self.i > self.c:
-            self.s.consume(self.i - self.c)
-            self.c = self.i
 
 
 def skip_through_hole(stream):
@@ -144,7 +125,6 @@ class RedisParser(Parser):
     def __init__(self):
         super().__init__()
         self._st = {"req": _State(), "resp": _State()}
-        self._deferred = {"req": False, "resp": False}
         self.db = None              # from SELECT, for db.namespace
         self.reply_off = False      # CLIENT REPLY OFF / SKIP
         self.skip_next = False
@@ -157,20 +137,14 @@ class RedisParser(Parser):
     # -- framing ----------------------------------------------------------------------
     def parse(self, side, stream):
         st = self._st[side]
-        if self._deferred[side]:
-            # Bad bytes were found after messages that had to be returned first.
-            self._deferred[side] = False
-            raise ParseError("not RESP")
         out = []
-        c = _Cursor(stream)
+        c = Cursor(stream)
         try:
             self._run(side == REQ, st, c, out)
-        except ParseError:
+        except ParseError as exc:
             c.commit()   # so that the resync drops the syscall holding the bad bytes
             st.reset()
-            if out:
-                self._deferred[side] = True
-                return out
+            exc.done = out  # messages completed before the bad bytes are kept
             raise
         c.commit()
         return out

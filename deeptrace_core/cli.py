@@ -122,7 +122,8 @@ def cmd_probe_render(args) -> int:
         return 2
     from . import bpf
     cfg = cfg if cfg is not None else entry.cls.config_class()
-    probe = entry.cls(cfg, None)
+    # The probe looks up protocol plugins (the trace probe's detectors) in the registry.
+    probe = entry.cls(cfg, argparse.Namespace(registry=registry))
     defines = {**bpf.kernel_defines(entry.cls.kernel_fields), **host.bpf_defines(args.name, cfg)}
     print(probe.render(defines))
     return 0

@@ -130,3 +130,65 @@ def decode(buf: bytes, protocols=()) -> SocketRecord:
         protocol=protocols[l7_proto - 1] if 0 < l7_proto <= len(protocols) else None,
         role=ROLES.get(l7_role),
     )
+
+
+def make_decoder(protocols=()):
+    """A decode for the ring-buffer reader: ``decode_at(data, offset, length)`` reads one
+    record in place (no copy but the payload's) and returns what :func:`decode` returns.
+
+    The hot path of the agent: addresses and process names repeat on every call of a
+    connection, so their strings are cached rather than rebuilt per record."""
+    unpack, hsize = HEADER.unpack_from, HEADER.size
+    mono_to_wall = _MONO_TO_WALL
+    syscalls = [SYSCALLS.get(i, str(i)) for i in range(65536)]
+    directions = [DIRECTIONS.get(i, str(i)) for i in range(256)]
+    l4s = [L4.get(i, str(i)) for i in range(256)]
+    roles = [ROLES.get(i) for i in range(256)]
+    protos = [None] + [protocols[i - 1] if i <= len(protocols) else None
+                       for i in range(1, 256)]
+    families = {}
+    caches = {}   # family -> {raw address: text}
+    comms = {}
+    trunc = F_TRUNC | F_IOV_TRUNC
+    new = SocketRecord
+
+    def decode_at(data, off, length):
+        if length < hsize:
+            raise ValueError(f"record of {length} bytes is shorter than its header")
+        (ts_enter, ts_exit, conn_id, ret, pid, tid, fd, seq, plen, msg_index, sysno, family,
+         lport, rport, direction, l4, flags, l7_proto, l7_role, _tcp_state, laddr, raddr,
+         comm) = unpack(data, off)
+        if plen > length - hsize:
+            raise ValueError(f"payload length {plen} exceeds the record")
+        cache = caches.get(family)
+        if cache is None:
+            cache = caches[family] = {}
+            families[family] = FAMILIES.get(family, str(family))
+        la = cache.get(laddr)
+        if la is None:
+            if len(cache) > 65536:
+                cache.clear()
+            la = cache[laddr] = _addr(family, laddr)
+        ra = cache.get(raddr)
+        if ra is None:
+            if len(cache) > 65536:
+                cache.clear()
+            ra = cache[raddr] = _addr(family, raddr)
+        name = comms.get(comm)
+        if name is None:
+            if len(comms) > 4096:
+                comms.clear()
+            name = comms[comm] = comm.split(b"\0", 1)[0].decode("utf-8", "replace")
+        start = off + hsize
+        if flags & F_SEQ:
+            # End is start + bytes without wrapping, so end - start == bytes always.
+            seq_end = seq + (ret if ret > 0 and sysno <= 10 else 0)
+        else:
+            seq = seq_end = None
+        return new(ts_enter + mono_to_wall, ts_exit + mono_to_wall, pid, tid, name, fd,
+                   syscalls[sysno], directions[direction], l4s[l4], families[family],
+                   la, lport, ra, rport, ret, seq, seq_end, bytes(data[start:start + plen]),
+                   conn_id, msg_index, bool(flags & trunc), bool(flags & F_PEEK),
+                   protos[l7_proto], roles[l7_role])
+
+    return decode_at

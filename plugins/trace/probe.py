@@ -97,32 +97,42 @@ class TraceProbe:
             "FILTER_PORTS": int(bool(c.ports)),
             "SKC_CHUNK": max(m.offset + m.size for m in skc.values()),
             "L7_ENABLED": int(bool(self.protocols)),
+            "L7_COUNT": max(1, len(self.protocols)),
             "L7_MAX_TRIES": c.l7_max_tries,
         }
 
-    def l7_source(self) -> str:
-        """The enabled protocols' kernel detectors and the dispatch the probe calls."""
+    def l7_source(self) -> tuple[str, str]:
+        """The enabled protocols' kernel detectors (before trace.bpf.c) and one program per
+        protocol that runs its detector (after it: they use its maps and helpers)."""
         if not self.protocols:
-            return ""
-        parts = [bpf.read_source(*cls.detect_c) for cls in self.protocols]
-        calls = "".join(f"    r = detect_{cls.name}(p, n, lport, rport, l4);\n"
-                        f"    if (r)\n        return (r << 8) | {i};\n"
-                        for i, cls in enumerate(self.protocols, 1))
-        parts.append("static __always_inline int l7_detect(const u8 *p, u32 n, u16 lport, "
-                     "u16 rport, u8 l4) {\n    int r;\n" + calls + "    return 0;\n}\n")
-        return "\n".join(parts)
+            return "", ""
+        detectors = "\n".join(bpf.read_source(*cls.detect_c) for cls in self.protocols)
+        programs = "".join(
+            f"int l7_try_{i}(void *ctx) {{\n"
+            "    struct event_t *e;\n    struct conn_val_t *c;\n"
+            "    if (!l7_record(&e, &c))\n        return 0;\n"
+            f"    int r = detect_{cls.name}(e->payload, e->payload_len, e->lport, e->rport, "
+            "e->l4);\n"
+            f"    return l7_step(ctx, e, c, r, {i});\n}}\n"
+            for i, cls in enumerate(self.protocols, 1))
+        return detectors, programs
 
     def render(self, defines: dict) -> str:
-        source = self.l7_source() + "\n" + bpf.read_source(*self.source)
+        before, after = self.l7_source()
+        source = before + "\n" + bpf.read_source(*self.source) + "\n" + after
         return bpf.render(source, {**defines, **self.defines()})
 
     # -- run ----------------------------------------------------------------------------
     def attach(self, defines: dict):
         self.bpf = bpf.load(self.render(defines))
-        if self.protocols:
-            from bcc import BPF
-            fn = self.bpf.load_func(b"l7_classify", BPF.TRACEPOINT)
-            self.bpf[b"l7_progs"][ctypes.c_int(0)] = ctypes.c_int(fn.fd)
+        from bcc import BPF
+        # The syscall exits tail-call these shared bodies (slots as in trace.bpf.c).
+        for slot, name in enumerate((b"data_exit", b"mmsg_exit", b"ctl_exit")):
+            fn = self.bpf.load_func(name, BPF.TRACEPOINT)
+            self.bpf[b"exit_progs"][ctypes.c_int(slot)] = ctypes.c_int(fn.fd)
+        for slot in range(len(self.protocols)):  # the detector chain, protocol i in slot i-1
+            fn = self.bpf.load_func(f"l7_try_{slot + 1}".encode(), BPF.TRACEPOINT)
+            self.bpf[b"l7_progs"][ctypes.c_int(slot)] = ctypes.c_int(fn.fd)
         c = self.config
         one = ctypes.c_uint8(1)
         if c.pids:

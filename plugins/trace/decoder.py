@@ -97,39 +97,14 @@ def decode(buf: bytes, protocols=()) -> SocketRecord:
     """One ring-buffer record to a SocketRecord; raises ValueError on a malformed one.
 
     `protocols` are the L7 protocol names in the order their detectors were compiled."""
-    if len(buf) < HEADER.size:
-        raise ValueError(f"record of {len(buf)} bytes is shorter than its header")
-    (ts_enter, ts_exit, conn_id, ret, pid, tid, fd, seq, plen, msg_index, sysno, family,
-     lport, rport, direction, l4, flags, l7_proto, l7_role, _tcp_state, laddr, raddr,
-     comm) = HEADER.unpack_from(buf)
-    if plen > len(buf) - HEADER.size:
-        raise ValueError(f"payload length {plen} exceeds the record")
-    seq_ok = bool(flags & F_SEQ)
-    nbytes = max(ret, 0) if sysno <= 10 else 0
-    return SocketRecord(
-        ts_enter_ns=ts_enter + _MONO_TO_WALL,
-        ts_exit_ns=ts_exit + _MONO_TO_WALL,
-        pid=pid, tid=tid,
-        comm=comm.split(b"\0", 1)[0].decode("utf-8", "replace"),
-        fd=fd,
-        syscall=SYSCALLS.get(sysno, str(sysno)),
-        direction=DIRECTIONS.get(direction, str(direction)),
-        l4=L4.get(l4, str(l4)),
-        family=FAMILIES.get(family, str(family)),
-        local_addr=_addr(family, laddr), local_port=lport,
-        remote_addr=_addr(family, raddr), remote_port=rport,
-        bytes=ret,
-        # End is start + bytes without wrapping, so end - start == bytes always.
-        tcp_seq_start=seq if seq_ok else None,
-        tcp_seq_end=seq + nbytes if seq_ok else None,
-        payload=bytes(buf[HEADER.size:HEADER.size + plen]),
-        conn_id=conn_id,
-        msg_index=msg_index,
-        truncated=bool(flags & (F_TRUNC | F_IOV_TRUNC)),
-        peek=bool(flags & F_PEEK),
-        protocol=protocols[l7_proto - 1] if 0 < l7_proto <= len(protocols) else None,
-        role=ROLES.get(l7_role),
-    )
+    protocols = tuple(protocols)
+    dec = _decoders.get(protocols)
+    if dec is None:
+        dec = _decoders[protocols] = make_decoder(protocols)
+    return dec(buf, 0, len(buf))
+
+
+_decoders: dict = {}
 
 
 def make_decoder(protocols=()):

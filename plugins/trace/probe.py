@@ -8,8 +8,9 @@ import attrs
 from attrs import validators as v
 
 from deeptrace_core import bpf, btf
+from deeptrace_core.ringbuf import RingBuffer
 
-from .decoder import STAT_NAMES, decode
+from .decoder import STAT_NAMES, make_decoder
 from .fields import KERNEL_FIELDS
 
 log = logging.getLogger("deeptrace.trace")
@@ -39,6 +40,9 @@ class TraceConfig:
     l7_max_tries: int = attrs.field(default=4, validator=[v.ge(1), v.le(250)])
 
 
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
 def _pow2_at_least(n: int) -> int:
     p = 32  # L7 detectors may read 64 bytes (2 * PAYLOAD_MAX) of the payload buffer
     while p < n:
@@ -56,8 +60,7 @@ class TraceProbe:
         self.config = config
         self.context = context
         self.bpf = None
-        self._records: list = []
-        self.decode_errors = 0
+        self.ring = None
         self.self_pid = os.getpid()
         self.protocols = self._protocol_classes()
         self.protocol_names = tuple(cls.name for cls in self.protocols)
@@ -146,7 +149,9 @@ class TraceProbe:
                     t[key] = one
         if c.ports:
             self.add_ports(c.ports)
-        self.bpf[b"events"].open_ring_buffer(self._on_event)
+        # Read in bulk from the mapping, not through BCC's per-record ctypes callback.
+        self._decode = make_decoder(self.protocol_names)
+        self.ring = RingBuffer(self.bpf[b"events"].map_fd, self.config.ringbuf_pages * PAGE)
         self.bpf[b"armed"][ctypes.c_int(0)] = ctypes.c_uint32(1)  # start recording now
 
     def add_pids(self, pids):
@@ -177,19 +182,13 @@ class TraceProbe:
             except KeyError:
                 pass
 
-    def _on_event(self, ctx, data, size):
-        try:
-            self._records.append(decode(ctypes.string_at(data, size), self.protocol_names))
-        except Exception:  # a malformed record is counted, never fatal
-            self.decode_errors += 1
-
     def poll(self, timeout_ms: int | None = None) -> list:
         if timeout_ms is None:
             timeout_ms = self.config.poll_ms
-        # Wake-ups are batched in the kernel: poll may time out with data waiting.
-        self.bpf.ring_buffer_poll(timeout_ms)
-        self.bpf.ring_buffer_consume()
-        out, self._records = self._records, []
+        out: list = []
+        # Wake-ups are batched in the kernel: the wait may time out with data waiting.
+        if self.ring.wait(timeout_ms):
+            self.ring.consume(self._decode, out)
         return out
 
     def stats(self) -> dict:
@@ -199,7 +198,7 @@ class TraceProbe:
         # Calls the kernel skipped our program for (another BPF program was running on
         # that CPU): lost before any counter of ours could see them.
         out["prog_recursion_misses"] = sum(bpf.recursion_misses(self.bpf).values())
-        out["decode_failed"] = self.decode_errors
+        out["decode_failed"] = self.ring.decode_errors if self.ring else 0
         out["conn_map_entries"] = len(self.bpf[b"conns"])
         return out
 
@@ -222,6 +221,9 @@ class TraceProbe:
             try:
                 self.poll(0)  # drain what is left so nothing already captured is lost
             finally:
+                if self.ring is not None:
+                    self.ring.close()  # unmap first: the mapping keeps the map alive
+                    self.ring = None
                 self.bpf.cleanup()
                 self.bpf = None
 

@@ -39,7 +39,7 @@ from bench.topology import KINDS, PARENT, SUBNET, Topology, classify, die_with_p
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-LOSS_KEYS = ("ringbuf_full", "inflight_map_full", "conn_map_full", "read_failed",
+LOSS_KEYS = ("ringbuf_full", "inflight_alloc_failed", "conn_map_full", "read_failed",
              "mmsg_truncated", "iov_truncated", "decode_failed")
 
 

@@ -21,7 +21,7 @@ REPO = os.path.dirname(HERE)
 try:
     from deeptrace_plugins.trace.decoder import LOSS_STATS as _PROBE_LOSS
 except ImportError:  # pragma: no cover - the project is installed in .venv
-    _PROBE_LOSS = ("ringbuf_full", "inflight_map_full", "conn_map_full", "read_failed",
+    _PROBE_LOSS = ("ringbuf_full", "inflight_alloc_failed", "conn_map_full", "read_failed",
                    "mmsg_truncated", "prog_recursion_misses")
 LOSS_KEYS = tuple(dict.fromkeys((*_PROBE_LOSS, "decode_failed")))
 CLK_TCK = os.sysconf("SC_CLK_TCK")

@@ -223,7 +223,7 @@ def test_every_request_is_one_trace_span_by_span(chain, traceparent):
 def test_nothing_lost_and_nothing_else_traced(chain):
     probe = chain.stats["probe.trace"]
     lost = {k: v for k, v in probe.items()
-            if k in ("ringbuf_full", "inflight_map_full", "conn_map_full", "read_failed",
+            if k in ("ringbuf_full", "inflight_alloc_failed", "conn_map_full", "read_failed",
                      "decode_failed") and v}
     assert not lost, lost
     # every span is one of the requests' (no set-up traffic, nothing from elsewhere)

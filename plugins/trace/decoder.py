@@ -25,9 +25,9 @@ ROLES = {0: None, 1: "client", 2: "server"}
 PROTO_NONE = 255
 
 # Counter slots of the `stats` per-CPU array, in C enum order.
-STAT_NAMES = ("events", "ringbuf_full", "inflight_map_full", "conn_map_full",
+STAT_NAMES = ("events", "ringbuf_full", "inflight_alloc_failed", "conn_map_full",
               "read_failed", "mmsg_truncated", "iov_truncated", "l7_tail_call_failed")
-LOSS_STATS = ("ringbuf_full", "inflight_map_full", "conn_map_full", "read_failed",
+LOSS_STATS = ("ringbuf_full", "inflight_alloc_failed", "conn_map_full", "read_failed",
               "mmsg_truncated", "prog_recursion_misses")
 
 # bpf_ktime_get_ns() is CLOCK_MONOTONIC; records carry wall-clock ns.

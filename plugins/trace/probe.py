@@ -34,7 +34,6 @@ class TraceConfig:
     wakeup_events: int = attrs.field(default=64, validator=[v.ge(1), v.le(1 << 20)])
     poll_ms: int = attrs.field(default=100, validator=[v.ge(1), v.le(10000)])
     max_connections: int = attrs.field(default=65536, validator=v.ge(16))
-    max_inflight: int = attrs.field(default=16384, validator=v.ge(16))
     # L7 protocols to detect in the kernel; when set, only their connections are sent.
     protocols: list[str] = attrs.field(factory=list)
     l7_max_tries: int = attrs.field(default=4, validator=[v.ge(1), v.le(250)])
@@ -90,7 +89,6 @@ class TraceProbe:
             "MMSG_MAX_IOV": 8,
             "MAX_MMSG": 8,
             "CONN_MAX": c.max_connections,
-            "INFLIGHT_MAX": c.max_inflight,
             "RINGBUF_PAGES": c.ringbuf_pages,
             "WAKEUP_EVENTS": c.wakeup_events,
             "SELF_TGID": self.self_pid,
@@ -203,18 +201,16 @@ class TraceProbe:
         return out
 
     def gc(self):
-        """Forget connections and pending calls of processes that exited without close()."""
+        """Forget connections of processes that exited without close() (a thread's saved
+        call arguments live in its task storage, which the kernel frees with the thread)."""
         if self.bpf is None:
             return
-        for name, alive in (("conns", lambda k: os.path.exists(f"/proc/{k.tgid}")),
-                            ("inflight", lambda k: os.path.exists(
-                                f"/proc/{k.value >> 32}/task/{k.value & 0xffffffff}"))):
-            table = self.bpf[name.encode()]
-            for key in [k for k in table.keys() if not alive(k)]:
-                try:
-                    del table[key]
-                except KeyError:
-                    pass
+        table = self.bpf[b"conns"]
+        for key in [k for k in table.keys() if not os.path.exists(f"/proc/{k.tgid}")]:
+            try:
+                del table[key]
+            except KeyError:
+                pass
 
     def detach(self):
         if self.bpf is not None:

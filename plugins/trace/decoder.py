@@ -64,7 +64,7 @@ class SocketRecord:
     kind = "socket"
 
     def to_dict(self) -> dict:
-        d = attrs.asdict(self)
+        d = {name: getattr(self, name) for name in _FIELDS}  # shallow: every value is flat
         d["payload"] = base64.b64encode(self.payload).decode()
         return d
 
@@ -81,6 +81,9 @@ class SocketRecord:
                 f"{self.l4}/{self.family} {_ep(self.local_addr, self.local_port)} {arrow} "
                 f"{_ep(self.remote_addr, self.remote_port)} {size}{seq} "
                 f"conn={self.conn_id} {lat:.1f}us" + (f' "{text}"' if self.payload else ""))
+
+
+_FIELDS = tuple(a.name for a in attrs.fields(SocketRecord))
 
 
 def _ep(addr, port):

@@ -48,6 +48,40 @@ print(json.dumps({"fds": fds, "a": a.fileno(), "b_port": b.getsockname()[1]}), f
     assert via_dup.conn_id != via_a.conn_id
 
 
+def test_close_by_an_unselected_thread_forgets_the_connection(bpf_ok):
+    """The probe caches each fd's socket; a close() by a thread the filter does not select
+    must still drop it, or the fd's next socket would inherit the old connection."""
+    child = Script("""
+import ctypes, json, socket, threading
+libc = ctypes.CDLL(None)
+def name(n): libc.prctl(15, n.encode(), 0, 0, 0)   # PR_SET_NAME: this thread's comm
+name('dt-selmain')
+srv = socket.socket(); srv.bind(('127.0.0.1', 0)); srv.listen(8)
+a = socket.create_connection(srv.getsockname()); a.send(b'first')
+fd = a.fileno()
+def closer():
+    name('dt-other'); a.close()
+t = threading.Thread(target=closer); t.start(); t.join()
+b = socket.create_connection(srv.getsockname()); b.send(b'second')
+print(json.dumps({"fd": fd, "b_fd": b.fileno(), "b_port": b.getsockname()[1]}), flush=True)
+""")
+    probe = start_probe(comms=["dt-selmain"])
+    try:
+        child.go()
+        rep = child.finish()
+        deadline, recs = time.monotonic() + 5, []
+        while time.monotonic() < deadline and len(recs) < 2:
+            recs += [r for r in probe.poll(20) if r.pid == child.pid and
+                     r.payload in (b"first", b"second")]
+    finally:
+        probe.detach()
+    assert rep["b_fd"] == rep["fd"]                 # the same fd number, a new socket
+    first, second = sorted(recs, key=lambda r: r.ts_exit_ns)
+    assert not any(r.syscall == "close" for r in recs)  # the closing thread is not traced
+    assert second.local_port == rep["b_port"]
+    assert second.conn_id != first.conn_id
+
+
 def test_socket_opened_before_agent_started(bpf_ok):
     child = Script("""
 import json, socket, sys

@@ -104,10 +104,12 @@ BPF_TASK_STORAGE(inflight, struct inflight_t);
 #define BPF_LOCAL_STORAGE_GET_F_CREATE 1
 #endif
 
-// Per-connection id, keyed by (tgid, fd); the sock pointer detects fd reuse whose close
-// we did not see (dup2, exec).
+// Per-connection state, keyed by (tgid, fd). It caches the fd's sock: a call whose fd
+// still holds the same struct file skips the file -> inode -> socket -> sock walk (four
+// reads of five). close() and dup2/dup3 onto the fd drop the entry, in any process; a
+// file replaced unseen (exec, io_uring) no longer matches and gets a new entry.
 struct conn_key_t { u32 tgid; s32 fd; };
-struct conn_val_t { u64 sk; u64 id; u8 proto; u8 role; u8 tries; u8 pad[5]; };
+struct conn_val_t { u64 sk; u64 file; u64 id; u8 proto; u8 role; u8 tries; u8 pad[5]; };
 BPF_HASH(conns, struct conn_key_t, struct conn_val_t, CONN_MAX);
 BPF_ARRAY(conn_counter, u64, 1);
 
@@ -180,13 +182,12 @@ static __always_inline int save_args(u16 nr, u16 sys, s32 fd, u64 ptr, u64 addr,
 
 #define RD(dst, src) bpf_probe_read_kernel(&(dst), sizeof(dst), (void *)(src))
 
-// fd -> struct sock *, walking task->files->fdt->fd[fd]->private_data->sk at BTF offsets.
-// Returns 1 and sets *out for a socket, 0 when the fd is not a socket, -1 on a read failure.
-static __always_inline int fd_to_sk(s32 fd, u64 *out) {
+// fd -> struct file *, walking task->files->fdt->fd[fd] at BTF offsets.
+// Returns 1 and sets *out for an open fd, 0 when there is none, -1 on a read failure.
+static __always_inline int fd_to_file(s32 fd, u64 *out) {
     u64 task = bpf_get_current_task();
-    u64 files = 0, fdt = 0, fdarr = 0, file = 0, inode = 0, sock = 0, sk = 0;
+    u64 files = 0, fdt = 0, fdarr = 0, file = 0;
     u32 max_fds = 0;
-    u16 mode = 0;
     if (RD(files, task + OFF_task_struct__files) || !files)
         return -1;
     if (RD(fdt, files + OFF_files_struct__fdt) || !fdt)
@@ -197,6 +198,15 @@ static __always_inline int fd_to_sk(s32 fd, u64 *out) {
         return -1;
     if (!file)
         return 0;
+    *out = file;
+    return 1;
+}
+
+// struct file * -> struct sock *: 1 for a socket, 0 for another kind of file, -1 on a
+// read failure.
+static __always_inline int file_to_sk(u64 file, u64 *out) {
+    u64 inode = 0, sock = 0, sk = 0;
+    u16 mode = 0;
     if (RD(inode, file + OFF_file__f_inode) || RD(mode, inode + OFF_inode__i_mode))
         return -1;
     if ((mode & S_IFMT) != S_IFSOCK)
@@ -264,27 +274,19 @@ static __always_inline void addr_from_user(u64 uaddr, struct event_t *e) {
     e->flags |= F_ADDR_MSG;
 }
 
-// The connection's state, created on first sight; NULL only when the map is full.
-static __always_inline struct conn_val_t *conn_get(u32 tgid, s32 fd, u64 sk) {
+// A new connection entry for (tgid, fd); NULL only when the map is full.
+static __always_inline struct conn_val_t *conn_new(u32 tgid, s32 fd, u64 sk, u64 file) {
     struct conn_key_t k = {.tgid = tgid, .fd = fd};
-    struct conn_val_t *v = conns.lookup(&k);
-    if (v && v->sk == sk)
-        return v;
     u32 zero = 0;
     u64 *ctr = conn_counter.lookup(&zero);
     if (!ctr)
         return 0;
-    struct conn_val_t nv = {.sk = sk, .id = __sync_fetch_and_add(ctr, 1) + 1};
+    struct conn_val_t nv = {.sk = sk, .file = file, .id = __sync_fetch_and_add(ctr, 1) + 1};
     if (conns.update(&k, &nv)) {
         stat_inc(ST_CONN_FULL);
         return 0;
     }
     return conns.lookup(&k);
-}
-
-static __always_inline u64 conn_id_for(u32 tgid, s32 fd, u64 sk) {
-    struct conn_val_t *v = conn_get(tgid, fd, sk);
-    return v ? v->id : 0;
 }
 
 #if L7_ENABLED
@@ -384,14 +386,35 @@ static __always_inline void submit(struct event_t *e) {
         stat_inc(ST_EVENTS);
 }
 
-// Start a record for a socket fd: 0 and *out set when the fd is a selected TCP/UDP socket.
-static __always_inline struct event_t *begin(u64 pid_tgid, s32 fd, u16 sys, u64 ts_enter, u64 *skp) {
-    u64 sk = 0;
-    int found = fd_to_sk(fd, &sk);
+// Start a record for a socket fd: the record, *skp and *connp (NULL only when the
+// connection map is full) when the fd is a TCP/UDP socket; 0 otherwise, and also (with
+// L7 detection) for a connection already found to speak none of the enabled protocols:
+// its calls cost a lookup, not a record.
+static __always_inline struct event_t *begin(u64 pid_tgid, s32 fd, u16 sys, u64 ts_enter,
+                                             u64 *skp, struct conn_val_t **connp) {
+    u64 file = 0, sk = 0;
+    int found = fd_to_file(fd, &file);
     if (found <= 0) {
         if (found < 0)
             stat_inc(ST_READ_FAIL);
         return 0;
+    }
+    struct conn_key_t k = {.tgid = pid_tgid >> 32, .fd = fd};
+    struct conn_val_t *conn = conns.lookup(&k);
+    if (conn && conn->file == file) {
+        sk = conn->sk;
+#if L7_ENABLED
+        if (conn->proto == PROTO_NONE)
+            return 0;
+#endif
+    } else {
+        conn = 0;
+        found = file_to_sk(file, &sk);
+        if (found <= 0) {
+            if (found < 0)
+                stat_inc(ST_READ_FAIL);
+            return 0;
+        }
     }
     u32 zero = 0;
     struct event_t *e = scratch.lookup(&zero);
@@ -403,6 +426,8 @@ static __always_inline struct event_t *begin(u64 pid_tgid, s32 fd, u16 sys, u64 
     e->l7_role = 0;
     if (read_sock(sk, e))
         return 0;
+    if (!conn)  // only TCP/UDP sockets get an entry
+        conn = conn_new(pid_tgid >> 32, fd, sk, file);
     e->ts_enter = ts_enter;
     e->ts_exit = bpf_ktime_get_ns();
     e->pid = pid_tgid >> 32;
@@ -412,8 +437,10 @@ static __always_inline struct event_t *begin(u64 pid_tgid, s32 fd, u16 sys, u64 
     e->msg_index = 0;
     e->payload_len = 0;
     e->seq = 0;
+    e->conn_id = conn ? conn->id : 0;
     bpf_get_current_comm(&e->comm, sizeof(e->comm));
     *skp = sk;
+    *connp = conn;
     return e;
 }
 
@@ -480,13 +507,12 @@ int data_exit(struct exit_ctx *ctx) {
     if (ret == -EAGAIN)
         return 0;
     u64 sk = 0;
-    struct event_t *e = begin(id, args.fd, sys, args.ts, &sk);
+    struct conn_val_t *conn = 0;
+    struct event_t *e = begin(id, args.fd, sys, args.ts, &sk, &conn);
     if (!e)
         return 0;
     e->direction = dir;
     e->ret = ret;
-    struct conn_val_t *conn = conn_get(id >> 32, args.fd, sk);
-    e->conn_id = conn ? conn->id : 0;
     u64 name = args.addr;
     if (ret > 0) {
         if (sys == SYS_READ || sys == SYS_WRITE || sys == SYS_RECVFROM || sys == SYS_SENDTO) {
@@ -532,11 +558,11 @@ int mmsg_exit(struct exit_ctx *ctx) {
     if (ret <= 0)
         return 0;
     u64 sk = 0;
-    struct event_t *e = begin(id, args.fd, sys, args.ts, &sk);
+    struct conn_val_t *conn = 0;
+    struct event_t *e = begin(id, args.fd, sys, args.ts, &sk, &conn);
     if (!e)
         return 0;
-    struct conn_val_t *conn = conn_get(id >> 32, args.fd, sk);
-    u64 conn_id = conn ? conn->id : 0;
+    u64 conn_id = e->conn_id;
 #if L7_ENABLED
     // Decided once for all messages (a branch inside the loop multiplies the paths the
     // verifier walks). The detectors cost the verifier more than it allows inside the
@@ -620,12 +646,12 @@ int ctl_exit(struct exit_ctx *ctx) {
     if (ret < 0 && sys != SYS_CONNECT)
         return 0;
     u64 sk = 0;
-    struct event_t *e = begin(id, fd, sys, args.ts, &sk);
+    struct conn_val_t *conn = 0;
+    struct event_t *e = begin(id, fd, sys, args.ts, &sk, &conn);
     if (!e)
         return 0;
     e->direction = DIR_NONE;
     e->ret = ret;
-    e->conn_id = conn_id_for(id >> 32, fd, sk);
     // A failed connect leaves no peer on the sock: report the address that was asked for.
     if (sys == SYS_CONNECT && e->rport == 0)
         addr_from_user(args.ptr, e);
@@ -707,21 +733,27 @@ TRACEPOINT_PROBE(syscalls, sys_exit_accept) { exit_progs.call(args, EXIT_CTL); r
 TRACEPOINT_PROBE(syscalls, sys_enter_accept4) { return save_args(args->__syscall_nr, SYS_ACCEPT4, (s32)args->fd, 0, 0, 0, 0); }
 TRACEPOINT_PROBE(syscalls, sys_exit_accept4) { exit_progs.call(args, EXIT_CTL); return 0; }
 
-// close: report the socket while the fd still names it, and forget its connection id.
+// close: report the socket while the fd still names it, and forget its connection entry
+// (for every process: a thread the filter does not select may close a selected one's fd).
 TRACEPOINT_PROBE(syscalls, sys_enter_close) {
     u64 id = bpf_get_current_pid_tgid();
     s32 fd = (s32)args->fd;
-    if (fd < 0 || !selected(id >> 32))
+    if (fd < 0)
         return 0;
+    struct conn_key_t k = {.tgid = id >> 32, .fd = fd};
+    if (!selected(id >> 32)) {
+        conns.delete(&k);
+        return 0;
+    }
     u64 sk = 0;
-    u64 now = bpf_ktime_get_ns();
-    struct event_t *e = begin(id, fd, SYS_CLOSE, now, &sk);
-    if (!e)
+    struct conn_val_t *conn = 0;
+    struct event_t *e = begin(id, fd, SYS_CLOSE, bpf_ktime_get_ns(), &sk, &conn);
+    if (!e) {
+        conns.delete(&k);
         return 0;
+    }
     e->direction = DIR_NONE;
     e->ret = 0;
-    struct conn_val_t *conn = conn_get(id >> 32, fd, sk);
-    e->conn_id = conn ? conn->id : 0;
 #if L7_ENABLED
     int keep = conn && conn->proto != 0 && conn->proto != PROTO_NONE;
     if (conn) {
@@ -731,9 +763,18 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
 #else
     int keep = 1;
 #endif
-    struct conn_key_t k = {.tgid = id >> 32, .fd = fd};
     conns.delete(&k);
     if (keep)
         submit(e);
     return 0;
 }
+
+// dup2/dup3 close whatever newfd named: its entry goes, as on close().
+static __always_inline int forget_fd(s64 fd) {
+    struct conn_key_t k = {.tgid = bpf_get_current_pid_tgid() >> 32, .fd = (s32)fd};
+    if (fd >= 0)
+        conns.delete(&k);
+    return 0;
+}
+TRACEPOINT_PROBE(syscalls, sys_enter_dup2) { return forget_fd(args->newfd); }
+TRACEPOINT_PROBE(syscalls, sys_enter_dup3) { return forget_fd(args->newfd); }

@@ -5,7 +5,7 @@ import sys
 import threading
 import time
 
-from . import bpf
+from . import bpf, bpfgroup
 from .config import ConfigError
 from .pipeline import Pipeline
 
@@ -51,13 +51,26 @@ class Agent:
         t0 = time.monotonic()
         # Sequential on purpose: libbcc is not thread-safe (compiling two programs at
         # once corrupts its heap), so start-up is the sum of the probes' compile times.
+        defines = {cid: self.defines(cid) for cid in self.probes}
+        # One clang run for every probe's C (each compile has a fixed cost); a probe whose
+        # text is not in the shared module (no BPF, or the group failed) compiles alone.
+        if self.config.agent.compile_together:
+            texts = []
+            for cid, probe in self.probes.items():
+                try:
+                    texts.append((cid, probe.render(defines[cid])))
+                except Exception:  # attach() below reports it, for this probe alone
+                    pass
+            bpfgroup.preload(texts)
         try:
             for cid, probe in self.probes.items():
-                probe.attach(self.defines(cid))
+                probe.attach(defines[cid])
                 self.attached.append(cid)
         except Exception:
             self.detach()
             raise
+        finally:
+            bpfgroup.discard()
         self.startup_seconds = time.monotonic() - t0
         log.info("attached %s in %.2f s", ", ".join(self.attached), self.startup_seconds)
         self.host.pm.hook.deeptrace_agent_start.call_historic(kwargs={"agent": self})

@@ -48,7 +48,17 @@ def check_privileges():
 
 
 def load(text: str):
-    """Compile and load; BCC attaches every TRACEPOINT_PROBE at construction."""
+    """Compile and load; BCC attaches every TRACEPOINT_PROBE at construction. A text the
+    agent compiled ahead with other probes' (bpfgroup.preload) is not compiled again: the
+    probe gets its view of the shared module, tracepoints attached."""
+    from . import bpfgroup
+    view = bpfgroup.take(text)
+    if view is not None:
+        return view
+    return compile_text(text)
+
+
+def compile_text(text: str):
     check_privileges()
     try:
         from bcc import BPF

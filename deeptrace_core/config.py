@@ -54,6 +54,8 @@ class AgentSettings:
     stats_interval: float = attrs.field(
         default=10.0, validator=attrs.validators.gt(0), metadata={"unit": "seconds"})
     log_level: str = attrs.field(default="info", validator=attrs.validators.in_(LOG_LEVELS))
+    # Compile all probes' BPF C in one clang run (start-up); off: one module per probe.
+    compile_together: bool = True
 
 
 @attrs.define

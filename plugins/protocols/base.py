@@ -92,8 +92,10 @@ class Stream:
         """Add one syscall's bytes: `data` captured of `nbytes` moved."""
         if nbytes <= 0:
             return
-        hole = max(0, nbytes - len(data))
-        self.segments.append(_Segment(bytes(data[:nbytes]), hole, ts_start, ts_end, seq))
+        n = len(data)
+        if n > nbytes:
+            data, n = bytes(data[:nbytes]), nbytes
+        self.segments.append(_Segment(data, nbytes - n, ts_start, ts_end, seq))
         self.size += nbytes
         while self.size > self.cap and len(self.segments) > 1:
             self.drop_segment()  # unbounded growth is never allowed; the parser resyncs
@@ -235,8 +237,8 @@ class Parser:
         stream = self.streams[side]
         stream.append(data, nbytes, ts_start, ts_end, seq)
         out = []
-        while len(stream):
-            before = len(stream)
+        while stream.size:
+            before = stream.size
             try:
                 msgs = self.parse(side, stream)
             except ParseError as exc:
@@ -244,8 +246,9 @@ class Parser:
                 self.errors += 1
                 stream.drop_segment()
                 continue
-            out += msgs
-            if not msgs and len(stream) == before:
+            if msgs:
+                out += msgs
+            elif stream.size == before:
                 break  # needs more bytes
         return out
 

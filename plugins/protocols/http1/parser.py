@@ -32,6 +32,8 @@ HEADER_ALLOW = frozenset({"content-type", "content-length", "accept", "x-request
                           "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled",
                           "authorization", "cookie", "set-cookie", "proxy-authorization"})
 HEADER_REDACT = frozenset({"authorization", "cookie", "set-cookie", "proxy-authorization"})
+# Every header the parser reads: framing, attributes, and the allow-list.
+_USED = HEADER_ALLOW | {"host", "user-agent", "transfer-encoding", "expect"}
 # Query parameters whose values are credentials (OpenTelemetry url.query guidance).
 _QUERY_SECRET = re.compile(r"(?i)((?:^|&)(?:AWSAccessKeyId|Signature|sig|X-Goog-Signature"
                            r"|access_token|token|api_key|apikey|password)=)[^&]*")
@@ -107,7 +109,10 @@ class _Head:
         self.status_line = True
 
     def on_header(self, name, value):
-        k, v = name.decode("latin-1").lower(), value.decode("latin-1")
+        k = name.decode("latin-1").lower()
+        if k not in _USED:
+            return  # never looked at: not worth decoding (this runs for every header)
+        v = value.decode("latin-1")
         self.headers[k] = f"{self.headers[k]}, {v}" if k in self.headers else v
 
 

@@ -222,7 +222,7 @@ for i in range({n}):
 u.close()
 print(json.dumps({{}}), flush=True)
 """)
-    probe = start_probe(pids=[child.pid], ringbuf_pages=1, wakeup_events=1 << 20)
+    probe = start_probe(pids=[child.pid], ringbuf_pages=1, wakeup_bytes=1 << 30)
     try:
         child.go()
         child.finish()

@@ -31,7 +31,8 @@ class TraceConfig:
     ports: list[int] = attrs.field(factory=list)      # only sockets with one of these ports
     payload_bytes: int = attrs.field(default=1024, validator=[v.ge(0), v.le(16384)])
     ringbuf_pages: int = attrs.field(default=1024, validator=_power_of_two)
-    wakeup_events: int = attrs.field(default=64, validator=[v.ge(1), v.le(1 << 20)])
+    # Wake the agent early once a CPU wrote this much; 0: a sixteenth of the ring.
+    wakeup_bytes: int = attrs.field(default=0, validator=[v.ge(0), v.le(1 << 30)])
     poll_ms: int = attrs.field(default=100, validator=[v.ge(1), v.le(10000)])
     max_connections: int = attrs.field(default=65536, validator=v.ge(16))
     # L7 protocols to detect in the kernel; when set, only their connections are sent.
@@ -90,7 +91,7 @@ class TraceProbe:
             "MAX_MMSG": 8,
             "CONN_MAX": c.max_connections,
             "RINGBUF_PAGES": c.ringbuf_pages,
-            "WAKEUP_EVENTS": c.wakeup_events,
+            "WAKEUP_BYTES": c.wakeup_bytes or c.ringbuf_pages * PAGE // 16,
             "SELF_TGID": self.self_pid,
             "FILTER_PIDS": int(bool(c.pids)),
             "FILTER_COMMS": int(bool(c.comms)),

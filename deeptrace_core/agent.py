@@ -5,7 +5,7 @@ import sys
 import threading
 import time
 
-from . import bpf, bpfgroup
+from . import bpf, bpfgroup, selfmetrics
 from .config import ConfigError
 from .pipeline import Pipeline
 
@@ -37,6 +37,7 @@ class Agent:
         self.routes = {cid: [p for p, pl in zip(self.pipelines, config.pipelines.values())
                              if cid in pl.probes] for cid in self.probes}
         self.attached = []
+        self.started_ns = time.time_ns()
 
     def _build(self, kind, cid):
         comp = getattr(self.config, kind)[cid]
@@ -49,6 +50,7 @@ class Agent:
     # -- lifecycle ------------------------------------------------------------------------
     def start(self):
         t0 = time.monotonic()
+        self.started_ns = time.time_ns()
         # Sequential on purpose: libbcc is not thread-safe (compiling two programs at
         # once corrupts its heap), so start-up is the sum of the probes' compile times.
         defines = {cid: self.defines(cid) for cid in self.probes}
@@ -173,3 +175,17 @@ class Agent:
             if counters:
                 text = " ".join(f"{k}={v}" for k, v in counters.items())
                 print(f"deeptrace {label}: {section}: {text}", file=self.stats_stream, flush=True)
+        self.export_own_metrics(stats)
+
+    def export_own_metrics(self, stats):
+        """The same counters as metrics, to the exporters that want them."""
+        takers = [(cid, e) for cid, e in self.exporters.items()
+                  if getattr(e, "takes_agent_metrics", False)]
+        if not takers:
+            return
+        points = selfmetrics.points(stats, self.probes, self.started_ns)
+        for cid, exp in takers:
+            try:
+                exp.export(points)
+            except Exception as exc:  # reported, never fatal
+                log.error("exporter %s failed on the agent's metrics: %r", cid, exc)

@@ -113,3 +113,76 @@ pipelines:
     assert len(sends) == 1                      # ... and isolated: jsonl got the batch
     assert {l["syscall"] for l in lines} == {"socket", "sendto", "close"}
     assert CountingProcessor.seen == len(lines) == pipeline.records_out
+
+
+class MetricsTaker:
+    """An exporter that asks for the agent's own metrics, and keeps the last ones."""
+    name = "metrics-taker"
+    config_class = NoConfig
+    takes_agent_metrics = True
+    last: list = []
+
+    def __init__(self, config, context):
+        pass
+
+    def export(self, batch):
+        own = [p for p in batch if getattr(p, "name", "").startswith("deeptrace.agent.")]
+        if own:
+            MetricsTaker.last = own
+
+    def flush(self):
+        pass
+
+    def shutdown(self):
+        pass
+
+
+class TakerPlugin:
+    @hookimpl
+    def deeptrace_register_exporters(self, registry):
+        registry.add_exporter(MetricsTaker)
+
+
+def test_lost_events_are_exported_as_agent_metrics(bpf_ok):
+    """A one-page ring buffer the agent does not drain while a process sends 400
+    datagrams: the loss the probe counts is exported, by cause, with the same value."""
+    from deeptrace_plugins.exporters.prometheus import render
+
+    host = PluginHost().load_entry_points()
+    host.register(TakerPlugin(), "taker")
+    registry = host.registry()
+    n = 400
+    child = Script(f"""
+import json, socket
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for i in range({n}):
+    u.sendto(b'x' * 100, ('127.0.0.1', 9))
+u.close()
+print(json.dumps({{}}), flush=True)
+""")
+    text = f"""
+agent: {{stats_interval: 0.2s}}
+probes: {{trace: {{pids: [{child.pid}], ringbuf_pages: 1, wakeup_bytes: 1073741824}}}}
+exporters: {{metrics-taker: {{}}}}
+pipelines: {{main: {{probes: [trace], exporters: [metrics-taker]}}}}
+"""
+    agent = Agent(parse_config(text, "inline.yaml", registry.schemas()), host, registry)
+    agent.start()
+    try:
+        child.go()
+        child.finish()           # every send happens before the agent drains anything
+        agent.run(duration=0.5)
+    finally:
+        agent.shutdown()
+    lost = {p.attributes["deeptrace.cause"]: p.value for p in MetricsTaker.last
+            if p.name == "deeptrace.agent.events.lost"}
+    stat = {(p.attributes["deeptrace.component"], p.attributes["deeptrace.counter"]): p.value
+            for p in MetricsTaker.last if p.name == "deeptrace.agent.stat"}
+    assert lost["ringbuf_full"] > 0
+    assert lost["ringbuf_full"] == stat[("probe.trace", "ringbuf_full")]
+    assert lost["ringbuf_full"] + stat[("probe.trace", "events")] == 1 + n + 1
+    assert set(lost) >= {"ringbuf_full", "inflight_alloc_failed", "conn_map_full",
+                         "read_failed", "decode_failed", "prog_recursion_misses"}
+    exposition = render(MetricsTaker.last)
+    assert ('deeptrace_agent_events_lost_total{deeptrace_cause="ringbuf_full",'
+            f'deeptrace_probe="trace"}} {int(lost["ringbuf_full"])}') in exposition

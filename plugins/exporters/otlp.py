@@ -545,6 +545,7 @@ class Converter:
 # -- the exporter -------------------------------------------------------------------------
 
 class OtlpExporter:
+    takes_agent_metrics = True  # lost events and counters of the agent itself
     name = "otlp"
     config_class = OtlpConfig
 

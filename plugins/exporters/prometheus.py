@@ -214,6 +214,7 @@ class _Server(http.server.ThreadingHTTPServer):
 
 
 class PrometheusExporter:
+    takes_agent_metrics = True  # lost events and counters of the agent itself
     name = "prometheus"
     config_class = PrometheusConfig
 

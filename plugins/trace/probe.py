@@ -10,7 +10,7 @@ from attrs import validators as v
 from deeptrace_core import bpf, btf
 from deeptrace_core.ringbuf import RingBuffer
 
-from .decoder import STAT_NAMES, make_decoder
+from .decoder import LOSS_STATS, STAT_NAMES, make_decoder
 from .fields import KERNEL_FIELDS
 
 log = logging.getLogger("deeptrace.trace")
@@ -52,6 +52,7 @@ def _pow2_at_least(n: int) -> int:
 
 class TraceProbe:
     name = "trace"
+    loss_counters = (*LOSS_STATS, "decode_failed")
     config_class = TraceConfig
     kernel_fields = KERNEL_FIELDS
     source = ("deeptrace_plugins.trace", "trace.bpf.c")

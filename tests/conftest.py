@@ -117,3 +117,16 @@ class Script(Peer):
             [sys.executable, "-c", "import sys; sys.stdin.readline()\n" + code],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.pid = self.proc.pid
+
+
+def udp_sender(n: int) -> "Script":
+    """A process that sends n 100-byte datagrams on one socket, then closes it: the
+    probe sees 1 + n + 1 calls (socket, the sends, close)."""
+    return Script(f"""
+import json, socket
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for i in range({n}):
+    u.sendto(b'x' * 100, ('127.0.0.1', 9))
+u.close()
+print(json.dumps({{}}), flush=True)
+""")

@@ -6,7 +6,7 @@ import json
 import attrs
 import pytest
 
-from conftest import Script
+from conftest import Script, udp_sender
 from deeptrace_core.agent import Agent
 from deeptrace_core.config import parse_config
 from deeptrace_core.hookspecs import hookimpl
@@ -152,14 +152,7 @@ def test_lost_events_are_exported_as_agent_metrics(bpf_ok):
     host.register(TakerPlugin(), "taker")
     registry = host.registry()
     n = 400
-    child = Script(f"""
-import json, socket
-u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-for i in range({n}):
-    u.sendto(b'x' * 100, ('127.0.0.1', 9))
-u.close()
-print(json.dumps({{}}), flush=True)
-""")
+    child = udp_sender(n)
     text = f"""
 agent: {{stats_interval: 0.2s}}
 probes: {{trace: {{pids: [{child.pid}], ringbuf_pages: 1, wakeup_bytes: 1073741824}}}}

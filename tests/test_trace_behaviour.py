@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import Script, start_probe
+from conftest import Script, start_probe, udp_sender
 
 pytestmark = pytest.mark.bpf
 
@@ -214,14 +214,7 @@ print(json.dumps({"sent": sent, "msgs": [m.hex() for m in msgs], "u": u.getsockn
 def test_lost_events_are_counted_exactly(bpf_ok):
     """A 4 KiB ring buffer and no draining: every record is either delivered or counted."""
     n = 400
-    child = Script(f"""
-import json, socket
-u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-for i in range({n}):
-    u.sendto(b'x' * 100, ('127.0.0.1', 9))
-u.close()
-print(json.dumps({{}}), flush=True)
-""")
+    child = udp_sender(n)
     probe = start_probe(pids=[child.pid], ringbuf_pages=1, wakeup_bytes=1 << 30)
     try:
         child.go()

@@ -51,9 +51,12 @@ class PluginHost:
             self.pm.enable_tracing()
 
     def load_entry_points(self):
+        seen = {}  # each name/version read parses the distribution's METADATA: once per dist
         for ep in sorted(entry_points(group=GROUP), key=lambda e: e.name):
-            dist = ep.dist.name if ep.dist else "?"
-            version = ep.dist.version if ep.dist else "?"
+            key = str(getattr(ep.dist, "_path", id(ep.dist)))
+            if key not in seen:
+                seen[key] = (ep.dist.name, ep.dist.version) if ep.dist else ("?", "?")
+            dist, version = seen[key]
             if ep.name in self.blocked:
                 self.infos[ep.name] = PluginInfo(ep.name, dist, version, "blocked")
                 continue

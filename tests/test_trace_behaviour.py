@@ -248,3 +248,38 @@ os._exit(0)                           # the kernel closes the fds; no close() is
     assert any(k.tgid == child.pid for k in conns.keys())
     tracer.probe.gc()
     assert not any(k.tgid == child.pid for k in conns.keys())
+
+
+def test_mmsg_messages_past_the_limit_are_counted_and_tcp_positions_chain(bpf_ok):
+    """Each message is its own tail call; the 9th and 10th of one call are not recorded but
+    counted, and a TCP sendmmsg's messages cover consecutive stream positions."""
+    child = Script("""
+import json, os, socket, sys
+sys.path.insert(0, %r)
+from peers import sendmmsg
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(('127.0.0.1', 0))
+v = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+n_udp = sendmmsg(v, [[b'm%%d' %% i] for i in range(10)], u.getsockname())
+srv = socket.socket(); srv.bind(('127.0.0.1', 0)); srv.listen(1)
+c = socket.create_connection(srv.getsockname()); s, _ = srv.accept()
+n_tcp = sendmmsg(c, [[b'aa'], [b'bbb'], [b'cccc']], None)
+print(json.dumps({"udp": n_udp, "tcp": n_tcp}), flush=True)
+""" % os.path.dirname(__file__))
+    probe = start_probe(pids=[child.pid])
+    try:
+        child.go()
+        rep = child.finish()
+        deadline, recs = time.monotonic() + 5, []
+        while time.monotonic() < deadline and len(recs) < 11:
+            recs += [r for r in probe.poll(20) if r.syscall == "sendmmsg"]
+        stats = probe.stats()
+    finally:
+        probe.detach()
+    assert rep == {"udp": [2] * 10, "tcp": [2, 3, 4]}   # bytes sent per message
+    udp = [r for r in recs if r.l4 == "udp"]
+    assert [(r.msg_index, r.payload) for r in udp] == [(i, b"m%d" % i) for i in range(8)]
+    assert stats["mmsg_truncated"] == 1
+    tcp = [r for r in recs if r.l4 == "tcp"]
+    assert [(r.msg_index, r.payload) for r in tcp] == [(0, b"aa"), (1, b"bbb"), (2, b"cccc")]
+    assert all(a.tcp_seq_end == b.tcp_seq_start for a, b in zip(tcp, tcp[1:]))
+    assert [r.tcp_seq_end - r.tcp_seq_start for r in tcp] == [2, 3, 4]

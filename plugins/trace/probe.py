@@ -130,7 +130,7 @@ class TraceProbe:
         self.bpf = bpf.load(self.render(defines))
         from bcc import BPF
         # The syscall exits tail-call these shared bodies (slots as in trace.bpf.c).
-        for slot, name in enumerate((b"data_exit", b"mmsg_exit", b"ctl_exit")):
+        for slot, name in enumerate((b"data_exit", b"mmsg_exit", b"ctl_exit", b"mmsg_msg")):
             fn = self.bpf.load_func(name, BPF.TRACEPOINT)
             self.bpf[b"exit_progs"][ctypes.c_int(slot)] = ctypes.c_int(fn.fd)
         for slot in range(len(self.protocols)):  # the detector chain, protocol i in slot i-1

@@ -494,11 +494,30 @@ static __always_inline int take_args(struct exit_ctx *ctx, u64 id, struct inflig
     return out->nr == (u16)ctx->nr;
 }
 
-// The syscall programs hold no logic of their own: they tail-call one of three shared
+// The syscall programs hold no logic of their own: they tail-call one of the shared
 // programs, so clang compiles and the verifier checks each body once instead of once per
 // syscall (start-up time), and a call costs one jump.
-BPF_PROG_ARRAY(exit_progs, 3);
-enum { EXIT_DATA = 0, EXIT_MMSG, EXIT_CTL };
+BPF_PROG_ARRAY(exit_progs, 4);
+enum { EXIT_DATA = 0, EXIT_MMSG, EXIT_CTL, EXIT_MMSG_MSG };
+
+// What mmsg_msg needs of mmsg_exit's call, per CPU (a tail call stays on its CPU).
+struct mmsg_state_t {
+    u64 ptr;       // the mmsghdr array
+    u64 sk;
+    u64 conn_id;
+    u64 total;     // bytes of all messages
+    u64 done;      // bytes of the messages before this one
+    s64 ret;       // messages transferred
+    u32 i;         // this message
+    u16 rport;
+    u8 dir;
+    u8 peek;
+    u8 l7_proto;
+    u8 l7_role;
+    u8 pad[6];
+    u8 raddr[16];
+};
+BPF_PERCPU_ARRAY(mmsg_state, struct mmsg_state_t, 1);
 
 // Exit of read/write/readv/writev/recvfrom/sendto/recvmsg/sendmsg.
 int data_exit(struct exit_ctx *ctx) {
@@ -522,14 +541,19 @@ int data_exit(struct exit_ctx *ctx) {
     if (ret > 0) {
         if (sys == SYS_READ || sys == SYS_WRITE || sys == SYS_RECVFROM || sys == SYS_SENDTO) {
             e->payload_len = copy_user(e, 0, args.ptr, ret);
-        } else if (sys == SYS_READV || sys == SYS_WRITEV) {
-            e->payload_len = copy_iov(e, args.ptr, args.cnt, ret, MAX_IOV);
-        } else {  // recvmsg/sendmsg: struct user_msghdr
-            u64 m[4] = {};  // msg_name, msg_namelen(+pad), msg_iov, msg_iovlen
-            if (bpf_probe_read_user(m, sizeof(m), (void *)args.ptr) == 0) {
+        } else {
+            // One gather loop for readv/writev and recvmsg/sendmsg: the verifier walks
+            // every iteration of each copy it sees, so two copies cost it twice.
+            u64 iov = args.ptr, iovcnt = args.cnt;
+            if (sys != SYS_READV && sys != SYS_WRITEV) {  // struct user_msghdr
+                u64 m[4] = {};  // msg_name, msg_namelen(+pad), msg_iov, msg_iovlen
+                if (bpf_probe_read_user(m, sizeof(m), (void *)args.ptr))
+                    m[3] = 0;
                 name = m[0];
-                e->payload_len = copy_iov(e, m[2], m[3], ret, MAX_IOV);
+                iov = m[2];
+                iovcnt = m[3];
             }
+            e->payload_len = copy_iov(e, iov, iovcnt, ret, MAX_IOV);
         }
         if (ret > PAYLOAD_CAP)
             e->flags |= F_TRUNC;
@@ -579,57 +603,87 @@ int mmsg_exit(struct exit_ctx *ctx) {
     } else if (!l7_pass(e, conn)) {
         return 0;
     }
-    u8 l7_proto = e->l7_proto, l7_role = e->l7_role;
 #endif
     // TCP: later messages moved the stream position too; sum them to find each start.
     u64 total = 0;
-
-    for (int i = 0; i < MAX_MMSG; i++) {
-        if (i >= ret)
+    u32 cnt = ret < MAX_MMSG ? (u32)ret : MAX_MMSG;
+    for (u32 i = 0; i < MAX_MMSG; i++) {
+        // i hidden from clang, which otherwise folds the two exits into one bound (ret,
+        // unknown) the verifier cannot follow: it then walked past its 1M-insn limit.
+        asm volatile("" : "+r"(i));
+        if (i >= cnt)
             break;
         u32 mlen = 0;  // struct mmsghdr { struct user_msghdr (56 bytes); u32 msg_len; } = 64
-        bpf_probe_read_user(&mlen, 4, (void *)(args.ptr + i * 64 + 56));
+        bpf_probe_read_user(&mlen, 4, (void *)(args.ptr + (u64)i * 64 + 56));
         total += mlen;
     }
-    u64 done = 0;
-    u16 rport = e->rport;  // the sock's own peer, restored before each message's msg_name
-    u8 raddr[16];
-    __builtin_memcpy(raddr, e->raddr, 16);
+    u32 zero = 0;
+    struct mmsg_state_t *st = mmsg_state.lookup(&zero);
+    if (!st)
+        return 0;
+    st->ptr = args.ptr;
+    st->sk = sk;
+    st->conn_id = e->conn_id;
+    st->total = total;
+    st->done = 0;
+    st->ret = ret;
+    st->peek = (args.flags & MSG_PEEK) && dir == DIR_INGRESS;
+    st->i = 0;
+    st->rport = e->rport;  // the sock's own peer, restored before each message's msg_name
+    st->dir = dir;
+    st->l7_proto = e->l7_proto;
+    st->l7_role = e->l7_role;
+    __builtin_memcpy(st->raddr, e->raddr, 16);
+    exit_progs.call(ctx, EXIT_MMSG_MSG);
+    stat_inc(ST_TAILCALL_FAIL);
+    return 0;
+}
 
-    for (int i = 0; i < MAX_MMSG; i++) {
-        if (i >= ret)
-            break;
-        u64 m[4] = {};
-        u32 mlen = 0;
-        u64 base = args.ptr + i * 64;
-        if (bpf_probe_read_user(m, sizeof(m), (void *)base) ||
-            bpf_probe_read_user(&mlen, 4, (void *)(base + 56))) {
-            stat_inc(ST_READ_FAIL);
-            break;
-        }
-        e->direction = dir;
-        e->conn_id = conn_id;
-        e->msg_index = i;
-        e->ret = mlen;
-        e->flags = 0;
-        e->rport = rport;
-        __builtin_memcpy(e->raddr, raddr, 16);
-        // Fewer iovecs per message: the verifier walks this loop once per message.
-        e->payload_len = copy_iov(e, m[2], m[3], mlen, MMSG_MAX_IOV);
-        if (mlen > PAYLOAD_CAP)
-            e->flags |= F_TRUNC;
-        set_seq(e, sk, dir, (args.flags & MSG_PEEK) && dir == DIR_INGRESS, total - done);
-        done += mlen;
-        if (e->l4 == L4_UDP && m[0])
-            addr_from_user(m[0], e);
-#if L7_ENABLED
-        e->l7_proto = l7_proto;
-        e->l7_role = l7_role;
-#endif
-        submit(e);
+// One message of a recvmmsg/sendmmsg, then a tail call to itself for the next: the
+// verifier checks one message's body instead of every message of an unrolled walk.
+int mmsg_msg(struct exit_ctx *ctx) {
+    u32 zero = 0;
+    struct mmsg_state_t *st = mmsg_state.lookup(&zero);
+    struct event_t *e = scratch.lookup(&zero);  // begin()'s record, still this CPU's
+    if (!st || !e)
+        return 0;
+    u32 i = st->i;
+    if (i >= MAX_MMSG || i >= st->ret)
+        return 0;
+    u64 m[4] = {};
+    u32 mlen = 0;
+    u64 base = st->ptr + (u64)i * 64;
+    if (bpf_probe_read_user(m, sizeof(m), (void *)base) ||
+        bpf_probe_read_user(&mlen, 4, (void *)(base + 56))) {
+        stat_inc(ST_READ_FAIL);
+        return 0;
     }
-    if (ret > MAX_MMSG)
+    u8 dir = st->dir;
+    e->direction = dir;
+    e->conn_id = st->conn_id;
+    e->msg_index = i;
+    e->ret = mlen;
+    e->flags = 0;
+    e->rport = st->rport;
+    __builtin_memcpy(e->raddr, st->raddr, 16);
+    // Fewer iovecs per message than a single call gets: each copy is walked per message.
+    e->payload_len = copy_iov(e, m[2], m[3], mlen, MMSG_MAX_IOV);
+    if (mlen > PAYLOAD_CAP)
+        e->flags |= F_TRUNC;
+    set_seq(e, st->sk, dir, st->peek, st->total - st->done);
+    st->done += mlen;
+    if (e->l4 == L4_UDP && m[0])
+        addr_from_user(m[0], e);
+    e->l7_proto = st->l7_proto;
+    e->l7_role = st->l7_role;
+    submit(e);
+    st->i = i + 1;
+    if (i + 1 < st->ret && i + 1 < MAX_MMSG) {
+        exit_progs.call(ctx, EXIT_MMSG_MSG);
+        stat_inc(ST_TAILCALL_FAIL);
+    } else if (st->ret > MAX_MMSG) {
         stat_inc(ST_MMSG_TRUNC);
+    }
     return 0;
 }
 

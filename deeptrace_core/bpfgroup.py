@@ -41,6 +41,23 @@ def global_names(text: str) -> set:
     return out
 
 
+_STRUCT_BODY = re.compile(r"\bstruct\s+\w+\s*\{([^}]*)\}")
+_MEMBER = re.compile(r"(\w+)\s*(?:\[[^\]]*\])?\s*;")
+_FIELD = re.compile(r"(?:->|\.)\s*([A-Za-z_]\w*)")
+_COMMENT = re.compile(r"//[^\n]*|/\*.*?\*/", re.S)
+
+
+def clashes(text: str) -> set:
+    """Global names of a probe that are also spelled as a struct member or a field it reads
+    (``args->x``, ``k.x``): prefixing would rename those too, and the probe's Python side
+    (table keys and values by member name) or BCC's tracepoint struct would not match."""
+    text = _COMMENT.sub(" ", text)
+    members = set()
+    for body in _STRUCT_BODY.findall(text):
+        members.update(_MEMBER.findall(body))
+    return (members | set(_FIELD.findall(text))) & global_names(text)
+
+
 def namespace(prefix: str, text: str, seen_tracepoints: set) -> tuple[str, list]:
     """(text with every global name prefixed, [(category, event)] of its handlers).
 
@@ -70,6 +87,12 @@ def preload(items) -> int:
     """Compile [(id, final text)] as one module; returns how many probes it serves."""
     from . import bpf
     items = [(cid, text) for cid, text in items if text]
+    for cid, text in list(items):
+        bad = clashes(text)
+        if bad:  # it compiles alone, as written
+            log.info("probe %s compiles alone: %s also spelled as members", cid,
+                     ", ".join(sorted(bad)))
+            items.remove((cid, text))
     if len(items) < 2:
         return 0
     parts, plan, seen = [], [], set()

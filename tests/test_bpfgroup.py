@@ -81,3 +81,20 @@ def test_namespace_prefixes_every_global_name():
     # A second probe on the same tracepoint reuses the struct BCC emits for the first.
     text2, _ = bpfgroup.namespace("p1__", probe_text(2), seen)
     assert "int p1__tp__syscalls__sys_enter_getppid(void *tp_ctx__)" in text2
+
+
+def test_a_probe_whose_members_share_a_global_name_stays_out_of_the_group(bpf_ok):
+    # `n` is both a function and a member: prefixing would rename the member its Python
+    # side reads (count() reads .n).
+    odd = probe_text(3).replace("#define STEP 3",
+                                "#define STEP 3\nstatic __always_inline u64 n(void) { return 0; }")
+    assert bpfgroup.clashes(odd) == {"n"} and bpfgroup.clashes(probe_text(1)) == set()
+    assert bpfgroup.preload([("a", probe_text(1)), ("odd", odd)]) == 0
+    module = bpf.load(odd)
+    try:
+        assert not isinstance(module, bpfgroup.View)
+        os.getppid()
+        assert module[b"stats"][0].n == 3
+    finally:
+        module.cleanup()
+        bpfgroup.discard()

@@ -22,7 +22,7 @@ from deeptrace_plugins.protocols.base import REQ, RESP, Message, ParseError, Par
 
 MAX_HEAD = 64 * 1024
 MAX_PENDING = 1024           # requests awaiting a response (pipelining depth), capped
-_METHOD_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ_-")
+_METHOD = re.compile(rb"[A-Z_-]*")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
 
 # Headers recorded as http.{request,response}.header.<name>; values of the sensitive
@@ -138,11 +138,10 @@ def start_verdict(side: str, data: bytes):
         if data[:n] != b"HTTP/1."[:n]:
             return False
         return True if n == 7 else None
-    for i, c in enumerate(data[:21]):
-        if c == 0x20:
-            return i > 0
-        if c not in _METHOD_CHARS:
-            return False
+    m = _METHOD.match(data, 0, 21)   # the method's characters, in C
+    i = m.end()
+    if i < len(data) and i < 21:
+        return i > 0 and data[i] == 0x20
     return None if len(data) < 21 else False
 
 
@@ -309,8 +308,9 @@ class Http1Parser(Parser):
             out.append(stream.stamp(msg))
         elif te and te.rsplit(",", 1)[-1].strip() == "chunked":
             st.msg, st.chunk = msg, "size"
-        elif not te and "content-length" in h and content_length(h) is not None:
-            st.left = content_length(h)
+        elif not te and (length := content_length(h) if "content-length" in h else None) \
+                is not None:
+            st.left = length
             if st.left:
                 st.msg = msg
             else:

@@ -505,3 +505,44 @@ def test_kernel_detector_matches_python(kernel_detector, capture):
                            st.binary(max_size=4))))
 def test_kernel_detector_random(kernel_detector, data):
     assert kernel_detector(data, 1, 2, 1) == Http1Protocol.detect(data, 1, 2, "tcp")
+
+
+def test_whole_message_fast_path_matches_general_path(monkeypatch):
+    """A call carrying exactly one plainly framed message skips the stream machinery; the
+    same bytes split in two (which must take the general path) give the same messages,
+    timing, positions and sizes."""
+    exchange = [
+        (REQ, b"GET /a?token=s3cret&x=1 HTTP/1.1\r\nHost: h:8080\r\nUser-Agent: t\r\n"
+              b"Authorization: Bearer x\r\n\r\n"),
+        (RESP, b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello"),
+        (REQ, b"POST /p HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc"),
+        (RESP, b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"),
+        (REQ, b"HEAD /h HTTP/1.1\r\n\r\n"),
+        (RESP, b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n"),   # HEAD: general path
+        (REQ, b"GET /b HTTP/1.1\r\n\r\n"),
+        (RESP, b"HTTP/1.1 503 Busy\r\nContent-Length: 2\r\n\r\nno"),
+    ]
+    from deeptrace_plugins.protocols.http1.parser import Http1Parser
+    general_calls = []
+    real_parse = Http1Parser.parse
+    monkeypatch.setattr(Http1Parser, "parse",
+                        lambda self, side, stream: general_calls.append((self, side)) or
+                        real_parse(self, side, stream))
+
+    def stamps(msgs):
+        return [(m.ts_start, m.ts_end, m.seq_start, m.seq_end, m.size) for m in msgs]
+
+    fast, split = Http1Protocol().parser(), Http1Protocol().parser()
+    got_fast, got_split, seq = [], [], {REQ: 1000, RESP: 5000}
+    for i, (side, blob) in enumerate(exchange):
+        got_fast += fast.feed(side, blob, len(blob), i * 10, i * 10 + 1, seq[side])
+        for part, at in ((blob[:-1], seq[side]), (blob[-1:], seq[side] + len(blob) - 1)):
+            got_split += split.feed(side, part, len(part), i * 10, i * 10 + 1, at)
+        seq[side] += len(blob)
+    assert summary(got_fast) == summary(got_split)
+    assert stamps(got_fast) == stamps(got_split)
+    assert pairs(got_fast) == [("GET /a", "200"), ("POST /p", "404"), ("HEAD /h", "200"),
+                               ("GET /b", "503")]
+    # Of the whole calls, only the HEAD response went the general way.
+    assert {side for parser, side in general_calls if parser is fast} == {RESP}
+    assert fast.pending == split.pending and not fast.pending

@@ -169,6 +169,52 @@ class Http1Parser(Parser):
         self.pending = deque(maxlen=MAX_PENDING)   # methods of requests not yet answered
         self.tunnel = False        # after 101 or CONNECT 2xx: no more HTTP/1 here
 
+    def feed(self, side, data, nbytes, ts_start, ts_end, seq=None):
+        # Fast path: most calls carry exactly one whole, plainly framed message (a GET, a
+        # response with Content-Length) with nothing buffered before it; it is read from
+        # the call's bytes without the stream machinery. Anything else (and anything this
+        # does not recognise) takes the general path, which gives the same messages.
+        st = self.sides[side]
+        if (nbytes > 0 and len(data) == nbytes and not self.streams[side].size
+                and st.msg is None and not st.resync and not st.until_close
+                and not self.tunnel):
+            msg = self._whole(side, data)
+            if msg is not None:
+                msg.ts_start, msg.ts_end, msg.size = ts_start, ts_end, nbytes
+                if seq is not None:
+                    msg.seq_start, msg.seq_end = seq, seq + nbytes
+                return [msg]
+        return super().feed(side, data, nbytes, ts_start, ts_end, seq)
+
+    def _whole(self, side, data):
+        """The message if `data` is exactly one with simple framing, else None, with no
+        state changed (the general path then reads the same bytes)."""
+        if start_verdict(side, data) is not True:
+            return None
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            return None
+        try:
+            head, what, version = parse_head(side == REQ, data[:end + 4])
+        except ParseError:
+            return None
+        h = head.headers
+        if "transfer-encoding" in h or content_length(h) != len(data) - end - 4:
+            return None
+        if side == REQ:
+            if what == "CONNECT" or "expect" in h or len(self.pending) >= MAX_PENDING:
+                return None
+            msg = self._request_message(head, what, version)
+            self.pending.append(what)
+            return msg
+        method = self.pending[0] if self.pending else None
+        if (what < 200 or what in (204, 304) or "content-length" not in h
+                or method in ("HEAD", "CONNECT") or self.sides[REQ].msg is not None):
+            return None
+        if self.pending:
+            self.pending.popleft()
+        return self._response_message(head, what, version)
+
     def parse(self, side, stream):
         st = self.sides[side]
         if self.tunnel or st.until_close:

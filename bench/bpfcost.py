@@ -1,0 +1,84 @@
+"""BPF run time per program while bench/syscalls.c drives traced (or excluded) calls:
+
+    python -m bench.bpfcost [--excluded] [--protocols http1] [--calls 20000]
+
+The kernel's own accounting (sysctl kernel.bpf_stats_enabled=1; run_time_ns / run_cnt of
+each program, as `bpftool prog show` reports them) before and after the driver, so the
+figure is the probes' cost alone, without the tracepoint machinery or the agent. Tail-called
+programs count in the program that called them. Prints per program and the mean of the
+enter and exit programs over the driver's data syscalls (the figures in the commit messages
+of the kernel-side optimisations).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import tempfile
+
+from . import native
+from .agent import Agent, trace_config
+from .syscalls import OTHER_COMM, TRACED_COMM
+
+
+def _progs() -> dict:
+    out = subprocess.run(["bpftool", "prog", "show", "-j"], capture_output=True, text=True,
+                         check=True).stdout
+    return {p["id"]: (p.get("name", ""), p.get("run_time_ns", 0), p.get("run_cnt", 0))
+            for p in json.loads(out)}
+
+
+def run(calls=20_000, excluded=False, protocols=(), cases="tcp_rw,tcp_vec,tcp_msg") -> dict:
+    subprocess.run(["sysctl", "-q", "kernel.bpf_stats_enabled=1"], check=True)
+    out = tempfile.mktemp(prefix="dtb-bpfcost-", suffix=".jsonl")
+    agent = Agent(trace_config(out_path=out, comms=[TRACED_COMM], spans=False, drop_all=True,
+                               protocols=protocols), "bpfcost").start()
+    driver_dir = tempfile.mkdtemp(prefix="dtb-bpfcost-")
+    try:
+        before = _progs()
+        subprocess.run([native.build("syscalls"), OTHER_COMM if excluded else TRACED_COMM,
+                        driver_dir, str(calls), cases], check=True)
+        after = _progs()
+    finally:
+        agent.stop()
+        agent.cleanup()
+        subprocess.run(["sysctl", "-q", "kernel.bpf_stats_enabled=0"])
+        subprocess.run(["rm", "-rf", driver_dir])
+        try:
+            os.unlink(out)
+        except OSError:
+            pass
+    rows, mean = [], {"enter": [0, 0], "exit": [0, 0]}
+    for pid, (name, ns, cnt) in after.items():
+        if pid not in before:
+            continue
+        d_ns, d_cnt = ns - before[pid][1], cnt - before[pid][2]
+        if d_cnt <= 0:
+            continue
+        rows.append((name, d_cnt, d_ns / d_cnt))
+        for kind in mean:
+            if f"sys_{kind}_" in name and d_cnt >= calls // 2:
+                mean[kind][0] += d_ns
+                mean[kind][1] += d_cnt
+    return {"programs": sorted(rows, key=lambda r: -r[1] * r[2]),
+            "mean_ns": {k: v[0] / v[1] if v[1] else None for k, v in mean.items()}}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.bpfcost", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--calls", type=int, default=20_000)
+    p.add_argument("--excluded", action="store_true",
+                   help="the driver is a process the filter does not select")
+    p.add_argument("--protocols", default="", help="comma-separated L7 protocols to detect")
+    args = p.parse_args(argv)
+    res = run(args.calls, args.excluded, [x for x in args.protocols.split(",") if x])
+    for name, cnt, avg in res["programs"]:
+        print(f"{name:40} runs {cnt:9d}  mean {avg:7.0f} ns")
+    m = res["mean_ns"]
+    print("mean per call: " + ", ".join(f"{k} {v:.0f} ns" for k, v in m.items() if v))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -52,3 +52,23 @@ def test_syscall_latency_and_report(tmp_path):
     assert loaded["misses"] == doc["misses"]
     text = report.render(machine, rows, {"quick": True, "duration_s": 1})
     assert "tcp.write traced" in text and "with agent" in text
+
+
+def test_bpf_cost_and_replay_tools():
+    """bench.bpfcost sees the trace probe's enter/exit programs run once per traced call
+    (and the excluded driver's calls only in the cheap path); bench.replay turns captured
+    nginx records into one span per request."""
+    require_bpf()
+    from bench import bpfcost, native, replay
+    if native.compiler() is None:
+        pytest.skip("no C compiler: apt-get install gcc")
+    res = bpfcost.run(calls=2000, cases="tcp_rw")
+    runs = {name: cnt for name, cnt, _ in res["programs"]}
+    assert runs["tracepoint__syscalls__sys_exit_write"] >= 3000   # 2000 timed + warm-up
+    assert res["mean_ns"]["enter"] > 0 and res["mean_ns"]["exit"] > 0
+    records = replay.capture(rate=500, seconds=1)
+    assert len(records) >= 2 * 450                 # a request and a response per request
+    (spans, cpu), = replay.replay(records, runs=1)
+    # Each request is one read and one write; a read of 0 bytes is a connection closing.
+    assert spans * 2 == sum(1 for r in records if r.direction != "none" and r.bytes > 0)
+    assert cpu > 0

@@ -51,11 +51,11 @@ class Agent:
     def start(self):
         t0 = time.monotonic()
         self.started_ns = time.time_ns()
-        # Sequential on purpose: libbcc is not thread-safe (compiling two programs at
-        # once corrupts its heap), so start-up is the sum of the probes' compile times.
+        # libbcc is not thread-safe (compiling two programs at once corrupts its heap), so
+        # compiles cannot overlap: instead one clang run takes every probe's C (each run
+        # has a fixed cost); a probe whose text is not in the shared module (no BPF, or
+        # the group failed) compiles alone when it attaches.
         defines = {cid: self.defines(cid) for cid in self.probes}
-        # One clang run for every probe's C (each compile has a fixed cost); a probe whose
-        # text is not in the shared module (no BPF, or the group failed) compiles alone.
         if self.config.agent.compile_together:
             texts = []
             for cid, probe in self.probes.items():

@@ -35,6 +35,7 @@ import sys
 import time
 from collections import Counter, defaultdict
 
+from bench.agent import parse_counters
 from bench.topology import KINDS, PARENT, SUBNET, Topology, classify, die_with_parent
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -211,27 +212,6 @@ def connections_used(truth: dict) -> dict:
             "B->postgresql": len(pg)}
 
 
-def parse_stats(text: str) -> dict:
-    """The agent's last 'deeptrace final:' lines: {section: {counter: value}}."""
-    out = {}
-    for line in text.splitlines():
-        if not line.startswith("deeptrace final: "):
-            continue
-        section, _, rest = line[len("deeptrace final: "):].partition(": ")
-        vals = {}
-        for kv in rest.split():
-            k, _, v = kv.partition("=")
-            try:
-                vals[k] = int(v)
-            except ValueError:
-                try:
-                    vals[k] = float(v)
-                except ValueError:
-                    vals[k] = v
-        out[section] = vals
-    return out
-
-
 def _cpu_seconds(pid) -> float:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -302,7 +282,7 @@ def run(requests=2000, clients=16, asyncio_a=False, traceparent=False, wait=1.0,
                                 timeout=240, trickle=wait + 1.5)
         time.sleep(0.5)
         agent_cpu = agent.stop()
-        stats = parse_stats(agent.text())
+        stats = parse_counters(agent.text(), "final")
         agent = None
         with open(spans_path) as f:
             spans = [json.loads(line) for line in f if line.strip()]

@@ -189,9 +189,6 @@ class View:
     def ring_buffer_consume(self):
         self._b.ring_buffer_consume()
 
-    def ring_buffer_poll(self, timeout=-1):
-        self._b.ring_buffer_poll(timeout)
-
     def cleanup(self):
         """Detach this probe's programs; the module goes with the last probe using it."""
         if self._closed:

@@ -31,13 +31,13 @@ class RingBuffer:
         if size <= 0 or size & (size - 1) or size % mmap.PAGESIZE:
             raise ValueError(f"ring buffer size {size} is not a power-of-two number of pages")
         page = mmap.PAGESIZE
-        self.size = size
         self.mask = size - 1
         self._cons_map = mmap.mmap(map_fd, page, mmap.MAP_SHARED,
                                    mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
         self._prod_map = mmap.mmap(map_fd, page + 2 * size, mmap.MAP_SHARED,
                                    mmap.PROT_READ, offset=page)
-        # ctypes views: one aligned 8-byte load or store each.
+        # A ctypes view: one aligned 8-byte load or store (the producer page is read-only,
+        # so it is read with a native struct unpack instead).
         self._cons = ctypes.c_uint64.from_buffer(self._cons_map, 0)
         self._prod_view = memoryview(self._prod_map)
         self.data = self._prod_view[page:]

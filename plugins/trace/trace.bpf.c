@@ -485,7 +485,7 @@ struct exit_ctx { u64 common; s32 nr; u32 pad; s64 ret; };
 
 // The arguments saved at sys_enter by this thread, consumed: 1 if they belong to this exit
 // (same syscall number; an enter we missed leaves no entry, a stale one never matches).
-static __always_inline int take_args(struct exit_ctx *ctx, u64 id, struct inflight_t *out) {
+static __always_inline int take_args(struct exit_ctx *ctx, struct inflight_t *out) {
     struct inflight_t *a = inflight.task_storage_get(bpf_get_current_task_btf(), 0, 0);
     if (!a || !a->sys)
         return 0;
@@ -523,7 +523,7 @@ BPF_PERCPU_ARRAY(mmsg_state, struct mmsg_state_t, 1);
 int data_exit(struct exit_ctx *ctx) {
     u64 id = bpf_get_current_pid_tgid();
     struct inflight_t args;
-    if (!take_args(ctx, id, &args))
+    if (!take_args(ctx, &args))
         return 0;
     s64 ret = ctx->ret;
     u16 sys = args.sys;
@@ -579,7 +579,7 @@ int data_exit(struct exit_ctx *ctx) {
 int mmsg_exit(struct exit_ctx *ctx) {
     u64 id = bpf_get_current_pid_tgid();
     struct inflight_t args;
-    if (!take_args(ctx, id, &args))
+    if (!take_args(ctx, &args))
         return 0;
     s64 ret = ctx->ret;
     u16 sys = args.sys;
@@ -591,7 +591,6 @@ int mmsg_exit(struct exit_ctx *ctx) {
     struct event_t *e = begin(id, args.fd, sys, args.ts, &sk, &conn);
     if (!e)
         return 0;
-    u64 conn_id = e->conn_id;
 #if L7_ENABLED
     // Decided once for all messages (a branch inside the loop multiplies the paths the
     // verifier walks). The detectors cost the verifier more than it allows inside the
@@ -691,7 +690,7 @@ int mmsg_msg(struct exit_ctx *ctx) {
 int ctl_exit(struct exit_ctx *ctx) {
     u64 id = bpf_get_current_pid_tgid();
     struct inflight_t args;
-    if (!take_args(ctx, id, &args))
+    if (!take_args(ctx, &args))
         return 0;
 #if L7_ENABLED
     return 0;  // with L7 filtering only data of detected protocols (and their close) is sent

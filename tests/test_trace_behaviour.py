@@ -3,6 +3,7 @@ payload caps, mmsg message splitting, and exact loss accounting, on the real ker
 
 import os
 import socket
+import sys
 import time
 
 import pytest
@@ -135,6 +136,69 @@ def test_pid_filter_selects_only_listed_processes(tracer):
     assert any(r.payload == b"picked" for r in tracer.of(picked.pid))
     assert tracer.of(other.pid) == []
     assert not any(r.payload == b"other" for r in tracer.records)
+
+
+STEPS = """
+import ctypes, json, socket, sys
+libc = ctypes.CDLL(None)
+srv = socket.socket(); srv.bind(('127.0.0.1', 0)); srv.listen(1)
+c = socket.create_connection(srv.getsockname()); s, _ = srv.accept()
+for step in STEPS:
+    if step.startswith('name:'):
+        libc.prctl(15, step[5:].encode(), 0, 0, 0)   # PR_SET_NAME: this thread's comm
+    else:
+        c.send(step.encode())
+    print(json.dumps({}), flush=True)
+    sys.stdin.readline()
+"""
+
+
+def _sent(probe, pid, tags, timeout=3.0):
+    """(tag, comm) of pid's egress records until the tags showed up (or timeout)."""
+    deadline, seen = time.monotonic() + timeout, []
+    while time.monotonic() < deadline:
+        seen += [r for r in probe.poll(20) if r.pid == pid and r.direction == "egress"]
+        if set(tags) <= {r.payload.decode() for r in seen}:
+            time.sleep(0.2)   # and anything that should not be there
+            seen += [r for r in probe.poll(0) if r.pid == pid and r.direction == "egress"]
+            break
+    return [(r.payload.decode(), r.comm) for r in seen]
+
+
+def test_filter_verdict_follows_renames_and_pid_filter_changes(bpf_ok):
+    """The kernel caches each thread's filter verdict; a new name (prctl, exec) and a
+    changed pid filter must both take effect at the thread's next call."""
+    steps = ["name:dt-ren-a", "one", "name:dt-ren-b", "two", "name:dt-ren-a", "three"]
+    child = Script(STEPS.replace("STEPS", repr(steps)))
+    probe = start_probe(comms=["dt-ren-a"])
+    try:
+        for _ in steps:
+            child.go()
+            child.line()
+        child.go()
+        assert _sent(probe, child.pid, ["one", "three"]) == [("one", "dt-ren-a"),
+                                                             ("three", "dt-ren-a")]
+    finally:
+        probe.detach()
+        child.proc.wait(5)
+
+    steps = ["p1", "p2", "p3"]
+    child = Script(STEPS.replace("STEPS", repr(steps)))
+    probe = start_probe(pids=[os.getpid()])   # a pid filter, at first without the child
+    try:
+        child.go()
+        child.line()                          # p1 sent: not selected, verdict cached
+        probe.add_pids([child.pid])
+        child.go()
+        child.line()                          # p2 sent: selected now
+        probe.remove_pids([child.pid])
+        child.go()
+        child.line()                          # p3 sent: not selected again
+        child.go()
+        assert _sent(probe, child.pid, ["p2"]) == [("p2", os.path.basename(sys.executable)[:15])]
+    finally:
+        probe.detach()
+        child.proc.wait(5)
 
 
 def _free_port():

@@ -7,6 +7,7 @@ entry against pahole.
 
 KERNEL_FIELDS = (
     "task_struct.files",
+    "task_struct.comm",
     "files_struct.fdt",
     "fdtable.max_fds",
     "fdtable.fd",

@@ -62,6 +62,7 @@ class TraceProbe:
         self.context = context
         self.bpf = None
         self.ring = None
+        self._generation = 0  # of the filters, as the kernel's `armed` holds it; 0: not armed
         self.self_pid = os.getpid()
         self.protocols = self._protocol_classes()
         self.protocol_names = tuple(cls.name for cls in self.protocols)
@@ -152,13 +153,21 @@ class TraceProbe:
         # Read in bulk from the mapping, not through BCC's per-record ctypes callback.
         self._decode = make_decoder(self.protocol_names)
         self.ring = RingBuffer(self.bpf[b"events"].map_fd, self.config.ringbuf_pages * PAGE)
-        self.bpf[b"armed"][ctypes.c_int(0)] = ctypes.c_uint32(1)  # start recording now
+        self._arm()  # start recording now
+
+    def _arm(self):
+        """Start recording, or make the kernel drop the filter verdicts its threads cached
+        (``armed`` holds the filters' generation, never 0 once armed)."""
+        self._generation = self._generation % 0xFFFFFFFF + 1
+        self.bpf[b"armed"][ctypes.c_int(0)] = ctypes.c_uint32(self._generation)
 
     def add_pids(self, pids):
         """Select more processes at run time (needs a config with a non-empty ``pids``)."""
         t = self.bpf[b"pid_filter"]
         for pid in pids:
             t[t.Key(pid)] = ctypes.c_uint8(1)
+        if self._generation:
+            self._arm()
 
     def remove_pids(self, pids):
         t = self.bpf[b"pid_filter"]
@@ -167,6 +176,7 @@ class TraceProbe:
                 del t[t.Key(pid)]
             except KeyError:
                 pass
+        self._arm()
 
     def add_ports(self, ports):
         """Select more ports at run time (needs a config with a non-empty ``ports``)."""

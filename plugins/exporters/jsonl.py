@@ -38,7 +38,7 @@ class JsonlExporter:
     def export(self, batch):
         dumps, opt = orjson.dumps, orjson.OPT_APPEND_NEWLINE
         # default=str: an attribute value of a type JSON lacks is written as its text.
-        data = b"".join(dumps(r.to_dict(), default=str, option=opt) for r in batch)
+        data = b"".join([dumps(r.to_dict(), default=str, option=opt) for r in batch])
         self._file.write(data if self._binary else data.decode())
         self._file.flush()
 

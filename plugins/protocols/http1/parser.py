@@ -189,17 +189,16 @@ class Http1Parser(Parser):
     def _whole(self, side, data):
         """The message if `data` is exactly one with simple framing, else None, with no
         state changed (the general path then reads the same bytes)."""
-        if start_verdict(side, data) is not True:
-            return None
-        end = data.find(b"\r\n\r\n")
-        if end < 0:
+        # No start check first: llhttp rejects what does not start like a message.
+        end = data.find(b"\r\n\r\n") + 4
+        if end < 4:
             return None
         try:
-            head, what, version = parse_head(side == REQ, data[:end + 4])
+            head, what, version = parse_head(side == REQ, data[:end])
         except ParseError:
             return None
         h = head.headers
-        if "transfer-encoding" in h or content_length(h) != len(data) - end - 4:
+        if "transfer-encoding" in h or content_length(h) != len(data) - end:
             return None
         if side == REQ:
             if what == "CONNECT" or "expect" in h or len(self.pending) >= MAX_PENDING:

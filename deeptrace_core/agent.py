@@ -1,6 +1,7 @@
 """The agent: builds components from a validated config, attaches probes, runs the loop."""
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -13,6 +14,29 @@ log = logging.getLogger("deeptrace.agent")
 POLL_MS = 100  # one round over all probes
 
 
+def set_nice(nice: int | None, autogroup: int | None = None) -> tuple:
+    """Give every thread of this process `nice` (Linux niceness is per thread; threads
+    started later inherit it from the one that starts them), and, when the agent leads its
+    own session (systemd, setsid), its autogroup `autogroup` (default: `nice`): with
+    sched_autogroup the scheduler first shares the CPU between sessions, so thread
+    niceness alone would not yield to another. Returns the values before, to restore."""
+    before = (os.getpriority(os.PRIO_PROCESS, 0), None)
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+        except OSError as exc:  # a thread that just ended
+            log.debug("nice %d for thread %s: %s", nice, tid, exc)
+    if os.getsid(0) == os.getpid():
+        try:
+            with open("/proc/self/autogroup") as f:   # "/autogroup-N nice K"
+                before = (before[0], int(f.read().rsplit(None, 1)[-1]))
+            with open("/proc/self/autogroup", "w") as f:
+                f.write(str(nice if autogroup is None else autogroup))
+        except (OSError, ValueError) as exc:  # no autogroup support in this kernel
+            log.debug("autogroup nice %d: %s", nice, exc)
+    return before
+
+
 class Agent:
     def __init__(self, config, host, registry, stats_stream=None):
         self.config = config
@@ -20,6 +44,7 @@ class Agent:
         self.registry = registry
         self.stats_stream = stats_stream or sys.stderr
         self.stop_event = threading.Event()
+        self._nice_before = None   # (thread nice, autogroup nice) before start() set them
         used = {kind: set() for kind in ("probes", "processors", "exporters")}
         for pl in config.pipelines.values():
             used["probes"].update(pl.probes)
@@ -75,6 +100,7 @@ class Agent:
             bpfgroup.discard()
         self.startup_seconds = time.monotonic() - t0
         log.info("attached %s in %.2f s", ", ".join(self.attached), self.startup_seconds)
+        self._nice_before = set_nice(self.config.agent.nice)
         self.host.pm.hook.deeptrace_agent_start.call_historic(kwargs={"agent": self})
 
     def defines(self, cid) -> dict:
@@ -142,6 +168,8 @@ class Agent:
                 self.attached.remove(cid)
 
     def shutdown(self):
+        if self._nice_before:  # finish promptly even on a saturated host
+            set_nice(*self._nice_before)
         final_stats = {cid: p.stats() for cid, p in self.probes.items() if cid in self.attached}
         self.detach()
         for pl in self.pipelines:

@@ -56,6 +56,12 @@ class AgentSettings:
     log_level: str = attrs.field(default="info", validator=attrs.validators.in_(LOG_LEVELS))
     # Compile all probes' BPF C in one clang run (start-up); off: one module per probe.
     compile_together: bool = True
+    # Scheduling niceness of the agent once its probes are attached (-20..19). The agent's
+    # work can wait in the ring buffer, the application's cannot: on a saturated host the
+    # application gets the CPU first, and what the agent cannot keep up with is dropped in
+    # the kernel and counted (ringbuf_full). 0: compete as an equal.
+    nice: int = attrs.field(default=10, validator=[attrs.validators.ge(-20),
+                                                   attrs.validators.le(19)])
 
 
 @attrs.define

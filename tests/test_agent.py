@@ -2,6 +2,7 @@
 isolated from a working one, and records flowing through a processor."""
 
 import json
+import os
 
 import attrs
 import pytest
@@ -98,13 +99,16 @@ pipelines:
 """
     config = parse_config(text, "inline.yaml", registry.schemas())
     agent = Agent(config, host, registry)
+    nice_before = os.getpriority(os.PRIO_PROCESS, 0)
     agent.start()
     try:
+        assert os.getpriority(os.PRIO_PROCESS, 0) == 10   # agent.nice, once attached
         child.go()
         child.finish()
         agent.run(duration=0.6)
     finally:
         agent.shutdown()
+    assert os.getpriority(os.PRIO_PROCESS, 0) == nice_before   # given back at shutdown
     assert rec.calls == [("start", ["trace"]), ("stop", [])]
     pipeline = agent.pipelines[0]
     assert pipeline.errors["failing"] >= 1      # reported ...

@@ -64,12 +64,20 @@ def test_example_config_end_to_end_and_sigterm_detaches(tmp_path):
     cfg = tmp_path / "agent.yaml"
     cfg.write_text(EXAMPLE)
     agent = subprocess.Popen([*DEEPTRACE, "--config", str(cfg)], stderr=subprocess.PIPE,
-                             text=True, env={**os.environ, "OUT": str(tmp_path)})
+                             text=True, env={**os.environ, "OUT": str(tmp_path)},
+                             start_new_session=True)   # as under systemd: its own session
     try:
         line = agent.stderr.readline()
         while "running" not in line:
             assert line, f"agent exited: {agent.wait()}"
             line = agent.stderr.readline()
+        # every thread of the agent, and its session's autogroup, run at the default
+        # niceness (agent.nice: 10)
+        for tid in os.listdir(f"/proc/{agent.pid}/task"):
+            with open(f"/proc/{agent.pid}/task/{tid}/stat") as f:
+                assert int(f.read().rpartition(")")[2].split()[16]) == 10
+        with open(f"/proc/{agent.pid}/autogroup") as f:
+            assert f.read().split()[-1] == "10"
         attached = prog_ids_held_by(agent.pid)
         # enter+exit of 14 syscalls, enter of close/dup2/dup3, the 4 exit bodies they call
         assert len(attached) == 35
@@ -152,6 +160,9 @@ BAD = [
     ("probes:\n  trace: {}\nexporters:\n  console: {}\npipelines:\n  m: {probes: [trace], exporters: [console]}\n"
      "agent:\n  log_level: loud\n",
      ":8: agent.log_level", "debug, info, warning, error"),
+    ("probes:\n  trace: {}\nexporters:\n  console: {}\npipelines:\n  m: {probes: [trace], exporters: [console]}\n"
+     "agent:\n  nice: 25\n",
+     ":8: agent.nice", "<= 19"),
 ]
 
 

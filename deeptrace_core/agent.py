@@ -6,7 +6,7 @@ import sys
 import threading
 import time
 
-from . import bpf, bpfgroup, selfmetrics
+from . import bpf, bpfgroup, compilermem, selfmetrics
 from .config import ConfigError
 from .pipeline import Pipeline
 
@@ -98,6 +98,7 @@ class Agent:
             raise
         finally:
             bpfgroup.discard()
+            compilermem.release()   # the compiler is done: ~100 MB back to the system
         self.startup_seconds = time.monotonic() - t0
         log.info("attached %s in %.2f s", ", ".join(self.attached), self.startup_seconds)
         self._nice_before = set_nice(self.config.agent.nice)

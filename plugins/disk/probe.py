@@ -42,6 +42,7 @@ from attrs import validators as v
 
 from deeptrace_core import bpf
 from deeptrace_core.metrics import HISTOGRAM, SUM, MetricPoint, log2_bounds
+from deeptrace_core.proccounters import OTHER, ProcessCounters, delete, task_name
 
 log = logging.getLogger("deeptrace.disk")
 
@@ -52,7 +53,6 @@ STAT_NAMES = ("completed", "inflight_map_full", "proc_map_full", "hist_map_full"
               "unmatched_complete", "complete_without_issue", "lost_completion")
 LAT_BOUNDS = log2_bounds(1e-6, NSLOTS)
 SIZE_BOUNDS = log2_bounds(1, NSLOTS)
-OTHER = "other"
 
 
 @attrs.define
@@ -105,14 +105,6 @@ def partitions() -> dict:
     return out
 
 
-def _comm(raw) -> str:
-    return bytes(raw).split(b"\0", 1)[0].decode("utf-8", "replace")
-
-
-def _pid_alive(pid: int) -> bool:
-    return os.path.exists(f"/proc/{pid}")
-
-
 class DiskProbe:
     name = "disk"
     config_class = DiskConfig
@@ -126,9 +118,12 @@ class DiskProbe:
         self.start_ns = 0
         self._next = 0.0
         self._devs = {}
-        # Entries of exited processes, folded out of the kernel maps by gc().
-        self._retired_io: dict = {}      # (pid, comm, dev, dir) -> [bytes, ops]
-        self._retired_hist: dict = {}    # (pid, comm, dir, slot) -> [count, sum_ns]
+        # Per-process maps; gc() folds exited processes out of them.
+        self._io = ProcessCounters(b"proc_io", lambda k: (k.tgid, task_name(k.comm), k.dev, k.dir),
+                                   lambda v: (v.bytes, v.ops), 2, config.max_processes)
+        self._hist = ProcessCounters(b"proc_hist",
+                                     lambda k: (k.tgid, task_name(k.comm), k.dir, k.slot),
+                                     lambda v: (v.count, v.sum), 2, config.max_processes)
         self.stale_dropped = 0           # in-flight entries aged out by gc()
         self.stale_lost = 0              # ... of them issued: a completion we never saw
 
@@ -171,21 +166,11 @@ class DiskProbe:
     # -- reading the maps ---------------------------------------------------------------
     def process_io(self) -> dict:
         """(pid, comm, dev, direction) -> [bytes, ops], exited processes included."""
-        out = {k: list(val) for k, val in self._retired_io.items()}
-        for k, val in self.bpf[b"proc_io"].items():
-            acc = out.setdefault((k.tgid, _comm(k.comm), k.dev, k.dir), [0, 0])
-            acc[0] += val.bytes
-            acc[1] += val.ops
-        return out
+        return self._io.read(self.bpf)
 
     def process_hist(self) -> dict:
         """(pid, comm, direction, slot) -> [count, sum_ns], exited processes included."""
-        out = {k: list(val) for k, val in self._retired_hist.items()}
-        for k, val in self.bpf[b"proc_hist"].items():
-            acc = out.setdefault((k.tgid, _comm(k.comm), k.dir, k.slot), [0, 0])
-            acc[0] += val.count
-            acc[1] += val.sum
-        return out
+        return self._hist.read(self.bpf)
 
     def device_hist(self) -> dict:
         """(dev, kind, direction, slot) -> [count, sum]."""
@@ -264,44 +249,16 @@ class DiskProbe:
         drop in-flight entries older than ``stale_seconds`` (completions never seen)."""
         if self.bpf is None:
             return
-        table = self.bpf[b"proc_io"]
-        for k, val in list(table.items()):
-            if not _pid_alive(k.tgid):
-                acc = self._retired_io.setdefault((k.tgid, _comm(k.comm), k.dev, k.dir), [0, 0])
-                acc[0] += val.bytes
-                acc[1] += val.ops
-                _delete(table, k)
-        table = self.bpf[b"proc_hist"]
-        for k, val in list(table.items()):
-            if not _pid_alive(k.tgid):
-                acc = self._retired_hist.setdefault(
-                    (k.tgid, _comm(k.comm), k.dir, k.slot), [0, 0])
-                acc[0] += val.count
-                acc[1] += val.sum
-                _delete(table, k)
-        self._compact_retired()
+        self._io.gc(self.bpf)
+        self._hist.gc(self.bpf)
         self._load_partitions()
         table = self.bpf[b"inflight"]
         limit = time.monotonic_ns() - int(self.config.stale_seconds * 1e9)
         for k, val in list(table.items()):
             if max(val.ts_insert, val.ts_issue) < limit:
-                _delete(table, k)
+                delete(table, k)
                 self.stale_dropped += 1
                 self.stale_lost += bool(val.ts_issue)
-
-    def _compact_retired(self):
-        """Bound memory: beyond max_processes retired keys, fold the least busy into
-        pid "other" (they would be labelled "other" anyway outside the top N)."""
-        limit = self.config.max_processes
-        for store in (self._retired_io, self._retired_hist):
-            if len(store) <= limit:
-                continue
-            ranked = sorted(store, key=lambda k: store[k][0], reverse=True)
-            for k in ranked[limit // 2:]:
-                val = store.pop(k)
-                acc = store.setdefault((OTHER, OTHER, *k[2:]), [0, 0])
-                acc[0] += val[0]
-                acc[1] += val[1]
 
     def stats(self) -> dict:
         if self.bpf is None:
@@ -323,10 +280,3 @@ def _hist(name, unit, bounds, counts, total, attributes, desc, start_ns, now) ->
     return MetricPoint(name, HISTOGRAM, unit, 0, attributes, desc, bounds=tuple(bounds),
                        counts=tuple(counts), count=sum(counts), sum=total,
                        start_ns=start_ns, time_ns=now)
-
-
-def _delete(table, key):
-    try:
-        del table[key]
-    except KeyError:
-        pass

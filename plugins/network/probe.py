@@ -44,6 +44,7 @@ from attrs import validators as v
 
 from deeptrace_core import bpf
 from deeptrace_core.metrics import HISTOGRAM, SUM, MetricPoint, log2_bounds
+from deeptrace_core.proccounters import OTHER, ProcessCounters, task_name
 # Counts programs the kernel skipped (recursion); belongs in deeptrace_core.bpf.
 
 from .decoder import STAT_NAMES, decode
@@ -55,7 +56,7 @@ US_BOUNDS = log2_bounds(1e-6, NSLOTS)
 H_SRTT, H_DURATION = 0, 1
 TRANSPORTS = {6: "tcp", 17: "udp"}
 IO_DIRECTIONS = ("receive", "transmit")
-OTHER, UNKNOWN = "other", "unknown"
+UNKNOWN = "unknown"
 KERNEL_FIELDS = (
     "tcp_sock.bytes_received",
     "tcp_sock.bytes_acked",
@@ -88,14 +89,6 @@ class NetworkConfig:
     ringbuf_pages: int = attrs.field(default=64, validator=_power_of_two)
 
 
-def _comm(raw) -> str:
-    return bytes(raw).split(b"\0", 1)[0].decode("utf-8", "replace")
-
-
-def _pid_alive(pid: int) -> bool:
-    return pid == 0 or os.path.exists(f"/proc/{pid}")
-
-
 class NetworkProbe:
     name = "network"
     config_class = NetworkConfig
@@ -111,8 +104,13 @@ class NetworkProbe:
         self._records: list = []
         self.decode_errors = 0
         self.self_pid = os.getpid()
-        self._retired_io: dict = {}     # (pid, comm, proto, dir) -> [bytes, calls]
-        self._retired_tcp: dict = {}    # (pid, comm) -> [closed, retrans, rst_tx, rst_rx, rx, tx]
+        # Per-process maps; gc() folds exited processes out of them.
+        self._io = ProcessCounters(b"proc_io", lambda k: (k.tgid, task_name(k.comm), k.proto, k.dir),
+                                   lambda v: (v.bytes, v.calls), 2, config.max_processes)
+        self._tcp = ProcessCounters(
+            b"tcp_procs", lambda k: (k.tgid, task_name(k.comm)),
+            lambda v: (v.closed, v.retrans, v.rst_sent, v.rst_recv, v.bytes_received,
+                       v.bytes_acked), 6, config.max_processes)
 
     # -- build --------------------------------------------------------------------------
     def defines(self) -> dict:
@@ -151,23 +149,12 @@ class NetworkProbe:
     # -- reading the maps ---------------------------------------------------------------
     def process_io(self) -> dict:
         """(pid, comm, transport, direction) -> [bytes, calls], exited processes included."""
-        out = {k: list(val) for k, val in self._retired_io.items()}
-        for k, val in self.bpf[b"proc_io"].items():
-            acc = out.setdefault((k.tgid, _comm(k.comm), k.proto, k.dir), [0, 0])
-            acc[0] += val.bytes
-            acc[1] += val.calls
-        return out
+        return self._io.read(self.bpf)
 
     def process_tcp(self) -> dict:
         """(pid, comm) -> [closed, retransmits, resets sent, resets received,
         bytes received, bytes acked] (pid 0: unknown)."""
-        out = {k: list(val) for k, val in self._retired_tcp.items()}
-        for k, val in self.bpf[b"tcp_procs"].items():
-            acc = out.setdefault((k.tgid, _comm(k.comm)), [0] * 6)
-            for i, x in enumerate((val.closed, val.retrans, val.rst_sent, val.rst_recv,
-                                   val.bytes_received, val.bytes_acked)):
-                acc[i] += x
-        return out
+        return self._tcp.read(self.bpf)
 
     def histograms(self) -> dict:
         """kind (H_SRTT, H_DURATION) -> ([count per slot], sum in us)."""
@@ -253,37 +240,8 @@ class NetworkProbe:
         """Fold exited processes out of the kernel maps; their totals are kept here."""
         if self.bpf is None:
             return
-        table = self.bpf[b"proc_io"]
-        for k, val in list(table.items()):
-            if not _pid_alive(k.tgid):
-                acc = self._retired_io.setdefault(
-                    (k.tgid, _comm(k.comm), k.proto, k.dir), [0, 0])
-                acc[0] += val.bytes
-                acc[1] += val.calls
-                _delete(table, k)
-        table = self.bpf[b"tcp_procs"]
-        for k, val in list(table.items()):
-            if not _pid_alive(k.tgid):
-                acc = self._retired_tcp.setdefault((k.tgid, _comm(k.comm)), [0] * 6)
-                for i, x in enumerate((val.closed, val.retrans, val.rst_sent, val.rst_recv,
-                                       val.bytes_received, val.bytes_acked)):
-                    acc[i] += x
-                _delete(table, k)
-        self._compact_retired()
-
-    def _compact_retired(self):
-        """Bound memory: beyond max_processes retired keys, fold the least busy into
-        pid "other" (they would be labelled "other" anyway outside the top N)."""
-        limit = self.config.max_processes
-        for store, width in ((self._retired_io, 2), (self._retired_tcp, 6)):
-            if len(store) <= limit:
-                continue
-            ranked = sorted(store, key=lambda k: store[k], reverse=True)
-            for k in ranked[limit // 2:]:
-                val = store.pop(k)
-                acc = store.setdefault((OTHER, OTHER, *k[2:]), [0] * width)
-                for i, x in enumerate(val):
-                    acc[i] += x
+        self._io.gc(self.bpf)
+        self._tcp.gc(self.bpf)
 
     def stats(self) -> dict:
         if self.bpf is None:
@@ -301,10 +259,3 @@ class NetworkProbe:
             finally:
                 self.bpf.cleanup()
                 self.bpf = None
-
-
-def _delete(table, key):
-    try:
-        del table[key]
-    except KeyError:
-        pass

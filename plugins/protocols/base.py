@@ -302,3 +302,28 @@ class FramedParser(Parser):
     def frame(self, side, stream, out) -> bool:
         """Read one message at a message start; False when more bytes are needed."""
         raise NotImplementedError
+
+
+class CursorParser(Parser):
+    """A parser that reads each side through a ``cursor_class`` over the stream:
+    subclasses keep per-side state with ``reset()`` in ``self._st`` and implement
+    ``_run(is_request, state, cursor, out)``, which appends completed messages to out.
+    On a ParseError the bytes read so far are consumed (so the resync drops the syscall
+    holding the bad ones), the side's state is reset, and the messages completed before
+    it are kept."""
+
+    cursor_class = Cursor
+
+    def parse(self, side, stream):
+        st = self._st[side]
+        out = []
+        c = self.cursor_class(stream)
+        try:
+            self._run(side == REQ, st, c, out)
+        except ParseError as exc:
+            c.commit()
+            st.reset()
+            exc.done = out
+            raise
+        c.commit()
+        return out

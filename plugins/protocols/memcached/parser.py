@@ -17,7 +17,7 @@ found; setq: stored), so every request still gets exactly one response.
 import struct
 from collections import OrderedDict
 
-from deeptrace_plugins.protocols.base import REQ, Cursor, Message, ParseError, Parser
+from deeptrace_plugins.protocols.base import Cursor, CursorParser, Message, ParseError
 
 MAX_LINE = 64 * 1024
 MAX_VALUE = 1 << 32
@@ -103,8 +103,9 @@ class _Side:
         self.implied = []   # responses quiet requests got implicitly, sent before msg
 
 
-class MemcachedParser(Parser):
+class MemcachedParser(CursorParser):
     protocol = "memcached"
+    cursor_class = _Cursor
 
     def __init__(self):
         super().__init__()
@@ -112,19 +113,6 @@ class MemcachedParser(Parser):
         self._seq = 0
         self._pending = OrderedDict()   # binary: request number -> (opaque, opcode)
 
-    def parse(self, side, stream):
-        st = self._st[side]
-        out = []
-        c = _Cursor(stream)
-        try:
-            self._run(side == REQ, st, c, out)
-        except ParseError as exc:
-            c.commit()   # so that the resync drops the syscall holding the bad bytes
-            st.reset()
-            exc.done = out  # messages completed before the bad bytes are kept
-            raise
-        c.commit()
-        return out
 
     def _run(self, req, st, c, out):
         while True:

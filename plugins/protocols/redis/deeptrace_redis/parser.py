@@ -15,7 +15,7 @@ the N confirmations of ``SUBSCRIBE a b ...`` are merged into one reply.
 
 from collections import deque
 
-from deeptrace_plugins.protocols.base import REQ, Cursor, Message, ParseError, Parser
+from deeptrace_plugins.protocols.base import CursorParser, Message, ParseError
 
 MAX_LINE = 64 * 1024       # Redis' own inline limit; a longer "line" is not RESP
 MAX_DEPTH = 32
@@ -119,7 +119,7 @@ def redact(args: list) -> list:
     return out
 
 
-class RedisParser(Parser):
+class RedisParser(CursorParser):
     protocol = "redis"
 
     def __init__(self):
@@ -135,19 +135,6 @@ class RedisParser(Parser):
         self.subs = {b"": set(), b"p": set(), b"s": set()}
 
     # -- framing ----------------------------------------------------------------------
-    def parse(self, side, stream):
-        st = self._st[side]
-        out = []
-        c = Cursor(stream)
-        try:
-            self._run(side == REQ, st, c, out)
-        except ParseError as exc:
-            c.commit()   # so that the resync drops the syscall holding the bad bytes
-            st.reset()
-            exc.done = out  # messages completed before the bad bytes are kept
-            raise
-        c.commit()
-        return out
 
     def _run(self, req, st, c, out):
         while True:

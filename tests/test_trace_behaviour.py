@@ -117,6 +117,35 @@ print(json.dumps({}), flush=True)
     assert send.conn_id and recv.conn_id and send.conn_id != recv.conn_id
 
 
+def test_read_that_consumes_the_fin_keeps_stream_positions(bpf_ok):
+    """A read that also takes the peer's FIN moves copied_seq one past the data; the
+    probe takes it back out, also on a connection whose addresses it already keeps (the
+    socket state is then read only for this check): both ends' ranges stay equal."""
+    child = Script("""
+import json, socket, time
+srv = socket.socket(); srv.bind(('127.0.0.1', 0)); srv.listen(1)
+c = socket.create_connection(srv.getsockname()); s, _ = srv.accept()
+c.send(b'a'); s.recv(1)            # first record: the connection's addresses are kept
+c.send(b'hello-fin'); c.close()    # the FIN lands behind the data
+time.sleep(0.3)
+got = s.recv(100)                  # data and FIN in one read
+print(json.dumps({"got": got.decode()}), flush=True)
+""")
+    probe = start_probe(pids=[child.pid])
+    try:
+        child.go()
+        assert child.finish() == {"got": "hello-fin"}
+        deadline, recs = time.monotonic() + 5, []
+        while time.monotonic() < deadline and len(recs) < 2:
+            recs += [r for r in probe.poll(20) if r.payload == b"hello-fin"]
+    finally:
+        probe.detach()
+    send = next(r for r in recs if r.direction == "egress")
+    recv = next(r for r in recs if r.direction == "ingress")
+    assert recv.tcp_seq_end - recv.tcp_seq_start == 9
+    assert (send.tcp_seq_start, send.tcp_seq_end) == (recv.tcp_seq_start, recv.tcp_seq_end)
+
+
 TRAFFIC = """
 import json, socket
 srv = socket.socket(); srv.bind(('127.0.0.1', PORT)); srv.listen(1)

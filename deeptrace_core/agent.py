@@ -14,7 +14,7 @@ log = logging.getLogger("deeptrace.agent")
 POLL_MS = 100  # one round over all probes
 
 
-def set_nice(nice: int | None, autogroup: int | None = None) -> tuple:
+def set_nice(nice: int, autogroup: int | None = None) -> tuple:
     """Give every thread of this process `nice` (Linux niceness is per thread; threads
     started later inherit it from the one that starts them), and, when the agent leads its
     own session (systemd, setsid), its autogroup `autogroup` (default: `nice`): with

@@ -163,6 +163,12 @@ BAD = [
     ("probes:\n  trace: {}\nexporters:\n  console: {}\npipelines:\n  m: {probes: [trace], exporters: [console]}\n"
      "agent:\n  nice: 25\n",
      ":8: agent.nice", "<= 19"),
+    ("probes:\n  trace:\n    protocol_payload_bytes: {http1: 64}\nexporters:\n  console: {}\n"
+     "pipelines:\n  m: {probes: [trace], exporters: [console]}\n",
+     ":2: probes.trace", "the protocols listed in `protocols`"),
+    ("probes:\n  trace:\n    protocols: [http1]\n    protocol_payload_bytes: {http1: 99999}\n"
+     "exporters:\n  console: {}\npipelines:\n  m: {probes: [trace], exporters: [console]}\n",
+     ":4: probes.trace.protocol_payload_bytes", "0..16384"),
 ]
 
 

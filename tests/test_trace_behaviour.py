@@ -5,10 +5,12 @@ import os
 import socket
 import sys
 import time
+import types
 
 import pytest
 
 from conftest import Script, start_probe, udp_sender
+from deeptrace_core.plugins import PluginHost
 
 pytestmark = pytest.mark.bpf
 
@@ -144,6 +146,42 @@ print(json.dumps({"got": got.decode()}), flush=True)
     recv = next(r for r in recs if r.direction == "ingress")
     assert recv.tcp_seq_end - recv.tcp_seq_start == 9
     assert (send.tcp_seq_start, send.tcp_seq_end) == (recv.tcp_seq_start, recv.tcp_seq_end)
+
+
+def test_protocol_payload_bytes_caps_each_protocol_once_detected(bpf_ok):
+    """probes.trace.protocol_payload_bytes: HTTP/1 calls keep 64 bytes once the connection
+    is detected as HTTP/1 (the detecting call keeps payload_bytes), Redis calls keep
+    payload_bytes; sendmmsg messages follow the same cap."""
+    child = Script("""
+import json, socket
+def pair():
+    srv = socket.socket(); srv.bind(('127.0.0.1', 0)); srv.listen(1)
+    c = socket.create_connection(srv.getsockname()); s, _ = srv.accept()
+    return c, s
+http, redis = pair(), pair()
+req = b'GET /' + b'a' * 200 + b' HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n'
+cmd = b'*3\\r\\n$3\\r\\nSET\\r\\n$1\\r\\nk\\r\\n$200\\r\\n' + b'v' * 200 + b'\\r\\n'
+for c, s, data in ((*http, req), (*redis, cmd)):
+    for _ in range(2):
+        c.sendall(data); got = b''
+        while len(got) < len(data): got += s.recv(4096)
+print(json.dumps({"req": len(req), "cmd": len(cmd)}), flush=True)
+""")
+    context = types.SimpleNamespace(registry=PluginHost().load_entry_points().registry())
+    probe = start_probe(context, pids=[child.pid], protocols=["http1", "redis"],
+                        protocol_payload_bytes={"http1": 64})
+    try:
+        child.go()
+        rep = child.finish()
+        deadline, recs = time.monotonic() + 5, []
+        while time.monotonic() < deadline and len(recs) < 8:
+            recs += [r for r in probe.poll(20) if r.pid == child.pid and r.direction == "egress"]
+    finally:
+        probe.detach()
+    http = [(len(r.payload), r.bytes, r.truncated) for r in recs if r.protocol == "http1"]
+    redis = [(len(r.payload), r.bytes, r.truncated) for r in recs if r.protocol == "redis"]
+    assert http == [(rep["req"], rep["req"], False), (64, rep["req"], True)]
+    assert redis == [(rep["cmd"], rep["cmd"], False)] * 2
 
 
 TRAFFIC = """

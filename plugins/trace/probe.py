@@ -16,6 +16,16 @@ from .fields import KERNEL_FIELDS
 log = logging.getLogger("deeptrace.trace")
 
 
+def _payload_sizes(inst, attribute, value):
+    for name, size in value.items():
+        if name not in inst.protocols:
+            raise ValueError(f"{name!r} is not detected in the kernel (allowed: the "
+                             f"protocols listed in `protocols`: "
+                             f"{', '.join(inst.protocols) or 'none'})")
+        if not 0 <= size <= 16384:
+            raise ValueError(f"{name}: {size} is not within 0..16384 bytes")
+
+
 def _power_of_two(inst, attribute, value):
     if value <= 0 or value & (value - 1):
         raise ValueError(f"{attribute.name} must be a power of two, got {value}")
@@ -37,6 +47,10 @@ class TraceConfig:
     max_connections: int = attrs.field(default=65536, validator=v.ge(16))
     # L7 protocols to detect in the kernel; when set, only their connections are sent.
     protocols: list[str] = attrs.field(factory=list)
+    # Bytes kept per call on a connection of a detected protocol, instead of payload_bytes:
+    # less for protocols whose bodies say nothing (http1: 512), more where frames that
+    # matter follow large ones (http2: 4096; else they fall in uncaptured holes).
+    protocol_payload_bytes: dict[str, int] = attrs.field(factory=dict, validator=_payload_sizes)
     l7_max_tries: int = attrs.field(default=4, validator=[v.ge(1), v.le(250)])
 
 
@@ -85,8 +99,10 @@ class TraceProbe:
     def defines(self) -> dict:
         c = self.config
         skc = btf.kernel_offsets([f for f in KERNEL_FIELDS if f.startswith("sock_common.")])
-        return {
-            "PAYLOAD_MAX": _pow2_at_least(max(c.payload_bytes, 1)),
+        caps = {i: c.protocol_payload_bytes[cls.name]
+                for i, cls in enumerate(self.protocols, 1) if cls.name in c.protocol_payload_bytes}
+        defines = {
+            "PAYLOAD_MAX": _pow2_at_least(max(c.payload_bytes, *caps.values(), 1)),
             "PAYLOAD_CAP": c.payload_bytes,
             "MAX_IOV": 64,        # gRPC and nginx write many small slices at once
             "MMSG_MAX_IOV": 8,
@@ -104,6 +120,10 @@ class TraceProbe:
             "L7_COUNT": max(1, len(self.protocols)),
             "L7_MAX_TRIES": c.l7_max_tries,
         }
+        if caps:  # protocol i (slot order) -> its cap, in payload_cap()
+            defines["PROTO_CAP_CASES"] = " ".join(f"case {i}: return {n};"
+                                                  for i, n in sorted(caps.items()))
+        return defines
 
     def l7_source(self) -> tuple[str, str]:
         """The enabled protocols' kernel detectors (before trace.bpf.c) and one program per

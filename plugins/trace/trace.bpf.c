@@ -347,12 +347,25 @@ static __always_inline int l7_pass(struct event_t *e, struct conn_val_t *c) {
 }
 #endif
 
-// Copy up to `len` user bytes into the payload at `off`, never past PAYLOAD_MAX.
-static __always_inline u32 copy_user(struct event_t *e, u32 start, u64 src, u64 len) {
+// The bytes of payload kept for a call on this connection: its protocol's own cap once
+// detected (probes.trace.protocol_payload_bytes), else payload_bytes. Never > PAYLOAD_MAX.
+static __always_inline u32 payload_cap(struct conn_val_t *conn) {
+#ifdef PROTO_CAP_CASES
+    if (conn) {
+        switch (conn->proto) {
+        PROTO_CAP_CASES
+        }
+    }
+#endif
+    return PAYLOAD_CAP;
+}
+
+// Copy up to `len` user bytes into the payload at `off`, never past `cap` (<= PAYLOAD_MAX).
+static __always_inline u32 copy_user(struct event_t *e, u32 start, u64 src, u64 len, u32 cap) {
     u64 off = start;
-    if (off >= PAYLOAD_CAP || !src)
+    if (off >= cap || !src)
         return 0;
-    u64 n = PAYLOAD_CAP - off;
+    u64 n = cap - off;
     if (len < n)
         n = len;
     // The verifier must see off < MAX and 0 < n <= MAX (payload holds 2 * MAX); hide the
@@ -375,7 +388,7 @@ struct gather_t { u64 left; u64 off; };
 BPF_PERCPU_ARRAY(gather, struct gather_t, 1);
 
 static __always_inline u32 copy_iov(struct event_t *e, u64 iov, u64 iovcnt, u64 total,
-                                    const int max_iov) {
+                                    u32 cap, const int max_iov) {
     u32 zero = 0;
     struct gather_t *g = gather.lookup(&zero);
     if (!g)
@@ -383,7 +396,7 @@ static __always_inline u32 copy_iov(struct event_t *e, u64 iov, u64 iovcnt, u64 
     g->left = total;
     g->off = 0;
     for (int i = 0; i < max_iov; i++) {
-        if (i >= iovcnt || g->left == 0 || g->off >= PAYLOAD_CAP)
+        if (i >= iovcnt || g->left == 0 || g->off >= cap)
             break;
         u64 v[2] = {};  // struct iovec { void *base; size_t len; }
         if (bpf_probe_read_user(v, sizeof(v), (void *)(iov + (u64)i * 16))) {
@@ -391,11 +404,11 @@ static __always_inline u32 copy_iov(struct event_t *e, u64 iov, u64 iovcnt, u64 
             break;
         }
         u64 n = v[1] < g->left ? v[1] : g->left;
-        g->off += copy_user(e, g->off, v[0], n);
+        g->off += copy_user(e, g->off, v[0], n, cap);
         g->left -= n;
     }
     u32 off = g->off;
-    if (iovcnt > max_iov && g->left > 0 && off < PAYLOAD_CAP) {
+    if (iovcnt > max_iov && g->left > 0 && off < cap) {
         e->flags |= F_IOV_TRUNC;
         stat_inc(ST_IOV_TRUNC);
     }
@@ -574,12 +587,13 @@ struct mmsg_state_t {
     u64 done;      // bytes of the messages before this one
     s64 ret;       // messages transferred
     u32 i;         // this message
+    u16 cap;       // payload bytes kept per message (payload_cap)
     u16 rport;
     u8 dir;
     u8 peek;
     u8 l7_proto;
     u8 l7_role;
-    u8 pad[6];
+    u8 pad[4];
     u8 raddr[16];
 };
 BPF_PERCPU_ARRAY(mmsg_state, struct mmsg_state_t, 1);
@@ -604,8 +618,9 @@ int data_exit(struct exit_ctx *ctx) {
     e->ret = ret;
     u64 name = args.addr;
     if (ret > 0) {
+        u32 cap = payload_cap(conn);
         if (sys == SYS_READ || sys == SYS_WRITE || sys == SYS_RECVFROM || sys == SYS_SENDTO) {
-            e->payload_len = copy_user(e, 0, args.ptr, ret);
+            e->payload_len = copy_user(e, 0, args.ptr, ret, cap);
         } else {
             // One gather loop for readv/writev and recvmsg/sendmsg: the verifier walks
             // every iteration of each copy it sees, so two copies cost it twice.
@@ -618,9 +633,9 @@ int data_exit(struct exit_ctx *ctx) {
                 iov = m[2];
                 iovcnt = m[3];
             }
-            e->payload_len = copy_iov(e, iov, iovcnt, ret, MAX_IOV);
+            e->payload_len = copy_iov(e, iov, iovcnt, ret, cap, MAX_IOV);
         }
-        if (ret > PAYLOAD_CAP)
+        if (ret > cap)
             e->flags |= F_TRUNC;
         set_seq(e, sk, dir, (args.flags & MSG_PEEK) && dir == DIR_INGRESS, ret);
     }
@@ -697,6 +712,7 @@ int mmsg_exit(struct exit_ctx *ctx) {
     st->dir = dir;
     st->l7_proto = e->l7_proto;
     st->l7_role = e->l7_role;
+    st->cap = payload_cap(conn);
     __builtin_memcpy(st->raddr, e->raddr, 16);
     exit_progs.call(ctx, EXIT_MMSG_MSG);
     stat_inc(ST_TAILCALL_FAIL);
@@ -731,8 +747,9 @@ int mmsg_msg(struct exit_ctx *ctx) {
     e->rport = st->rport;
     __builtin_memcpy(e->raddr, st->raddr, 16);
     // Fewer iovecs per message than a single call gets: each copy is walked per message.
-    e->payload_len = copy_iov(e, m[2], m[3], mlen, MMSG_MAX_IOV);
-    if (mlen > PAYLOAD_CAP)
+    u32 cap = st->cap;
+    e->payload_len = copy_iov(e, m[2], m[3], mlen, cap, MMSG_MAX_IOV);
+    if (mlen > cap)
         e->flags |= F_TRUNC;
     set_seq(e, st->sk, dir, st->peek, st->total - st->done);
     st->done += mlen;

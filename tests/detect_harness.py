@@ -74,3 +74,62 @@ class Detector:
 
     def close(self):
         self.bpf.cleanup()
+
+
+# -- what every protocol's detector tests share ---------------------------------------------
+
+def cases(positive, negative):
+    """(data, lport, rport, l4, want) of detector table rows (data, lport, rport, want[, l4])."""
+    for c in positive + negative:
+        yield c[0], c[1], c[2], (c[4] if len(c) > 4 else "tcp"), c[3]
+
+
+def detector_fixture(protocol_cls):
+    """A module-scoped fixture: the protocol's detect.bpf.c compiled and loaded."""
+    import importlib.resources
+
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def kernel_detector():
+        from conftest import require_bpf
+        require_bpf()
+        pkg, name = protocol_cls.detect_c
+        d = Detector(protocol_cls.name,
+                     importlib.resources.files(pkg).joinpath(name).read_text())
+        yield d
+        d.close()
+    return kernel_detector
+
+
+def assert_kernel_matches(kernel_detector, detect, inputs):
+    """inputs: (data, lport, rport, l4 as 1 tcp / 2 udp); the kernel detector must give
+    what the Python mirror gives, for each."""
+    for data, lport, rport, l4 in inputs:
+        want = detect(data, lport, rport, "tcp" if l4 == 1 else "udp")
+        assert kernel_detector(data, lport, rport, l4) == want, (data, lport, rport, l4)
+
+
+def mutants(data):
+    """Hypothesis strategy: `data` with one of its first 40 bytes changed, then cut."""
+    from hypothesis import strategies as st
+    return st.tuples(st.integers(0, min(len(data), 40) - 1), st.integers(0, 255),
+                     st.integers(1, 64)).map(
+        lambda t: (data[:t[0]] + bytes([t[1]]) + data[t[0] + 1:])[:t[2]])
+
+
+def assert_table_matches(kernel_detector, detect, rows):
+    """rows: (data, lport, rport, l4, want); Python and the kernel (which sees at most
+    SCRATCH bytes) both give `want` on the first SCRATCH bytes."""
+    for data, lport, rport, l4, want in rows:
+        data = data[:SCRATCH]
+        assert detect(data, lport, rport, l4) == want, (data, lport, rport, l4)
+        assert kernel_detector(data, lport, rport, 1 if l4 == "tcp" else 2) == want, \
+            (data, lport, rport, l4)
+
+
+def prefixes(samples):
+    """Hypothesis strategy: any prefix of one of `samples`."""
+    from hypothesis import strategies as st
+    return st.sampled_from(samples).flatmap(
+        lambda d: st.integers(0, len(d)).map(lambda i: d[:i]))

@@ -3,7 +3,6 @@ dnspython queries over UDP and TCP to an in-test server), one per datagram, leng
 prefixed over TCP (split, coalesced), cut by the capture, garbage; property tests; the
 detector in Python and in the kernel."""
 
-import importlib.resources
 import random
 import socket
 import threading
@@ -15,6 +14,8 @@ import dns.rrset
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+import detect_harness
 
 from deeptrace_plugins.protocols.base import REQ, REQUEST, RESP, RESPONSE
 from deeptrace_plugins.protocols.dns.parser import DnsParser
@@ -334,20 +335,11 @@ def test_protocol_class():
     assert p.l4 == "udp" and proto.parser() is not p
 
 
-@pytest.fixture(scope="module")
-def kernel_detector():
-    from conftest import require_bpf
-    require_bpf()
-    from detect_harness import Detector
-    pkg, name = DnsProtocol.detect_c
-    d = Detector("dns", importlib.resources.files(pkg).joinpath(name).read_text())
-    yield d
-    d.close()
+kernel_detector = detect_harness.detector_fixture(DnsProtocol)
 
 
 def test_detect_kernel_matches_python(kernel_detector):
-    for data, lport, rport, l4, want in POSITIVE + NEGATIVE:
-        assert kernel_detector(data, lport, rport, 1 if l4 == "tcp" else 2) == want, data
+    detect_harness.assert_table_matches(kernel_detector, detect, POSITIVE + NEGATIVE)
 
 
 @settings(max_examples=1, deadline=None)
@@ -361,6 +353,4 @@ def test_detect_kernel_matches_python(kernel_detector):
 def test_detect_kernel_matches_python_on_random_inputs(kernel_detector, inputs):
     rnd = random.Random(0)
     rnd.shuffle(inputs)
-    for data, lport, rport, l4 in inputs:
-        want = detect(data, lport, rport, "tcp" if l4 == 1 else "udp")
-        assert kernel_detector(data, lport, rport, l4) == want, (data, lport, rport, l4)
+    detect_harness.assert_kernel_matches(kernel_detector, detect, inputs)

@@ -3,7 +3,6 @@ requests against a real memcached, recorded through a TCP proxy), split, coalesc
 pipelined, with holes and garbage; property tests; the detector in Python and in the
 kernel."""
 
-import importlib.resources
 import random
 import socket
 import struct
@@ -14,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import detect_harness
 import servers
 from deeptrace_plugins.protocols.base import REQ, REQUEST, RESP, RESPONSE
 from deeptrace_plugins.protocols.memcached.parser import MemcachedParser
@@ -437,8 +437,7 @@ NEGATIVE = [
 
 
 def cases():
-    for c in POSITIVE + NEGATIVE:
-        yield c[0], c[1], c[2], (c[4] if len(c) > 4 else "tcp"), c[3]
+    return detect_harness.cases(POSITIVE, NEGATIVE)
 
 
 @pytest.mark.parametrize("data,lport,rport,l4,want", list(cases()))
@@ -452,20 +451,11 @@ def test_protocol_class():
     assert proto.parser() is not proto.parser() and proto.parser().protocol == "memcached"
 
 
-@pytest.fixture(scope="module")
-def kernel_detector():
-    from conftest import require_bpf
-    require_bpf()
-    from detect_harness import Detector
-    pkg, name = MemcachedProtocol.detect_c
-    d = Detector("memcached", importlib.resources.files(pkg).joinpath(name).read_text())
-    yield d
-    d.close()
+kernel_detector = detect_harness.detector_fixture(MemcachedProtocol)
 
 
 def test_detect_kernel_matches_python(kernel_detector):
-    for data, lport, rport, l4, want in cases():
-        assert kernel_detector(data, lport, rport, 1 if l4 == "tcp" else 2) == want, data
+    detect_harness.assert_table_matches(kernel_detector, detect, cases())
 
 
 words = [b"get ", b"set ", b"delete ", b"version\r", b"STORED\r\n", b"VALUE ", b"END\r\n",
@@ -481,6 +471,4 @@ words = [b"get ", b"set ", b"delete ", b"version\r", b"STORED\r\n", b"VALUE ", b
     st.sampled_from([11211, 5555]), st.sampled_from([11211, 80]), st.sampled_from([1, 2])),
     min_size=200, max_size=200))
 def test_detect_kernel_matches_python_on_random_inputs(kernel_detector, inputs):
-    for data, lport, rport, l4 in inputs:
-        want = detect(data, lport, rport, "tcp" if l4 == 1 else "udp")
-        assert kernel_detector(data, lport, rport, l4) == want, (data, lport, rport, l4)
+    detect_harness.assert_kernel_matches(kernel_detector, detect, inputs)

@@ -24,6 +24,8 @@ from bson.int64 import Int64
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import detect_harness
+
 from deeptrace_core.registry import Registry
 from deeptrace_plugins.protocols.base import REQ, REQUEST, RESP, RESPONSE
 from deeptrace_plugins.protocols.mongodb import plugin as mongo_plugin
@@ -556,8 +558,7 @@ NEGATIVE = [
 
 
 def cases():
-    for c in POSITIVE + NEGATIVE:
-        yield c[0], c[1], c[2], (c[4] if len(c) > 4 else "tcp"), c[3]
+    return detect_harness.cases(POSITIVE, NEGATIVE)
 
 
 @pytest.mark.parametrize("data,lport,rport,l4,want", list(cases()))
@@ -567,8 +568,7 @@ def test_detect_python(data, lport, rport, l4, want):
 
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(st.binary(max_size=80),
-                 st.sampled_from([c[0] for c in POSITIVE]).flatmap(
-                     lambda d: st.integers(0, len(d)).map(lambda i: d[:i]))),
+                 detect_harness.prefixes([c[0] for c in POSITIVE])),
        st.sampled_from(["tcp", "udp"]))
 def test_detect_python_never_raises_on_any_prefix(data, l4):
     assert detect(data, 1, 2, l4) in (0, REQUEST, RESPONSE)
@@ -592,16 +592,7 @@ def test_protocol_class_and_registration():
     assert "detect_mongodb" in src.read_text()
 
 
-@pytest.fixture(scope="module")
-def kernel_detector():
-    from conftest import require_bpf
-    require_bpf()
-    from detect_harness import Detector
-    src = importlib.resources.files("deeptrace_plugins.protocols.mongodb") \
-        .joinpath("detect.bpf.c").read_text()
-    d = Detector("mongodb", src)
-    yield d
-    d.close()
+kernel_detector = detect_harness.detector_fixture(MongoDBProtocol)
 
 
 def test_detect_kernel_matches_python(kernel_detector, capture):
@@ -613,22 +604,14 @@ def test_detect_kernel_matches_python(kernel_detector, capture):
         assert kernel_detector(data, lport, rport, 1 if l4 == "tcp" else 2) == py, data
 
 
-def _mutants(data):
-    return st.tuples(st.integers(0, min(len(data), 40) - 1), st.integers(0, 255),
-                     st.integers(1, 64)).map(
-        lambda t: (data[:t[0]] + bytes([t[1]]) + data[t[0] + 1:])[:t[2]])
-
-
 @settings(max_examples=1, deadline=None)
 @given(st.lists(st.tuples(
     st.one_of(st.binary(max_size=64),
-              st.sampled_from([c[0][:64] for c in POSITIVE]).flatmap(_mutants),
+              st.sampled_from([c[0][:64] for c in POSITIVE]).flatmap(detect_harness.mutants),
               st.builds(lambda n, to, op, rest: struct.pack("<iiii", n, 1, to, op) + rest,
                         st.integers(0, 200), st.sampled_from([0, 5]),
                         st.sampled_from([1, 2004, 2013, 2012]), st.binary(max_size=48))),
     st.sampled_from([27017, 5555]), st.sampled_from([27017, 80]),
     st.sampled_from([1, 2])), min_size=200, max_size=200))
 def test_detect_kernel_matches_python_on_random_inputs(kernel_detector, inputs):
-    for data, lport, rport, l4 in inputs:
-        want = detect(data, lport, rport, "tcp" if l4 == 1 else "udp")
-        assert kernel_detector(data, lport, rport, l4) == want, (data, lport, rport, l4)
+    detect_harness.assert_kernel_matches(kernel_detector, detect, inputs)

@@ -18,6 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import detect_harness
+
 from deeptrace_core.registry import Registry
 from deeptrace_plugins.protocols.base import REQ, REQUEST, RESP, RESPONSE
 from deeptrace_plugins.protocols.mysql import plugin as mysql_plugin
@@ -626,8 +628,7 @@ NEGATIVE = [
 
 
 def cases():
-    for c in POSITIVE + NEGATIVE:
-        yield c[0], c[1], c[2], (c[4] if len(c) > 4 else "tcp"), c[3]
+    return detect_harness.cases(POSITIVE, NEGATIVE)
 
 
 @pytest.mark.parametrize("data,lport,rport,l4,want", list(cases()))
@@ -637,8 +638,7 @@ def test_detect_python(data, lport, rport, l4, want):
 
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(st.binary(max_size=80),
-                 st.sampled_from([c[0] for c in POSITIVE]).flatmap(
-                     lambda d: st.integers(0, len(d)).map(lambda i: d[:i]))),
+                 detect_harness.prefixes([c[0] for c in POSITIVE])),
        st.sampled_from(["tcp", "udp"]))
 def test_detect_python_never_raises_on_any_prefix(data, l4):
     assert detect(data, 1, 2, l4) in (0, REQUEST, RESPONSE)
@@ -656,36 +656,17 @@ def test_protocol_class_and_registration():
     assert "detect_mysql" in src.read_text()
 
 
-@pytest.fixture(scope="module")
-def kernel_detector():
-    from conftest import require_bpf
-    require_bpf()
-    from detect_harness import Detector
-    src = importlib.resources.files("deeptrace_plugins.protocols.mysql") \
-        .joinpath("detect.bpf.c").read_text()
-    d = Detector("mysql", src)
-    yield d
-    d.close()
+kernel_detector = detect_harness.detector_fixture(MySQLProtocol)
 
 
 def test_detect_kernel_matches_python(kernel_detector):
-    for data, lport, rport, l4, want in cases():
-        data = data[:64]                       # the harness passes at most 64 bytes
-        assert detect(data, lport, rport, l4) == want
-        got = kernel_detector(data, lport, rport, 1 if l4 == "tcp" else 2)
-        assert got == want, (data, lport, rport, l4)
-
-
-def _mutants(data):
-    return st.tuples(st.integers(0, min(len(data), 40) - 1), st.integers(0, 255),
-                     st.integers(1, 64)).map(
-        lambda t: (data[:t[0]] + bytes([t[1]]) + data[t[0] + 1:])[:t[2]])
+    detect_harness.assert_table_matches(kernel_detector, detect, cases())
 
 
 @settings(max_examples=1, deadline=None)
 @given(st.lists(st.tuples(
     st.one_of(st.binary(max_size=64),
-              st.sampled_from([c[0][:64] for c in POSITIVE]).flatmap(_mutants),
+              st.sampled_from([c[0][:64] for c in POSITIVE]).flatmap(detect_harness.mutants),
               st.builds(lambda n, s, c, rest: bytes([n, 0, 0, s, c]) + rest,
                         st.integers(0, 70), st.sampled_from([0, 1]),
                         st.sampled_from([0x01, 0x02, 0x03, 0x0a, 0x0e, 0x16, 0x17, 0x19]),
@@ -693,6 +674,4 @@ def _mutants(data):
     st.sampled_from([3306, 5555]), st.sampled_from([3306, 80]),
     st.sampled_from([1, 2])), min_size=200, max_size=200))
 def test_detect_kernel_matches_python_on_random_inputs(kernel_detector, inputs):
-    for data, lport, rport, l4 in inputs:
-        want = detect(data, lport, rport, "tcp" if l4 == 1 else "udp")
-        assert kernel_detector(data, lport, rport, l4) == want, (data, lport, rport, l4)
+    detect_harness.assert_kernel_matches(kernel_detector, detect, inputs)

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import detect_harness
 import servers
 from deeptrace_plugins.protocols.base import REQ, REQUEST, RESP, RESPONSE
 from deeptrace_redis.parser import RedisParser
@@ -560,8 +561,7 @@ NEGATIVE = [
 
 
 def cases():
-    for c in POSITIVE + NEGATIVE:
-        yield c[0], c[1], c[2], (c[4] if len(c) > 4 else "tcp"), c[3]
+    return detect_harness.cases(POSITIVE, NEGATIVE)
 
 
 @pytest.mark.parametrize("data,lport,rport,l4,want", list(cases()))
@@ -577,21 +577,11 @@ def test_protocol_class():
     assert "detect_redis" in src.read_text()
 
 
-@pytest.fixture(scope="module")
-def kernel_detector():
-    from conftest import require_bpf
-    require_bpf()
-    from detect_harness import Detector
-    src = importlib.resources.files("deeptrace_redis").joinpath("detect.bpf.c").read_text()
-    d = Detector("redis", src)
-    yield d
-    d.close()
+kernel_detector = detect_harness.detector_fixture(RedisProtocol)
 
 
 def test_detect_kernel_matches_python(kernel_detector):
-    for data, lport, rport, l4, want in cases():
-        got = kernel_detector(data, lport, rport, 1 if l4 == "tcp" else 2)
-        assert got == want, (data, lport, rport, l4)
+    detect_harness.assert_table_matches(kernel_detector, detect, cases())
 
 
 @settings(max_examples=1, deadline=None)
@@ -603,6 +593,4 @@ def test_detect_kernel_matches_python(kernel_detector):
     st.sampled_from([6379, 5555, 80]), st.sampled_from([6379, 5555, 80]),
     st.sampled_from([1, 2])), min_size=200, max_size=200))
 def test_detect_kernel_matches_python_on_random_inputs(kernel_detector, inputs):
-    for data, lport, rport, l4 in inputs:
-        want = detect(data, lport, rport, "tcp" if l4 == 1 else "udp")
-        assert kernel_detector(data, lport, rport, l4) == want, (data, lport, rport, l4)
+    detect_harness.assert_kernel_matches(kernel_detector, detect, inputs)

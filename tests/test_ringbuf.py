@@ -93,3 +93,14 @@ def test_wait_times_out_without_data(ring):
 def test_rejects_a_size_that_is_not_pages():
     with pytest.raises(ValueError):
         RingBuffer(-1, 1000)
+
+
+def test_default_wakeup_leaves_three_quarters_of_the_ring_for_any_cpu_count():
+    """Each CPU wakes the agent after its share: all CPUs together leave at most a quarter
+    of the ring unannounced (ring/16 per CPU let 16 CPUs fill it without a wake-up)."""
+    from deeptrace_plugins.trace.probe import default_wakeup_bytes
+    ring = 4 << 20
+    for cpus in (1, 2, 16, 64, 1024):
+        assert default_wakeup_bytes(ring, cpus) * cpus <= ring // 4
+    assert default_wakeup_bytes(ring, 2) == ring // 8
+    assert default_wakeup_bytes(4096, 1024) == 64        # never 0: that would wake per record

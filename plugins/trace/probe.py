@@ -41,7 +41,7 @@ class TraceConfig:
     ports: list[int] = attrs.field(factory=list)      # only sockets with one of these ports
     payload_bytes: int = attrs.field(default=1024, validator=[v.ge(0), v.le(16384)])
     ringbuf_pages: int = attrs.field(default=1024, validator=_power_of_two)
-    # Wake the agent early once a CPU wrote this much; 0: a sixteenth of the ring.
+    # Wake the agent early once a CPU wrote this much; 0: default_wakeup_bytes().
     wakeup_bytes: int = attrs.field(default=0, validator=[v.ge(0), v.le(1 << 30)])
     poll_ms: int = attrs.field(default=100, validator=[v.ge(1), v.le(10000)])
     max_connections: int = attrs.field(default=65536, validator=v.ge(16))
@@ -55,6 +55,13 @@ class TraceConfig:
 
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def default_wakeup_bytes(ring_bytes: int, cpus: int | None = None) -> int:
+    """A quarter of the ring shared among the CPUs: each CPU wakes the agent once it wrote
+    its share, so at most a quarter of the ring waits unannounced however many CPUs write
+    (a fixed fraction per CPU let 16 CPUs fill the ring before any woke it)."""
+    return max(64, ring_bytes // (4 * (cpus or os.cpu_count() or 1)))
 
 
 def _pow2_at_least(n: int) -> int:
@@ -109,7 +116,7 @@ class TraceProbe:
             "MAX_MMSG": 8,
             "CONN_MAX": c.max_connections,
             "RINGBUF_PAGES": c.ringbuf_pages,
-            "WAKEUP_BYTES": c.wakeup_bytes or c.ringbuf_pages * PAGE // 16,
+            "WAKEUP_BYTES": c.wakeup_bytes or default_wakeup_bytes(c.ringbuf_pages * PAGE),
             "SELF_TGID": self.self_pid,
             "FILTER_PIDS": int(bool(c.pids)),
             "FILTER_COMMS": int(bool(c.comms)),

@@ -85,6 +85,15 @@ print(json.dumps({"fd": fd, "b_fd": b.fileno(), "b_port": b.getsockname()[1]}), 
     assert second.conn_id != first.conn_id
 
 
+def _both_ends(probe, payload, timeout=5.0):
+    """(egress, ingress) records carrying `payload`: the two ends of one transfer."""
+    deadline, recs = time.monotonic() + timeout, []
+    while time.monotonic() < deadline and len(recs) < 2:
+        recs += [r for r in probe.poll(20) if r.payload == payload]
+    return (next(r for r in recs if r.direction == "egress"),
+            next(r for r in recs if r.direction == "ingress"))
+
+
 def test_socket_opened_before_agent_started(bpf_ok):
     child = Script("""
 import json, socket, sys
@@ -102,13 +111,9 @@ print(json.dumps({}), flush=True)
     try:
         child.go()
         child.finish()
-        deadline, recs = time.monotonic() + 5, []
-        while time.monotonic() < deadline and len(recs) < 2:
-            recs += [r for r in probe.poll(20) if r.payload == b"after-attach"]
+        send, recv = _both_ends(probe, b"after-attach")
     finally:
         probe.detach()
-    send = next(r for r in recs if r.direction == "egress")
-    recv = next(r for r in recs if r.direction == "ingress")
     assert send.fd == rep["fd"] and recv.fd == rep["sfd"]
     assert [send.local_addr, send.local_port] == rep["local"]
     assert [send.remote_addr, send.remote_port] == rep["peer"]
@@ -137,13 +142,9 @@ print(json.dumps({"got": got.decode()}), flush=True)
     try:
         child.go()
         assert child.finish() == {"got": "hello-fin"}
-        deadline, recs = time.monotonic() + 5, []
-        while time.monotonic() < deadline and len(recs) < 2:
-            recs += [r for r in probe.poll(20) if r.payload == b"hello-fin"]
+        send, recv = _both_ends(probe, b"hello-fin")
     finally:
         probe.detach()
-    send = next(r for r in recs if r.direction == "egress")
-    recv = next(r for r in recs if r.direction == "ingress")
     assert recv.tcp_seq_end - recv.tcp_seq_start == 9
     assert (send.tcp_seq_start, send.tcp_seq_end) == (recv.tcp_seq_start, recv.tcp_seq_end)
 

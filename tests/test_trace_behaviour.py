@@ -185,6 +185,35 @@ print(json.dumps({"req": len(req), "cmd": len(cmd)}), flush=True)
     assert redis == [(rep["cmd"], rep["cmd"], False)] * 2
 
 
+def test_tcp_socket_reconnected_after_af_unspec_reports_its_new_peer(bpf_ok):
+    """connect(AF_UNSPEC) disconnects a TCP socket, which may then connect elsewhere: the
+    addresses the probe keeps per connection must not outlive the old peer."""
+    child = Script("""
+import ctypes, json, socket
+libc = ctypes.CDLL(None, use_errno=True)
+a = socket.socket(); a.bind(('127.0.0.1', 0)); a.listen(1)
+b = socket.socket(); b.bind(('127.0.0.1', 0)); b.listen(1)
+c = socket.socket()
+c.connect(a.getsockname()); sa, _ = a.accept(); c.send(b'to-a'); sa.recv(10)
+unspec = (ctypes.c_ubyte * 16)()                  # struct sockaddr, sa_family = AF_UNSPEC
+assert libc.connect(c.fileno(), unspec, 16) == 0, ctypes.get_errno()
+c.connect(b.getsockname()); sb, _ = b.accept(); c.send(b'to-b'); sb.recv(10)
+print(json.dumps({"a": a.getsockname()[1], "b": b.getsockname()[1]}), flush=True)
+""")
+    probe = start_probe(pids=[child.pid])
+    try:
+        child.go()
+        rep = child.finish()
+        deadline, sent = time.monotonic() + 5, {}
+        while time.monotonic() < deadline and len(sent) < 2:
+            sent.update({r.payload: r for r in probe.poll(20)
+                         if r.payload in (b"to-a", b"to-b") and r.direction == "egress"})
+    finally:
+        probe.detach()
+    assert sent[b"to-a"].remote_port == rep["a"]
+    assert sent[b"to-b"].remote_port == rep["b"]
+
+
 TRAFFIC = """
 import json, socket
 srv = socket.socket(); srv.bind(('127.0.0.1', PORT)); srv.listen(1)

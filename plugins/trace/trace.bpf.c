@@ -774,6 +774,14 @@ int ctl_exit(struct exit_ctx *ctx) {
     struct inflight_t args;
     if (!take_args(ctx, &args))
         return 0;
+    if (args.sys == SYS_CONNECT) {
+        // connect() may re-target a socket (a TCP one after connect(AF_UNSPEC)): the
+        // addresses its entry keeps are read again at its next call.
+        struct conn_key_t k = {.tgid = id >> 32, .fd = args.fd};
+        struct conn_val_t *c = conns.lookup(&k);
+        if (c)
+            c->l4 = 0;
+    }
 #if L7_ENABLED
     return 0;  // with L7 filtering only data of detected protocols (and their close) is sent
 #endif

@@ -143,64 +143,63 @@ BPF_HASH(port_filter, u16, u8, 1024);
 // filters' generation: user space bumps it whenever it changes the pid filter.
 BPF_ARRAY(armed, u32, 1);
 
-// The filter's verdict for the calling thread: tgid and the filter tables decide it, and
-// with a comm filter the thread's name. The thread's storage caches it with the generation
-// and name it was reached with, so a call costs a name read and a compare instead of
-// hashing the name into one or two tables (~90 ns of the enter program's ~270).
-static __always_inline int selected(u32 tgid, struct inflight_t *a, u32 gen) {
-#if FILTER_COMMS || FILTER_EXCLUDE_COMMS
-    // The name read in place through the task's BTF pointer: two loads, no helper call.
-    u64 *name = (u64 *)((char *)bpf_get_current_task_btf() + OFF_task_struct__comm);
-    u64 c0 = name[0], c1 = name[1];
-    if (a->gen == gen && a->comm[0] == c0 && a->comm[1] == c1)
-        return a->verdict;
-    a->comm[0] = c0;
-    a->comm[1] = c1;
-    struct comm_key_t k;
-    ((u64 *)k.c)[0] = c0;
-    ((u64 *)k.c)[1] = c1;
-#else
-    if (a->gen == gen)
-        return a->verdict;
-#endif
-    a->gen = gen;
-    a->verdict = 0;
+// The filter's verdict: tgid and the filter tables decide it, and with a comm filter the
+// thread's name (`name`: task->comm, read in place through the task's BTF pointer).
+static __always_inline int filter_verdict(u32 tgid, u64 *name) {
     if (tgid == SELF_TGID)
         return 0;
+#if FILTER_COMMS || FILTER_EXCLUDE_COMMS
+    struct comm_key_t k;
+    ((u64 *)k.c)[0] = name[0];
+    ((u64 *)k.c)[1] = name[1];
+#endif
 #if FILTER_EXCLUDE_COMMS
     if (exclude_comm_filter.lookup(&k))
         return 0;
 #endif
-#if FILTER_PIDS || FILTER_COMMS
 #if FILTER_PIDS
     if (pid_filter.lookup(&tgid))
-        a->verdict = 1;
+        return 1;
 #endif
 #if FILTER_COMMS
-    if (!a->verdict && comm_filter.lookup(&k))
-        a->verdict = 1;
+    if (comm_filter.lookup(&k))
+        return 1;
 #endif
-#else
-    a->verdict = 1;
-#endif
-    return a->verdict;
+    return !(FILTER_PIDS || FILTER_COMMS);
 }
 
 // The calling thread's storage if recording is armed and the filter selects the thread.
+// The storage caches the verdict with the filter generation and the name it was reached
+// with, so a call costs two loads and a compare instead of hashing the name into one or
+// two tables (~90 ns of the enter program's ~270).
 static __always_inline struct inflight_t *selected_thread(void) {
     u32 zero = 0;
     u32 *gen = armed.lookup(&zero);
     if (!gen || !*gen)
         return 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    u64 *name = (u64 *)((char *)bpf_get_current_task_btf() + OFF_task_struct__comm);
     // Every thread that makes a traced syscall gets a slot (~64 bytes, freed with the
     // thread), selected or not: the cached verdict lives there.
     struct inflight_t *a = inflight.task_storage_get(bpf_get_current_task_btf(), 0,
                                                      BPF_LOCAL_STORAGE_GET_F_CREATE);
     if (!a) {
-        stat_inc(ST_INFLIGHT_FAIL);
+        if (filter_verdict(tgid, name))  // a loss only where the call was to be recorded
+            stat_inc(ST_INFLIGHT_FAIL);
         return 0;
     }
-    return selected(bpf_get_current_pid_tgid() >> 32, a, *gen) ? a : 0;
+#if FILTER_COMMS || FILTER_EXCLUDE_COMMS
+    u64 c0 = name[0], c1 = name[1];
+    if (a->gen != *gen || a->comm[0] != c0 || a->comm[1] != c1) {
+        a->comm[0] = c0;
+        a->comm[1] = c1;
+#else
+    if (a->gen != *gen) {
+#endif
+        a->gen = *gen;
+        a->verdict = filter_verdict(tgid, name);
+    }
+    return a->verdict ? a : 0;
 }
 
 static __always_inline int save_args(u16 nr, u16 sys, s32 fd, u64 ptr, u64 addr, u32 cnt, u32 flags) {

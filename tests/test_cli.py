@@ -168,7 +168,7 @@ BAD = [
      ":2: probes.trace", "the protocols listed in `protocols`"),
     ("probes:\n  trace:\n    protocols: [http1]\n    protocol_payload_bytes: {http1: 99999}\n"
      "exporters:\n  console: {}\npipelines:\n  m: {probes: [trace], exporters: [console]}\n",
-     ":4: probes.trace.protocol_payload_bytes", "0..16384"),
+     ":4: probes.trace.protocol_payload_bytes", "0..8192"),
 ]
 
 

@@ -214,6 +214,39 @@ print(json.dumps({"a": a.getsockname()[1], "b": b.getsockname()[1]}), flush=True
     assert sent[b"to-b"].remote_port == rep["b"]
 
 
+def test_the_largest_payload_cap_loads_and_keeps_every_byte(bpf_ok):
+    """payload_bytes and protocol_payload_bytes go up to MAX_PAYLOAD (8192: the per-CPU
+    scratch record, twice the cap, must fit a per-CPU map value); both load, and a call
+    keeps exactly that many bytes."""
+    from deeptrace_plugins.trace.probe import MAX_PAYLOAD, TraceConfig
+    with pytest.raises(ValueError):
+        TraceConfig(payload_bytes=MAX_PAYLOAD + 1)
+    child = Script(f"""
+import json, socket
+srv = socket.socket(); srv.bind(('127.0.0.1', 0)); srv.listen(1)
+c = socket.create_connection(srv.getsockname()); s, _ = srv.accept()
+for n in ({MAX_PAYLOAD}, {MAX_PAYLOAD} + 808):
+    c.sendall(b'z' * n); got = 0
+    while got < n: got += len(s.recv(65536))
+print(json.dumps({{}}), flush=True)
+""")
+    probe = start_probe(pids=[child.pid], payload_bytes=MAX_PAYLOAD)
+    try:
+        child.go()
+        child.finish()
+        deadline, sent = time.monotonic() + 5, []
+        while time.monotonic() < deadline and len(sent) < 2:
+            sent += [r for r in probe.poll(20) if r.pid == child.pid and
+                     r.direction == "egress" and r.syscall == "sendto"]
+    finally:
+        probe.detach()
+    assert [(len(r.payload), r.bytes, r.truncated) for r in sent] == [
+        (MAX_PAYLOAD, MAX_PAYLOAD, False), (MAX_PAYLOAD, MAX_PAYLOAD + 808, True)]
+    context = types.SimpleNamespace(registry=PluginHost().load_entry_points().registry())
+    start_probe(context, ports=[1], protocols=["http2"],
+                protocol_payload_bytes={"http2": MAX_PAYLOAD}).detach()
+
+
 TRAFFIC = """
 import json, socket
 srv = socket.socket(); srv.bind(('127.0.0.1', PORT)); srv.listen(1)

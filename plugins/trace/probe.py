@@ -16,14 +16,19 @@ from .fields import KERNEL_FIELDS
 log = logging.getLogger("deeptrace.trace")
 
 
+# The most payload a call can keep: the per-CPU scratch record holds twice the cap (for
+# the verifier's bounds) and a per-CPU map value is at most 32 KiB.
+MAX_PAYLOAD = 8192
+
+
 def _payload_sizes(inst, attribute, value):
     for name, size in value.items():
         if name not in inst.protocols:
             raise ValueError(f"{name!r} is not detected in the kernel (allowed: the "
                              f"protocols listed in `protocols`: "
                              f"{', '.join(inst.protocols) or 'none'})")
-        if not 0 <= size <= 16384:
-            raise ValueError(f"{name}: {size} is not within 0..16384 bytes")
+        if not 0 <= size <= MAX_PAYLOAD:
+            raise ValueError(f"{name}: {size} is not within 0..{MAX_PAYLOAD} bytes")
 
 
 def _power_of_two(inst, attribute, value):
@@ -39,7 +44,7 @@ class TraceConfig:
     comms: list[str] = attrs.field(factory=list)      # ... and processes with these names
     exclude_comms: list[str] = attrs.field(factory=list)  # never these (e.g. sshd: no feedback)
     ports: list[int] = attrs.field(factory=list)      # only sockets with one of these ports
-    payload_bytes: int = attrs.field(default=1024, validator=[v.ge(0), v.le(16384)])
+    payload_bytes: int = attrs.field(default=1024, validator=[v.ge(0), v.le(MAX_PAYLOAD)])
     ringbuf_pages: int = attrs.field(default=1024, validator=_power_of_two)
     # Wake the agent early once a CPU wrote this much; 0: default_wakeup_bytes().
     wakeup_bytes: int = attrs.field(default=0, validator=[v.ge(0), v.le(1 << 30)])

@@ -154,7 +154,9 @@ def test_protocol_payload_bytes_caps_each_protocol_once_detected(bpf_ok):
     is detected as HTTP/1 (the detecting call keeps payload_bytes), Redis calls keep
     payload_bytes; sendmmsg messages follow the same cap."""
     child = Script("""
-import json, socket
+import json, socket, sys
+sys.path.insert(0, %r)
+from peers import sendmmsg
 def pair():
     srv = socket.socket(); srv.bind(('127.0.0.1', 0)); srv.listen(1)
     c = socket.create_connection(srv.getsockname()); s, _ = srv.accept()
@@ -166,8 +168,11 @@ for c, s, data in ((*http, req), (*redis, cmd)):
     for _ in range(2):
         c.sendall(data); got = b''
         while len(got) < len(data): got += s.recv(4096)
+assert sendmmsg(http[0], [[req], [req]]) == [len(req)] * 2   # two messages, capped alone
+got = b''
+while len(got) < 2 * len(req): got += http[1].recv(4096)
 print(json.dumps({"req": len(req), "cmd": len(cmd)}), flush=True)
-""")
+""" % os.path.dirname(__file__))
     context = types.SimpleNamespace(registry=PluginHost().load_entry_points().registry())
     probe = start_probe(context, pids=[child.pid], protocols=["http1", "redis"],
                         protocol_payload_bytes={"http1": 64})
@@ -175,13 +180,13 @@ print(json.dumps({"req": len(req), "cmd": len(cmd)}), flush=True)
         child.go()
         rep = child.finish()
         deadline, recs = time.monotonic() + 5, []
-        while time.monotonic() < deadline and len(recs) < 8:
+        while time.monotonic() < deadline and len(recs) < 6:
             recs += [r for r in probe.poll(20) if r.pid == child.pid and r.direction == "egress"]
     finally:
         probe.detach()
     http = [(len(r.payload), r.bytes, r.truncated) for r in recs if r.protocol == "http1"]
     redis = [(len(r.payload), r.bytes, r.truncated) for r in recs if r.protocol == "redis"]
-    assert http == [(rep["req"], rep["req"], False), (64, rep["req"], True)]
+    assert http == [(rep["req"], rep["req"], False)] + [(64, rep["req"], True)] * 3
     assert redis == [(rep["cmd"], rep["cmd"], False)] * 2
 
 

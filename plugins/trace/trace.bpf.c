@@ -1,12 +1,15 @@
 // trace.bpf.c: socket system calls -> one record per completed call on a TCP/UDP socket.
 //
 // Hooks syscall tracepoints only (this kernel has no kprobes). Every kernel struct is read
-// at an offset taken from BTF at start-up and passed in as OFF_<struct>__<member>; the
-// kernel headers BCC compiles against describe another kernel, so no header struct type
-// is ever dereferenced here. User-space ABI structs (iovec, msghdr, sockaddr) are fixed.
+// at an offset taken from BTF at start-up and passed in as OFF_<struct>__<member> (with
+// probe_read, or as a plain load through bpf_get_current_task_btf(), which the verifier
+// checks against BTF); the kernel headers BCC compiles against describe another kernel,
+// so no header struct type is ever dereferenced here. User-space ABI structs (iovec,
+// msghdr, sockaddr) are fixed.
 //
-// Compile-time knobs (set by probe.py): PAYLOAD_CAP (bytes kept), PAYLOAD_MAX (its power-of-two
-// ceiling, for verifier bounds), MAX_IOV, MMSG_MAX_IOV, MAX_MMSG,
+// Compile-time knobs (set by probe.py): PAYLOAD_CAP (bytes kept), PROTO_CAP_CASES (the
+// per-protocol caps, if any), PAYLOAD_MAX (the largest cap's power-of-two ceiling, for
+// verifier bounds), MAX_IOV, MMSG_MAX_IOV, MAX_MMSG,
 // CONN_MAX, RINGBUF_PAGES, WAKEUP_BYTES, SELF_TGID, FILTER_PIDS, FILTER_COMMS,
 // FILTER_EXCLUDE_COMMS, FILTER_PORTS, SKC_CHUNK, L7_ENABLED, L7_COUNT, L7_MAX_TRIES (and the l7_try_<i> programs).
 

@@ -56,17 +56,23 @@ def test_two_probes_with_the_same_names_share_one_module(bpf_ok):
         bpfgroup.discard()
 
 
+def loads_alone(text, step):
+    """`text` loads as a plain BCC module of its own (not a view of the shared one), and
+    its tracepoint counts: one getppid() adds `step`."""
+    module = bpf.load(text)
+    try:
+        assert not isinstance(module, bpfgroup.View)
+        os.getppid()
+        assert module[b"stats"][0].n == step
+    finally:
+        module.cleanup()
+
+
 def test_a_probe_that_does_not_compile_with_the_others_compiles_alone(bpf_ok):
     good, bad = probe_text(1), probe_text(2) + "\nthis is not C;\n"
     assert bpfgroup.preload([("good", good), ("bad", bad)]) == 0
     assert bpfgroup.take(good) is None
-    module = bpf.load(good)                        # a plain BCC module of its own
-    try:
-        assert not isinstance(module, bpfgroup.View)
-        os.getppid()
-        assert module[b"stats"][0].n == 1
-    finally:
-        module.cleanup()
+    loads_alone(good, 1)
     with pytest.raises(bpf.BPFUnavailable):
         bpf.load(bad)
 
@@ -90,11 +96,7 @@ def test_a_probe_whose_members_share_a_global_name_stays_out_of_the_group(bpf_ok
                                 "#define STEP 3\nstatic __always_inline u64 n(void) { return 0; }")
     assert bpfgroup.clashes(odd) == {"n"} and bpfgroup.clashes(probe_text(1)) == set()
     assert bpfgroup.preload([("a", probe_text(1)), ("odd", odd)]) == 0
-    module = bpf.load(odd)
     try:
-        assert not isinstance(module, bpfgroup.View)
-        os.getppid()
-        assert module[b"stats"][0].n == 3
+        loads_alone(odd, 3)
     finally:
-        module.cleanup()
         bpfgroup.discard()

@@ -15,15 +15,12 @@ import sys
 import tempfile
 import time
 
+from deeptrace_plugins.trace.probe import TraceProbe
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-# Records lost, by cause: the trace probe's own definition, plus the decoder's failures.
-try:
-    from deeptrace_plugins.trace.decoder import LOSS_STATS as _PROBE_LOSS
-except ImportError:  # pragma: no cover - the project is installed in .venv
-    _PROBE_LOSS = ("ringbuf_full", "inflight_alloc_failed", "conn_map_full", "read_failed",
-                   "mmsg_truncated", "prog_recursion_misses")
-LOSS_KEYS = tuple(dict.fromkeys((*_PROBE_LOSS, "decode_failed")))
+# Records lost, by cause: the trace probe's own list (the agent exports the same).
+LOSS_KEYS = TraceProbe.loss_counters
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 

@@ -482,3 +482,59 @@ print(json.dumps({"udp": n_udp, "tcp": n_tcp}), flush=True)
     assert [(r.msg_index, r.payload) for r in tcp] == [(0, b"aa"), (1, b"bbb"), (2, b"cccc")]
     assert all(a.tcp_seq_end == b.tcp_seq_start for a, b in zip(tcp, tcp[1:]))
     assert [r.tcp_seq_end - r.tcp_seq_start for r in tcp] == [2, 3, 4]
+
+
+def test_ingress_calls_take_arguments_at_exit_peek_flags_and_times(bpf_ok):
+    """Ingress calls have no enter program: fd, buffer, flags and address come from the
+    registers at exit. MSG_PEEK (recvfrom's flags in r10, recvmsg's in dx) must still mark
+    the record and leave its stream position at the data's first byte; a recvfrom on an
+    unconnected UDP socket still names its sender (r8). An ingress record's enter time is
+    its exit time (its bytes count from there); an egress record keeps its own enter time,
+    and a read that blocked 300 ms is stamped when it returned, not when it was called."""
+    child = Script("""
+import json, socket, time, threading
+srv = socket.socket(); srv.bind(('127.0.0.1', 0)); srv.listen(1)
+c = socket.create_connection(srv.getsockname()); s, _ = srv.accept()
+c.send(b'peek-me')
+time.sleep(0.2)
+a = s.recv(100, socket.MSG_PEEK)                 # recvfrom, flags in r10
+b = s.recvmsg(100, 0, socket.MSG_PEEK)[0]        # recvmsg, flags in dx
+d = s.recv(100)                                  # consumes
+t0 = time.time_ns()
+threading.Timer(0.3, lambda: c.send(b'late')).start()
+e = s.recv(100)                                  # blocks 300 ms
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(('127.0.0.1', 0))
+v = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); v.bind(('127.0.0.1', 0))
+v.sendto(b'udp-from', u.getsockname())
+f, who = u.recvfrom(100)
+print(json.dumps({"got": [x.decode() for x in (a, b, d, e, f)], "t0": t0,
+                  "sender": list(who)}), flush=True)
+""")
+    probe = start_probe(pids=[child.pid])
+    try:
+        child.go()
+        rep = child.finish()
+        recs = []
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and sum(r.payload == b"udp-from" for r in recs) < 2:
+            recs += [r for r in probe.poll(20) if r.pid == child.pid]
+    finally:
+        probe.detach()
+    assert rep["got"] == ["peek-me"] * 3 + ["late", "udp-from"]
+    ins = [r for r in recs if r.direction == "ingress" and r.l4 == "tcp"]
+    assert [(r.syscall, r.payload, r.peek) for r in ins] == [
+        ("recvfrom", b"peek-me", True), ("recvmsg", b"peek-me", True),
+        ("recvfrom", b"peek-me", False), ("recvfrom", b"late", False)]
+    sent = {r.payload: r for r in recs if r.direction == "egress" and r.l4 == "tcp"}
+    for r in ins[:3]:  # peeks and the consuming read cover the same stream bytes
+        assert (r.tcp_seq_start, r.tcp_seq_end) == (sent[b"peek-me"].tcp_seq_start,
+                                                    sent[b"peek-me"].tcp_seq_end)
+    for r in ins:
+        assert r.ts_enter_ns == r.ts_exit_ns
+    late = ins[3]
+    assert late.ts_exit_ns - rep["t0"] >= 250_000_000  # stamped at return, after the wait
+    assert late.ts_exit_ns >= sent[b"late"].ts_exit_ns
+    assert all(r.ts_enter_ns < r.ts_exit_ns for r in sent.values())
+    udp = next(r for r in recs if r.direction == "ingress" and r.l4 == "udp")
+    assert (udp.syscall, udp.payload) == ("recvfrom", b"udp-from")
+    assert [udp.remote_addr, udp.remote_port] == rep["sender"]

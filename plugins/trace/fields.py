@@ -29,4 +29,9 @@ KERNEL_FIELDS = (
     "tcp_sock.write_seq",
     "tcp_sock.copied_seq",
     "tcp_sock.rcv_nxt",
+    "pt_regs.di",
+    "pt_regs.si",
+    "pt_regs.dx",
+    "pt_regs.r10",
+    "pt_regs.r8",
 )

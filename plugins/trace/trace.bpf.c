@@ -1,6 +1,7 @@
 // trace.bpf.c: socket system calls -> one record per completed call on a TCP/UDP socket.
 //
-// Hooks syscall tracepoints only (this kernel has no kprobes). Every kernel struct is read
+// Hooks syscall tracepoints only (this kernel has no kprobes): enter and exit of egress and
+// control calls, only the exit of ingress calls (args_at_exit). Every kernel struct is read
 // at an offset taken from BTF at start-up and passed in as OFF_<struct>__<member> (with
 // probe_read, or as a plain load through bpf_get_current_task_btf(), which the verifier
 // checks against BTF); the kernel headers BCC compiles against describe another kernel,
@@ -205,11 +206,9 @@ static __always_inline struct inflight_t *selected_thread(void) {
     return a->verdict ? a : 0;
 }
 
-static __always_inline int save_args(u16 nr, u16 sys, s32 fd, u64 ptr, u64 addr, u32 cnt, u32 flags) {
-    struct inflight_t *a = fd < 0 ? 0 : selected_thread();
-    if (!a)
-        return 0;
-    a->ts = bpf_ktime_get_ns();
+static __always_inline void store_args(struct inflight_t *a, u64 ts, u16 nr, u16 sys, s32 fd,
+                                       u64 ptr, u64 addr, u32 cnt, u32 flags) {
+    a->ts = ts;
     a->sys = sys;
     a->nr = nr;
     a->fd = fd;
@@ -217,7 +216,48 @@ static __always_inline int save_args(u16 nr, u16 sys, s32 fd, u64 ptr, u64 addr,
     a->addr = addr;
     a->cnt = cnt;
     a->flags = flags;
+}
+
+static __always_inline int save_args(u16 nr, u16 sys, s32 fd, u64 ptr, u64 addr, u32 cnt, u32 flags) {
+    struct inflight_t *a = fd < 0 ? 0 : selected_thread();
+    if (a)
+        store_args(a, bpf_ktime_get_ns(), nr, sys, fd, ptr, addr, cnt, flags);
     return 0;
+}
+
+// Ingress calls (read, readv, recvfrom, recvmsg, recvmmsg) have no enter program: their
+// bytes count from the exit (a read may block before they arrive), so the enter time is
+// not needed, and the arguments are still in the registers the syscall was entered with
+// (task_pt_regs: the kernel writes only ax, the return value). That spares every such
+// call, traced or not, a tracepoint hit and a program run. 1 if the call is selected;
+// its arguments are then saved as save_args would have, with no enter time (ts 0).
+static __always_inline int args_at_exit(u16 nr, u16 sys) {
+    struct inflight_t *a = selected_thread();
+    if (!a)
+        return 0;
+    char *regs = (char *)bpf_task_pt_regs(bpf_get_current_task_btf());
+    if (!regs)
+        return 0;
+    // x86-64 syscall arguments: di, si, dx, r10, r8, r9.
+    s32 fd = (s32)*(u64 *)(regs + OFF_pt_regs__di);
+    u64 si = *(u64 *)(regs + OFF_pt_regs__si);
+    u64 dx = *(u64 *)(regs + OFF_pt_regs__dx);
+    if (fd < 0)
+        return 0;
+    if (sys == SYS_READ)
+        store_args(a, 0, nr, sys, fd, si, 0, 0, 0);
+    else if (sys == SYS_READV)
+        store_args(a, 0, nr, sys, fd, si, 0, dx, 0);
+    else if (sys == SYS_RECVMSG)
+        store_args(a, 0, nr, sys, fd, si, 0, 0, dx);
+    else {  // recvfrom(fd, buf, len, flags, addr, addrlen), recvmmsg(fd, vec, vlen, flags, timeout)
+        u64 r10 = *(u64 *)(regs + OFF_pt_regs__r10);
+        if (sys == SYS_RECVFROM)
+            store_args(a, 0, nr, sys, fd, si, *(u64 *)(regs + OFF_pt_regs__r8), 0, r10);
+        else
+            store_args(a, 0, nr, sys, fd, si, 0, dx, r10);
+    }
+    return 1;
 }
 
 #define RD(dst, src) bpf_probe_read_kernel(&(dst), sizeof(dst), (void *)(src))
@@ -508,8 +548,8 @@ static __always_inline struct event_t *begin(u64 pid_tgid, s32 fd, u16 sys, u64 
             conn->l4 = L4_TCP;
         }
     }
-    e->ts_enter = ts_enter;
     e->ts_exit = bpf_ktime_get_ns();
+    e->ts_enter = ts_enter ? ts_enter : e->ts_exit;  // 0: an ingress call (args_at_exit)
     e->pid = pid_tgid >> 32;
     e->tid = (u32)pid_tgid;
     e->fd = fd;
@@ -579,6 +619,13 @@ static __always_inline int take_args(struct exit_ctx *ctx, struct inflight_t *ou
 // syscall (start-up time), and a call costs one jump.
 BPF_PROG_ARRAY(exit_progs, 4);
 enum { EXIT_DATA = 0, EXIT_MMSG, EXIT_CTL, EXIT_MMSG_MSG };
+
+// An ingress call's exit program: its arguments (args_at_exit), then the shared program.
+static __always_inline int exit_args_then(void *ctx, u16 sys, int prog) {
+    if (args_at_exit((u16)((struct exit_ctx *)ctx)->nr, sys))
+        exit_progs.call(ctx, prog);
+    return 0;
+}
 
 // What mmsg_msg needs of mmsg_exit's call, per CPU (a tail call stays on its CPU).
 struct mmsg_state_t {
@@ -848,16 +895,11 @@ static __always_inline int l7_step(void *ctx, struct event_t *e, struct conn_val
 #endif
 
 // Data syscalls. `fd` is declared unsigned for some of them; the cast keeps it signed.
-TRACEPOINT_PROBE(syscalls, sys_enter_read) { return save_args(args->__syscall_nr, SYS_READ, (s32)args->fd, (u64)args->buf, 0, 0, 0); }
-TRACEPOINT_PROBE(syscalls, sys_exit_read) { exit_progs.call(args, EXIT_DATA); return 0; }
-TRACEPOINT_PROBE(syscalls, sys_enter_readv) { return save_args(args->__syscall_nr, SYS_READV, (s32)args->fd, (u64)args->vec, 0, args->vlen, 0); }
-TRACEPOINT_PROBE(syscalls, sys_exit_readv) { exit_progs.call(args, EXIT_DATA); return 0; }
-TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) { return save_args(args->__syscall_nr, SYS_RECVFROM, (s32)args->fd, (u64)args->ubuf, (u64)args->addr, 0, args->flags); }
-TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom) { exit_progs.call(args, EXIT_DATA); return 0; }
-TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg) { return save_args(args->__syscall_nr, SYS_RECVMSG, (s32)args->fd, (u64)args->msg, 0, 0, args->flags); }
-TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg) { exit_progs.call(args, EXIT_DATA); return 0; }
-TRACEPOINT_PROBE(syscalls, sys_enter_recvmmsg) { return save_args(args->__syscall_nr, SYS_RECVMMSG, (s32)args->fd, (u64)args->mmsg, 0, args->vlen, args->flags); }
-TRACEPOINT_PROBE(syscalls, sys_exit_recvmmsg) { exit_progs.call(args, EXIT_MMSG); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_read) { return exit_args_then(args, SYS_READ, EXIT_DATA); }
+TRACEPOINT_PROBE(syscalls, sys_exit_readv) { return exit_args_then(args, SYS_READV, EXIT_DATA); }
+TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom) { return exit_args_then(args, SYS_RECVFROM, EXIT_DATA); }
+TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg) { return exit_args_then(args, SYS_RECVMSG, EXIT_DATA); }
+TRACEPOINT_PROBE(syscalls, sys_exit_recvmmsg) { return exit_args_then(args, SYS_RECVMMSG, EXIT_MMSG); }
 TRACEPOINT_PROBE(syscalls, sys_enter_write) { return save_args(args->__syscall_nr, SYS_WRITE, (s32)args->fd, (u64)args->buf, 0, 0, 0); }
 TRACEPOINT_PROBE(syscalls, sys_exit_write) { exit_progs.call(args, EXIT_DATA); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_enter_writev) { return save_args(args->__syscall_nr, SYS_WRITEV, (s32)args->fd, (u64)args->vec, 0, args->vlen, 0); }

@@ -538,3 +538,37 @@ print(json.dumps({"got": [x.decode() for x in (a, b, d, e, f)], "t0": t0,
     udp = next(r for r in recs if r.direction == "ingress" and r.l4 == "udp")
     assert (udp.syscall, udp.payload) == ("recvfrom", b"udp-from")
     assert [udp.remote_addr, udp.remote_port] == rep["sender"]
+
+
+def test_reads_that_return_eagain_leave_no_record(bpf_ok):
+    """A non-blocking read with nothing to read (EAGAIN: an event loop draining its
+    sockets) is not a record; the same socket's next read, with data, is, exactly once."""
+    child = Script("""
+import json, socket, time
+srv = socket.socket(); srv.bind(('127.0.0.1', 0)); srv.listen(1)
+c = socket.create_connection(srv.getsockname()); s, _ = srv.accept()
+s.setblocking(False)
+misses = 0
+for call in (lambda: s.recv(100), lambda: s.recvmsg(100), lambda: s.recv_into(bytearray(9))):
+    try:
+        call()
+    except BlockingIOError:
+        misses += 1
+c.send(b'now-data')
+time.sleep(0.2)
+got = s.recv(100)
+c.close(); s.close()
+print(json.dumps({"misses": misses, "got": got.decode()}), flush=True)
+""")
+    probe = start_probe(pids=[child.pid])
+    try:
+        child.go()
+        assert child.finish() == {"misses": 3, "got": "now-data"}
+        recs = []
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and sum(r.syscall == "close" for r in recs) < 2:
+            recs += [r for r in probe.poll(20) if r.pid == child.pid]
+    finally:
+        probe.detach()
+    ingress = [(r.syscall, r.bytes, r.payload) for r in recs if r.direction == "ingress"]
+    assert ingress == [("recvfrom", 8, b"now-data")]

@@ -621,8 +621,11 @@ BPF_PROG_ARRAY(exit_progs, 4);
 enum { EXIT_DATA = 0, EXIT_MMSG, EXIT_CTL, EXIT_MMSG_MSG };
 
 // An ingress call's exit program: its arguments (args_at_exit), then the shared program.
+// EAGAIN (an event loop draining a socket: one per request in many servers) ends here,
+// before the thread's storage is looked up.
 static __always_inline int exit_args_then(void *ctx, u16 sys, int prog) {
-    if (args_at_exit((u16)((struct exit_ctx *)ctx)->nr, sys))
+    struct exit_ctx *x = ctx;
+    if (x->ret != -EAGAIN && args_at_exit((u16)x->nr, sys))
         exit_progs.call(ctx, prog);
     return 0;
 }

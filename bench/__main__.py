@@ -10,9 +10,10 @@ Sections (NAME), each measured with and without the agent in the same run, inter
   rate       nginx at a fixed 10,000 requests/s: agent CPU, RSS, spans vs requests, loss
   lossless   the highest lossless request rate (stepping up), and the loss at twice that
 
-Two tools for the optimisation work itself (not part of the table): `python -m
+Three tools for the optimisation work itself (not part of the table): `python -m
 bench.bpfcost` (BPF run time per program from the kernel's bpf_stats while the syscall
-driver runs) and `python -m bench.replay` (user-space CPU per span on captured records).
+driver runs), `python -m bench.tpcost` (what a syscall tracepoint costs before any work
+of ours) and `python -m bench.replay` (user-space CPU per span on captured records).
 
 Prints one table (without agent, with agent, delta/ratio, target, pass/MISS, and a note
 saying by how much a missed target is missed) and writes every raw figure and the

@@ -30,7 +30,7 @@ def run(rounds=5) -> dict:
     got = {name: [] for name in CONDITIONS}
     for _ in range(rounds):
         for name, points in CONDITIONS.items():
-            b = BPF(text="".join(EMPTY % p for p in points)) if points else None
+            b = BPF(text="".join(EMPTY % p for p in points).encode()) if points else None
             try:
                 got[name].append(float(subprocess.run([loop], capture_output=True, text=True,
                                                       check=True).stdout))

@@ -65,10 +65,24 @@ def test_bpf_cost_and_replay_tools():
     res = bpfcost.run(calls=2000, cases="tcp_rw")
     runs = {name: cnt for name, cnt, _ in res["programs"]}
     assert runs["tracepoint__syscalls__sys_exit_write"] >= 3000   # 2000 timed + warm-up
+    assert runs["tracepoint__syscalls__sys_exit_read"] >= 3000
+    assert "tracepoint__syscalls__sys_enter_read" not in runs     # ingress: exit only
     assert res["mean_ns"]["enter"] > 0 and res["mean_ns"]["exit"] > 0
+    assert res["per_call_ns"] > res["mean_ns"]["exit"] / 2
     records = replay.capture(rate=500, seconds=1)
     assert len(records) >= 2 * 450                 # a request and a response per request
     (spans, cpu), = replay.replay(records, runs=1)
     # Each request is one read and one write; a read of 0 bytes is a connection closing.
     assert spans * 2 == sum(1 for r in records if r.direction != "none" and r.bytes > 0)
     assert cpu > 0
+
+
+def test_tracepoint_cost_tool():
+    """bench.tpcost times getppid under each condition it names (no timing asserted)."""
+    require_bpf()
+    from bench import native, tpcost
+    if native.compiler() is None:
+        pytest.skip("no C compiler: apt-get install gcc")
+    res = tpcost.run(rounds=1)
+    assert set(res) == set(tpcost.CONDITIONS)
+    assert all(ns > 0 for ns in res.values())

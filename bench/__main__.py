@@ -8,7 +8,8 @@ Sections (NAME), each measured with and without the agent in the same run, inter
   syscalls   per-syscall added latency (C driver, 100,000 calls each), traced and excluded
   http       nginx and a Python HTTP server under wrk at fixed connection counts
   rate       nginx at a fixed 10,000 requests/s: agent CPU, RSS, spans vs requests, loss
-  lossless   the highest lossless request rate (stepping up), and the loss at twice that
+  lossless   the highest lossless request rate (stepping up), the loss at twice that, and
+             above capacity: stats still reported, SIGTERM to exit, an exact account
 
 Three tools for the optimisation work itself (not part of the table): `python -m
 bench.bpfcost` (BPF run time per program from the kernel's bpf_stats while the syscall

@@ -14,6 +14,7 @@ without the agent.
 import json
 import os
 import resource
+import signal
 import subprocess
 import tempfile
 import time
@@ -26,6 +27,8 @@ CONNS = 64
 TARGET_CPU_PCT = 25.0
 TARGET_RSS_MB = 200.0
 TARGET_LOSSLESS = 30_000
+MAX_STATS_GAP_S = 2.0   # saturated, the agent still reports (stats_interval 0.5 s)
+MAX_STOP_S = 5.0        # saturated, SIGTERM to exit (detach, drain, final report)
 CEILING_ASK = 100_000  # more than the generator and nginx can do here: their ceiling
 STEPS = (5_000, 10_000, 15_000, 20_000, 25_000, 30_000, 40_000, 50_000, 60_000)
 
@@ -87,6 +90,47 @@ class _Traced:
         res["settle_s"], res["settled"] = cur.get("_settle_s"), cur.get("_settled")
         self.prev = cur
         return res
+
+    def stop_saturated(self, port, seconds) -> dict:
+        """Above capacity: the generator asks CEILING_ASK for `seconds`; half-way the
+        agent gets SIGTERM. Is it still responsive (periodic stats kept coming; how long
+        from SIGTERM to exit), and is its final account exact (every record the kernel
+        submitted was drained, the rest counted lost by cause)?"""
+        agent = self.agent
+        marks = []  # (time, stats reports so far) while loaded, before SIGTERM
+        state = {"t0": time.monotonic(), "sigterm": None, "exit": None}
+
+        def during():
+            now = time.monotonic()
+            if state["sigterm"] is None:
+                marks.append((now, agent.text().count("deeptrace stats: pipeline.")))
+                if now - state["t0"] >= seconds / 2:
+                    state["sigterm"] = now
+                    agent.proc.send_signal(signal.SIGTERM)
+            elif state["exit"] is None and agent.proc.poll() is not None:
+                state["exit"] = now
+
+        loadgen(port, CEILING_ASK, seconds, during=during)
+        final = agent.stop()  # waits for the exit if the load ended first
+        if state["exit"] is None:
+            state["exit"] = time.monotonic()
+        gaps, last_t, last_n = [], marks[0][0] if marks else 0, marks[0][1] if marks else 0
+        for t, n in marks[1:]:
+            if n > last_n:
+                gaps.append(t - last_t)
+                last_t, last_n = t, n
+        if marks:
+            gaps.append(marks[-1][0] - last_t)  # the wait for a report still to come
+        trace, pipe = final.get("probe.trace", {}), final.get("pipeline.main", {})
+        return {"loaded_s": (state["sigterm"] or state["exit"]) - state["t0"],
+                "stats_reports": (marks[-1][1] - marks[0][1]) if marks else 0,
+                "max_stats_gap_s": max(gaps) if gaps else None,
+                "exit_after_sigterm_s": state["exit"] - state["sigterm"]
+                if state["sigterm"] else None,
+                "exit_code": agent.proc.returncode,
+                "events": trace.get("events", 0), "drained": pipe.get("records_in", 0),
+                "decode_failed": trace.get("decode_failed", 0), "lost": lost(final),
+                "lost_by_cause": {k: trace.get(k, 0) for k in LOSS_KEYS if trace.get(k)}}
 
     def close(self) -> dict:
         final = self.agent.stop()
@@ -169,6 +213,11 @@ def run_lossless(servers, seconds=4, steps=STEPS, bisect=True, log=print) -> dic
                 first_bad = mid
         double = step(2 * best) if best else None
         ceiling_traced = step(CEILING_ASK)
+        stopping = t.stop_saturated(port, max(4, seconds))
+        log(f"  lossless: SIGTERM while saturated: exit after "
+            f"{stopping['exit_after_sigterm_s']:.2f} s (code {stopping['exit_code']}), "
+            f"stats every <= {stopping['max_stats_gap_s']:.2f} s while loaded, events "
+            f"{stopping['events']} = drained {stopping['drained']}, lost {stopping['lost']}")
     finally:
         agent = t.close()
     best_achieved = max((r["rate"] for r in tried if r["lossless"]
@@ -177,7 +226,7 @@ def run_lossless(servers, seconds=4, steps=STEPS, bisect=True, log=print) -> dic
             "ceiling_without_agent": ceiling, "ceiling_with_agent": ceiling_traced,
             "highest_lossless_target": best, "highest_lossless_achieved": best_achieved,
             "first_lossy_target": first_bad, "saturated": saturated,
-            "at_double": double, "tried": tried, "agent": agent}
+            "at_double": double, "tried": tried, "agent": agent, "stop_saturated": stopping}
 
 
 def _mean(vals):
@@ -265,4 +314,29 @@ def rows_lossless(res) -> list:
                       if d["completed"] else ""),
             "target": "", "ok": None,
             "note": f"achieved {d['rate']:.0f}/s, agent cpu {d['agent_cpu_pct']:.0f}%"})
+    out += rows_saturated(res["stop_saturated"], g)
     return out
+
+
+def rows_saturated(st, g) -> list:
+    """Above capacity the agent stays responsive and its account is exact."""
+    exit_s, gap = st["exit_after_sigterm_s"], st["max_stats_gap_s"]
+    exact = st["events"] == st["drained"] + st["decode_failed"]
+    causes = ", ".join(f"{k} {n}" for k, n in st["lost_by_cause"].items()) or "none"
+    return [
+        {"group": g, "figure": "saturated: periodic stats (every 0.5 s), longest gap",
+         "baseline": "", "traced": f"{gap:.2f} s" if gap is not None else "none",
+         "delta": "", "target": f"<= {MAX_STATS_GAP_S:.0f} s",
+         "ok": gap is not None and gap <= MAX_STATS_GAP_S,
+         "note": f"{st['stats_reports']} reports in {st['loaded_s']:.1f} s of load"},
+        {"group": g, "figure": "saturated: SIGTERM to exit", "baseline": "",
+         "traced": f"{exit_s:.2f} s (exit code {st['exit_code']})" if exit_s is not None
+         else "no SIGTERM sent", "delta": "", "target": f"<= {MAX_STOP_S:.0f} s",
+         "ok": exit_s is not None and exit_s <= MAX_STOP_S and st["exit_code"] == 0,
+         "note": ""},
+        {"group": g, "figure": "saturated: records submitted = drained", "baseline": "",
+         "traced": f"{st['events']} = {st['drained']} drained"
+                   + (f" + {st['decode_failed']} undecodable" if st["decode_failed"] else ""),
+         "delta": "", "target": "exact", "ok": exact,
+         "note": f"what the ring could not take, counted by cause: {causes}"},
+    ]

@@ -86,3 +86,18 @@ def test_tracepoint_cost_tool():
     res = tpcost.run(rounds=1)
     assert set(res) == set(tpcost.CONDITIONS)
     assert all(ns > 0 for ns in res.values())
+
+
+def test_saturated_rows_judge_responsiveness_and_the_account():
+    """The 'above capacity' rows pass only when stats kept coming, SIGTERM ended the
+    agent cleanly in time, and every submitted record was drained."""
+    from bench.rate import rows_saturated
+    good = {"exit_after_sigterm_s": 1.2, "max_stats_gap_s": 0.8, "exit_code": 0,
+            "events": 100, "drained": 98, "decode_failed": 2, "lost": 7,
+            "lost_by_cause": {"ringbuf_full": 7}, "stats_reports": 4, "loaded_s": 2.0}
+    assert [r["ok"] for r in rows_saturated(good, "g")] == [True, True, True]
+    assert "ringbuf_full 7" in rows_saturated(good, "g")[2]["note"]
+    for change, row in (({"max_stats_gap_s": 3.0}, 0), ({"max_stats_gap_s": None}, 0),
+                        ({"exit_after_sigterm_s": 9.0}, 1), ({"exit_code": -9}, 1),
+                        ({"exit_after_sigterm_s": None}, 1), ({"drained": 97}, 2)):
+        assert rows_saturated({**good, **change}, "g")[row]["ok"] is False, change

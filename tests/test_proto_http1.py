@@ -592,16 +592,13 @@ def _heads(draw, is_request):
     return head
 
 
-@settings(max_examples=1000, deadline=None)
-@given(st.data())
-def test_whole_message_fast_path_matches_general_path_on_generated_heads(data):
-    """The same calls give the same messages and state with the fast path as without."""
+def _fast_and_general_agree(blobs):
+    """Feeding REQ, RESP, REQ, RESP calls gives the same messages and state with the fast
+    path as without it."""
     fast, general = Http1Protocol().parser(), Http1Protocol().parser()
     general._whole = lambda side, data: None
     got_fast, got_general, seq = [], [], {REQ: 1000, RESP: 5000}
-    for i, side in enumerate([REQ, RESP, REQ, RESP]):
-        body = data.draw(st.sampled_from([b"", b"hello"]))
-        blob = data.draw(_heads(side == REQ)) + body
+    for i, (side, blob) in enumerate(zip([REQ, RESP, REQ, RESP], blobs)):
         got_fast += fast.feed(side, blob, len(blob), i * 10, i * 10 + 1, seq[side])
         got_general += general.feed(side, blob, len(blob), i * 10, i * 10 + 1, seq[side])
         seq[side] += len(blob)
@@ -610,3 +607,25 @@ def test_whole_message_fast_path_matches_general_path_on_generated_heads(data):
         [(m.ts_start, m.ts_end, m.seq_start, m.seq_end) for m in got_general]
     assert (fast.pending, fast.errors, fast.tunnel) == \
         (general.pending, general.errors, general.tunnel)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.data())
+def test_whole_message_fast_path_matches_general_path_on_generated_heads(data):
+    blobs = []
+    for side in [REQ, RESP, REQ, RESP]:
+        body = data.draw(st.sampled_from([b"", b"hello"]))
+        blobs.append(data.draw(_heads(side == REQ)) + body)
+    _fast_and_general_agree(blobs)
+
+
+@pytest.mark.parametrize("first_req,first_resp", [
+    # Found by the test above: llhttp skips empty lines before a message, the general path
+    # counts them apart, so the request's size differed by the leading CR.
+    (b"\rGET / HTTP/1.1\r\n\r\n", b"HTTP/1.1 200\r\n\r\n"),
+    (b"GET / HTTP/1.1\r\n\r\n", b"\r\nHTTP/1.1 200\r\nContent-Length: 0\r\n\r\n"),
+    (b"\nGET / HTTP/1.1\r\n\r\n", b"HTTP/1.1 200\r\nContent-Length: 0\r\n\r\n"),
+])
+def test_fast_path_leaves_leading_empty_lines_to_the_general_path(first_req, first_resp):
+    _fast_and_general_agree([first_req, first_resp, b"GET / HTTP/1.1\r\n\r\n",
+                             b"HTTP/1.1 200\r\nContent-Length: 0\r\n\r\n"])

@@ -189,9 +189,10 @@ class Http1Parser(Parser):
     def _whole(self, side, data):
         """The message if `data` is exactly one with simple framing, else None, with no
         state changed (the general path then reads the same bytes)."""
-        # No start check first: llhttp rejects what does not start like a message.
+        # No start check first: llhttp rejects what does not start like a message. It
+        # skips empty lines before one, which the general path counts apart (size).
         end = data.find(b"\r\n\r\n") + 4
-        if end < 4:
+        if end < 4 or data[0] in (13, 10):
             return None
         try:
             head, what, version = parse_head(side == REQ, data[:end])

@@ -22,6 +22,14 @@ from .base import REQ, REQUEST, RESP
 log = logging.getLogger("deeptrace.spans")
 HTTP = ("http1", "http2")
 NOT_YET = None          # no protocol recognised yet on this connection
+# SpanStage._span passes these Span fields by position.
+_SPAN_ARGS = ("start_ns", "end_ns", "protocol", "role", "pid", "tid", "comm", "cmdline", "l4",
+              "family", "local_addr", "local_port", "remote_addr", "remote_port", "conn_id",
+              "operation", "status", "error", "request_size", "response_size", "request_seq",
+              "response_seq", "attributes")
+if tuple(a.name for a in attrs.fields(Span))[:len(_SPAN_ARGS)] != _SPAN_ARGS:
+    raise ImportError("deeptrace_core.span.Span's fields changed order: update _SPAN_ARGS "
+                      "and SpanStage._span")
 DETECT_TRIES = 4        # records looked at before a connection is left alone
 
 
@@ -190,42 +198,43 @@ class SpanStage:
         spans.append(self._span(conn, req, msg, rec))
 
     def _span(self, conn, req, resp, rec, missing=None):
-        protocol = (resp and resp.protocol) or req.protocol or conn.name
+        pid, role = rec.pid, conn.role
         tid = conn.req_tid or rec.tid
-        if conn.role == "server" and "deeptrace.server_thread" in req.attributes:
+        if role == "server" and "deeptrace.server_thread" in req.attributes:
             tid = req.attributes.pop("deeptrace.server_thread")
-            thread = (rec.pid, tid)
+            thread = (pid, tid)
             self.open_server[thread] -= 1
             if self.open_server[thread] <= 0:
                 del self.open_server[thread]
-        status = resp.status if resp else missing
-        error = bool(req.error or (resp.error if resp else missing not in (None, "")))
-        if protocol in HTTP and conn.role == "client" and status and status.isdigit() \
+        if resp is not None:
+            protocol = resp.protocol or req.protocol or conn.name
+            status, end, operation = resp.status, resp.ts_end, req.operation or resp.operation
+            error = bool(req.error or resp.error)
+            attributes = {**req.attributes, **resp.attributes}
+            response_seq = ((resp.seq_start, resp.seq_end)
+                            if resp.seq_start is not None else None)
+        else:
+            protocol = req.protocol or conn.name
+            status, end, operation = missing, max(req.ts_end, conn.last_ns), req.operation or ""
+            error = bool(req.error or missing not in (None, ""))
+            attributes = dict(req.attributes)
+            response_seq = None
+        if protocol in HTTP and role == "client" and status and status.isdigit() \
                 and 400 <= int(status) < 500:
             error = True  # OpenTelemetry: 4xx is an error for the client only
-        attributes = {**req.attributes, **(resp.attributes if resp else {})}
         if missing:
             attributes["deeptrace.no_response"] = missing
-        if (rec.pid, tid) in self.concurrent_threads:
+        if (pid, tid) in self.concurrent_threads:
             attributes["deeptrace.thread_concurrent"] = True
         self.counts[conn.name]["spans"] += 1
-        return Span(
-            start_ns=req.ts_start,
-            end_ns=resp.ts_end if resp else max(req.ts_end, conn.last_ns),
-            protocol=protocol, role=conn.role,
-            pid=rec.pid, tid=tid, comm=rec.comm,
-            cmdline=self._cmdline(rec.pid),
-            l4=rec.l4, family=rec.family,
-            local_addr=rec.local_addr, local_port=rec.local_port,
-            remote_addr=rec.remote_addr, remote_port=rec.remote_port,
-            conn_id=rec.conn_id,
-            operation=req.operation or (resp.operation if resp else ""),
-            status=status, error=error,
-            request_size=req.size, response_size=resp.size if resp else 0,
-            request_seq=(req.seq_start, req.seq_end) if req.seq_start is not None else None,
-            response_seq=(resp.seq_start, resp.seq_end)
-            if resp is not None and resp.seq_start is not None else None,
-            attributes=attributes)
+        # Positional, in _SPAN_ARGS order (checked at import): with one branch on resp
+        # instead of five, 6-7% less CPU per span than 23 keywords (replayed records).
+        return Span(req.ts_start, end, protocol, role, pid, tid, rec.comm,
+                    self._cmdline(pid), rec.l4, rec.family, rec.local_addr, rec.local_port,
+                    rec.remote_addr, rec.remote_port, rec.conn_id, operation, status, error,
+                    req.size, resp.size if resp is not None else 0,
+                    (req.seq_start, req.seq_end) if req.seq_start is not None else None,
+                    response_seq, attributes)
 
     # -- connection end, timeouts, eviction -----------------------------------------------
     def _close(self, key, rec, spans):

@@ -57,19 +57,21 @@ class RingBuffer:
             self._epoll.poll(timeout_ms / 1000)
         return self._producer_pos() != self._cons.value
 
-    def consume(self, decode, out: list) -> int:
+    def consume(self, decode, out: list, limit: int = 0) -> int:
         """Append ``decode(data, offset, length)`` for every committed record to ``out``
-        and release their space; returns how many records were read. `data` is valid only
-        during the call: decode copies what it keeps. A record decode raises on is counted
-        in ``decode_errors`` and released like any other: it never blocks the ring."""
+        (at most `limit` records, if set) and release their space; returns how many records
+        were read. `data` is valid only during the call: decode copies what it keeps. A
+        record decode raises on is counted in ``decode_errors`` and released like any
+        other: it never blocks the ring."""
         data, mask, unpack = self.data, self.mask, _LEN.unpack_from
         cons = self._cons.value
         n = 0
         busy = False
-        while not busy:
+        limit = limit or -1
+        while not busy and n != limit:
             prod = self._producer_pos()
             start = cons
-            while cons < prod:
+            while cons < prod and n != limit:
                 off = cons & mask
                 length = unpack(data, off)[0]
                 if length & BUSY:  # reserved, not committed yet: the rest waits for later

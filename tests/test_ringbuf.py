@@ -84,6 +84,21 @@ def test_a_record_decode_rejects_is_counted_and_reading_goes_on(ring):
     assert got == [n for n in range(35) if n % 5 != 4 and n % 3]
 
 
+def test_a_limit_takes_records_in_order_a_batch_at_a_time(ring):
+    """consume(limit=N) hands over at most N records and releases only their space: the
+    next call goes on from the first record not taken, and nothing is lost or repeated."""
+    for _ in range(60):
+        os.getppid()
+    kept = [n for n in range(60) if n % 5 != 4]       # 48 committed records
+    got = []
+    assert ring.consume(_seq, got, limit=20) == 20
+    assert [n for n, _ in got] == kept[:20]
+    assert ring.wait(0)                               # the rest still waits
+    assert ring.consume(_seq, got, limit=20) == 20
+    assert ring.consume(_seq, got, limit=20) == 8
+    assert [n for n, _ in got] == kept and not ring.wait(0)
+
+
 def test_wait_times_out_without_data(ring):
     t0 = time.monotonic()
     assert ring.wait(50) is False

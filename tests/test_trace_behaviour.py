@@ -572,3 +572,28 @@ print(json.dumps({"misses": misses, "got": got.decode()}), flush=True)
         probe.detach()
     ingress = [(r.syscall, r.bytes, r.payload) for r in recs if r.direction == "ingress"]
     assert ingress == [("recvfrom", 8, b"now-data")]
+
+
+def test_a_poll_decodes_at_most_a_batch_and_the_next_takes_the_rest(bpf_ok):
+    """However full the ring (16 MB by default), one poll decodes at most BATCH_RECORDS
+    records, so a round's memory stays bounded; the following polls hand over the rest,
+    each record once."""
+    from deeptrace_plugins.trace.probe import BATCH_RECORDS
+    n = BATCH_RECORDS + 500
+    child = udp_sender(n)
+    probe = start_probe(pids=[child.pid])
+    try:
+        child.go()
+        child.finish()
+        time.sleep(0.2)
+        sizes, recs = [], []
+        while len(recs) < n + 2:
+            got = probe.poll(100)
+            assert got, f"only {len(recs)} of {n + 2} records came"
+            sizes.append(len(got))
+            recs += got
+        assert probe.poll(50) == []
+    finally:
+        probe.detach()
+    assert sizes[0] == BATCH_RECORDS and max(sizes) <= BATCH_RECORDS
+    assert [r.syscall for r in recs] == ["socket"] + ["sendto"] * n + ["close"]

@@ -38,7 +38,9 @@ FULL = {"startup": {"repeats": 3},
         "syscalls": {"n_calls": 100_000, "rounds": 4},
         "http": {"conns": (16, 128), "seconds": 5, "rounds": 2},
         "rate": {"seconds": 8, "rounds": 2},
-        "lossless": {"seconds": 4}}
+        # 8 s: the ring (16 MB) holds ~1 s at 30,000/s, which a short window would count
+        # as capacity.
+        "lossless": {"seconds": 8}}
 QUICK = {"startup": {"repeats": 1, "trace_only": False},
          "syscalls": {"n_calls": 10_000, "rounds": 1},
          "http": {"conns": (16,), "seconds": 2, "rounds": 1},

@@ -12,12 +12,15 @@ without the agent.
 """
 
 import json
+import mmap
 import os
 import resource
 import signal
 import subprocess
 import tempfile
 import time
+
+from deeptrace_plugins.trace.probe import TraceConfig
 
 from . import native
 from .agent import LOSS_KEYS, Agent, Sampler, lost, spans_made, trace_config
@@ -226,7 +229,8 @@ def run_lossless(servers, seconds=4, steps=STEPS, bisect=True, log=print) -> dic
             "ceiling_without_agent": ceiling, "ceiling_with_agent": ceiling_traced,
             "highest_lossless_target": best, "highest_lossless_achieved": best_achieved,
             "first_lossy_target": first_bad, "saturated": saturated,
-            "at_double": double, "tried": tried, "agent": agent, "stop_saturated": stopping}
+            "at_double": double, "tried": tried, "agent": agent, "stop_saturated": stopping,
+            "ring_bytes": TraceConfig().ringbuf_pages * mmap.PAGESIZE}
 
 
 def _mean(vals):

@@ -12,6 +12,7 @@ from .pipeline import Pipeline
 
 log = logging.getLogger("deeptrace.agent")
 POLL_MS = 100  # one round over all probes
+DRAIN_S = 10.0  # at shut-down, the longest the probes' remaining records are drained for
 
 
 def set_nice(nice: int, autogroup: int | None = None) -> tuple:
@@ -151,14 +152,27 @@ class Agent:
     def stop(self):
         self.stop_event.set()
 
+    def drain(self, cid, deadline):
+        """What probe `cid` still holds, through its pipelines: poll(0) until a poll returns
+        nothing (a poll hands over a bounded batch) or the deadline passes."""
+        probe = self.probes[cid]
+        while True:
+            batch = probe.poll(0)
+            if not batch:
+                return
+            for pl in self.routes[cid]:
+                pl.consume(batch)
+            if time.monotonic() > deadline:
+                log.warning("draining %s: stopped after %.0f s with records left", cid, DRAIN_S)
+                return
+
     def detach(self):
         """Detach every attached probe; what they still held goes through the pipelines."""
+        deadline = time.monotonic() + DRAIN_S
         for cid in list(self.attached):
             probe = self.probes[cid]
             try:
-                batch = probe.poll(0)
-                for pl in self.routes[cid]:
-                    pl.consume(batch)
+                self.drain(cid, deadline)
             except Exception as exc:
                 log.error("draining %s failed: %r", cid, exc)
             finally:
@@ -171,6 +185,17 @@ class Agent:
     def shutdown(self):
         if self._nice_before:  # finish promptly even on a saturated host
             set_nice(*self._nice_before)
+        # Stop the probes producing, drain them, then read their counters: the final
+        # account then covers every record the kernel handed over (drained = submitted).
+        deadline = time.monotonic() + DRAIN_S
+        for cid in list(self.attached):
+            try:
+                quiesce = getattr(self.probes[cid], "quiesce", None)
+                if callable(quiesce):
+                    quiesce()
+                self.drain(cid, deadline)
+            except Exception as exc:
+                log.error("draining %s failed: %r", cid, exc)
         final_stats = {cid: p.stats() for cid, p in self.probes.items() if cid in self.attached}
         self.detach()
         for pl in self.pipelines:

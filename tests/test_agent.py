@@ -183,3 +183,39 @@ pipelines: {{main: {{probes: [trace], exporters: [metrics-taker]}}}}
     exposition = render(MetricsTaker.last)
     assert ('deeptrace_agent_events_lost_total{deeptrace_cause="ringbuf_full",'
             f'deeptrace_probe="trace"}} {int(lost["ringbuf_full"])}') in exposition
+
+
+def test_shutdown_drains_a_full_ring_and_accounts_for_every_record(bpf_ok):
+    """SIGTERM with more records in the ring than one poll takes (BATCH_RECORDS): the agent
+    stops the probe recording, drains the ring to the end, then takes its final counters.
+    Every record the kernel submitted reaches the pipeline, and the counters say so."""
+    from deeptrace_plugins.trace.probe import BATCH_RECORDS
+
+    host = PluginHost().load_entry_points()
+    host.register(TakerPlugin(), "taker")
+    host.register(Recorder(), "recorder")  # registers the counting processor
+    registry = host.registry()
+    n = 2 * BATCH_RECORDS + 300
+    child = udp_sender(n)
+    text = f"""
+agent: {{stats_interval: 60s}}
+probes: {{trace: {{pids: [{child.pid}], wakeup_bytes: 1073741824}}}}
+processors: {{counting: {{}}}}
+exporters: {{metrics-taker: {{}}}}
+pipelines: {{main: {{probes: [trace], processors: [counting], exporters: [metrics-taker]}}}}
+"""
+    agent = Agent(parse_config(text, "inline.yaml", registry.schemas()), host, registry)
+    agent.start()
+    CountingProcessor.seen = 0
+    try:
+        child.go()
+        child.finish()           # every send is in the ring; the agent has drained nothing
+    finally:
+        agent.shutdown()
+    stat = {(p.attributes["deeptrace.component"], p.attributes["deeptrace.counter"]): p.value
+            for p in MetricsTaker.last if p.name == "deeptrace.agent.stat"}
+    assert CountingProcessor.seen == 1 + n + 1
+    assert stat[("probe.trace", "events")] == 1 + n + 1
+    assert stat[("pipeline.main", "records_in")] == 1 + n + 1
+    assert stat[("probe.trace", "ringbuf_full")] == 0
+    assert agent.probes["trace"].bpf is None  # and then detached

@@ -198,6 +198,12 @@ class TraceProbe:
         self._generation = self._generation % 0xFFFFFFFF + 1
         self.bpf[b"armed"][ctypes.c_int(0)] = ctypes.c_uint32(self._generation)
 
+    def quiesce(self):
+        """Stop recording (shut-down): new calls are no longer selected, so the ring only
+        holds what the agent still has to drain."""
+        if self.bpf is not None:
+            self.bpf[b"armed"][ctypes.c_int(0)] = ctypes.c_uint32(0)
+
     def add_pids(self, pids):
         """Select more processes at run time (needs a config with a non-empty ``pids``)."""
         t = self.bpf[b"pid_filter"]
@@ -262,13 +268,12 @@ class TraceProbe:
                 pass
 
     def detach(self):
+        # What the ring still holds is the caller's to drain first (the agent does, after
+        # quiesce()): records polled here would have nowhere to go.
         if self.bpf is not None:
-            try:
-                self.poll(0)  # drain what is left so nothing already captured is lost
-            finally:
-                if self.ring is not None:
-                    self.ring.close()  # unmap first: the mapping keeps the map alive
-                    self.ring = None
-                self.bpf.cleanup()
-                self.bpf = None
+            if self.ring is not None:
+                self.ring.close()  # unmap first: the mapping keeps the map alive
+                self.ring = None
+            self.bpf.cleanup()
+            self.bpf = None
 

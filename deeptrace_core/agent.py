@@ -153,15 +153,17 @@ class Agent:
         self.stop_event.set()
 
     def drain(self, cid, deadline):
-        """What probe `cid` still holds, through its pipelines: poll(0) until a poll returns
-        nothing (a poll hands over a bounded batch) or the deadline passes."""
+        """What probe `cid` still holds, through its pipelines: poll(0), and again while a
+        probe that hands over bounded batches (`batch_limit`) returns a full one, until the
+        deadline. (poll(0) of a metrics probe collects every time: it is polled once.)"""
         probe = self.probes[cid]
+        limit = getattr(probe, "batch_limit", 0)
         while True:
             batch = probe.poll(0)
-            if not batch:
-                return
             for pl in self.routes[cid]:
                 pl.consume(batch)
+            if not limit or len(batch) < limit:
+                return
             if time.monotonic() > deadline:
                 log.warning("draining %s: stopped after %.0f s with records left", cid, DRAIN_S)
                 return

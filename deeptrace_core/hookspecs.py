@@ -26,10 +26,10 @@ def deeptrace_register_probes(registry):
     offsets its BPF C needs) and is built as ``cls(config, context)``. It must provide
     ``render(defines) -> str`` (its final BPF C), ``attach(defines)``, ``poll(timeout_ms)
     -> list`` (the records decoded since the last call), ``stats() -> dict`` (counters by
-    cause, lost events included) and ``detach()``. It may provide ``quiesce()``: stop
-    producing records, called at shut-down before the agent drains the probe (``poll(0)``
-    until it returns nothing) and takes its final counters, so they account for every
-    record exactly.
+    cause, lost events included) and ``detach()``. At shut-down the agent calls its
+    optional ``quiesce()`` (stop producing records), then ``poll(0)``, again while a poll
+    returns ``batch_limit`` records (set it if a poll hands over bounded batches), then
+    takes its final counters, so they account for every record exactly.
 
     :param registry: the :class:`deeptrace_core.registry.Registry` being filled.
     """

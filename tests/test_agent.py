@@ -219,3 +219,31 @@ pipelines: {{main: {{probes: [trace], processors: [counting], exporters: [metric
     assert stat[("pipeline.main", "records_in")] == 1 + n + 1
     assert stat[("probe.trace", "ringbuf_full")] == 0
     assert agent.probes["trace"].bpf is None  # and then detached
+
+
+def test_shutdown_polls_a_metrics_probe_once(bpf_ok):
+    """A metrics probe collects on every poll(0): the final drain polls it once (it has
+    no batch_limit), the trace probe until a batch comes back short; shut-down is prompt."""
+    import time as _time
+
+    host = PluginHost().load_entry_points()
+    registry = host.registry()
+    text = """
+agent: {stats_interval: 60s}
+probes: {trace: {pids: [1]}, cpu: {interval: 60s}}
+exporters: {jsonl: {path: /dev/null}}
+pipelines: {main: {probes: [trace, cpu], exporters: [jsonl]}}
+"""
+    agent = Agent(parse_config(text, "inline.yaml", registry.schemas()), host, registry)
+    agent.start()
+    calls = {}
+    for cid, probe in agent.probes.items():
+        def counted(timeout_ms=None, _poll=probe.poll, _cid=cid):
+            calls[_cid] = calls.get(_cid, 0) + 1
+            return _poll(timeout_ms)
+        probe.poll = counted
+    t0 = _time.monotonic()
+    agent.shutdown()
+    assert _time.monotonic() - t0 < 5
+    # quiesce + drain, then detach's drain: once each for the metrics probe
+    assert calls == {"trace": 2, "cpu": 2}

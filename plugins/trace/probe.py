@@ -86,6 +86,7 @@ class TraceProbe:
     loss_counters = (*LOSS_STATS, "decode_failed")
     config_class = TraceConfig
     kernel_fields = KERNEL_FIELDS
+    batch_limit = BATCH_RECORDS  # the most records a poll returns (the agent's final drain)
     source = ("deeptrace_plugins.trace", "trace.bpf.c")
 
     def __init__(self, config: TraceConfig, context=None):

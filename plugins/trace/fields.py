@@ -29,6 +29,8 @@ KERNEL_FIELDS = (
     "tcp_sock.write_seq",
     "tcp_sock.copied_seq",
     "tcp_sock.rcv_nxt",
+    # x86-64 syscall argument registers, read at the exit of ingress calls (arm64 would
+    # name orig_x0 and regs[]: the first argument's register holds the return value there).
     "pt_regs.di",
     "pt_regs.si",
     "pt_regs.dx",

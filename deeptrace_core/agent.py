@@ -168,9 +168,11 @@ class Agent:
                 log.warning("draining %s: stopped after %.0f s with records left", cid, DRAIN_S)
                 return
 
-    def detach(self):
-        """Detach every attached probe; what they still held goes through the pipelines."""
-        deadline = time.monotonic() + DRAIN_S
+    def detach(self, deadline=None):
+        """Detach every attached probe; what they still held goes through the pipelines
+        (until `deadline`, by default DRAIN_S from now)."""
+        if deadline is None:
+            deadline = time.monotonic() + DRAIN_S
         for cid in list(self.attached):
             probe = self.probes[cid]
             try:
@@ -199,7 +201,7 @@ class Agent:
             except Exception as exc:
                 log.error("draining %s failed: %r", cid, exc)
         final_stats = {cid: p.stats() for cid, p in self.probes.items() if cid in self.attached}
-        self.detach()
+        self.detach(deadline)  # one drain budget for the whole shut-down
         for pl in self.pipelines:
             pl.drain()
         self.report_stats(final_stats, final=True)

@@ -42,10 +42,13 @@ class ProcessCounters:
         self.max_retired = max_retired
         self.retired: dict = {}
 
-    def _add(self, into: dict, k, val):
-        acc = into.setdefault(self.key(k), [0] * self.width)
-        for i, x in enumerate(self.values(val)):
+    def _sum_into(self, into: dict, key, values):
+        acc = into.setdefault(key, [0] * self.width)
+        for i, x in enumerate(values):
             acc[i] += x
+
+    def _add(self, into: dict, k, val):
+        self._sum_into(into, self.key(k), self.values(val))
 
     def read(self, bpf_obj) -> dict:
         """(pid, name, *labels) -> [counters], retired processes included."""
@@ -64,7 +67,4 @@ class ProcessCounters:
         if len(self.retired) > self.max_retired:
             ranked = sorted(self.retired, key=self.retired.__getitem__, reverse=True)
             for k in ranked[self.max_retired // 2:]:
-                val = self.retired.pop(k)
-                acc = self.retired.setdefault((OTHER, OTHER, *k[2:]), [0] * self.width)
-                for i, x in enumerate(val):
-                    acc[i] += x
+                self._sum_into(self.retired, (OTHER, OTHER, *k[2:]), self.retired.pop(k))

@@ -2,7 +2,7 @@
 VENV := .venv
 CONFIG ?= config/agent.yaml
 
-.PHONY: setup run test bench accuracy clean
+.PHONY: setup run test test-kernels bench accuracy clean
 
 setup:
 	bash scripts/setup.sh
@@ -10,8 +10,16 @@ setup:
 run: setup
 	$(VENV)/bin/deeptrace --config $(CONFIG)
 
+# The host's suite, then the smoke subset inside every kernel of tests/kernels/kernels.txt
+# under qemu; both always run, and either failing fails the target.
 test: setup
-	$(VENV)/bin/python -m pytest -v tests
+	rc=0; $(VENV)/bin/python -m pytest -v tests || rc=$$?; \
+	$(VENV)/bin/python tests/kernels/run.py --suite smoke || rc=$$?; exit $$rc
+
+# The full kernel subset (trace syscalls, one e2e test per protocol family, system probes,
+# doctor) inside every listed kernel; KERNEL=linux-image-cloud-amd64 picks one.
+test-kernels: setup
+	$(VENV)/bin/python tests/kernels/run.py --suite full $(if $(KERNEL),--kernel $(KERNEL))
 
 bench: setup
 	$(VENV)/bin/python -m bench

@@ -190,6 +190,14 @@ class BTF:
                                f"cannot resolve {path!r}")
         raise KeyError(f"empty member path for struct {struct_name!r}")
 
+    def func_id(self, name: str) -> int | None:
+        """The type id of kernel function `name` (what an fentry program attaches to)."""
+        for tid in range(1, len(self._offsets)):
+            name_off, info = struct.unpack_from(self._e + "II", self._data, self._offsets[tid])
+            if (info >> 24) & 0x1F == FUNC and self._str(name_off) == name:
+                return tid
+        return None
+
     def sizeof(self, struct_name: str) -> int:
         return self._type(self._struct_id(struct_name))[4]
 

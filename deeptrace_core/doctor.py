@@ -10,6 +10,7 @@ SYSCALLS = ("read", "readv", "recvfrom", "recvmsg", "recvmmsg", "write", "writev
 
 def checks(registry=None):
     """Yield (name, ok, detail) for each requirement."""
+    yield ("kernel", True, f"{os.uname().release} ({os.uname().version})")
     yield ("root", os.geteuid() == 0, "running as root" if os.geteuid() == 0
            else "loading BPF needs root: run as root")
     ok = os.path.exists(BTF_PATH)
@@ -43,9 +44,12 @@ def checks(registry=None):
                    if not os.path.isdir(f"{TRACEFS}/events/syscalls/sys_{p}_{s}")]
         yield ("syscall tracepoints", not missing,
                "all present" if not missing else f"missing: {', '.join(missing)}")
-    kprobes = os.path.exists(f"{TRACEFS}/kprobe_events")
-    yield ("kprobes (not required)", True, "available" if kprobes else
-           "not available; DeepTrace uses tracepoints only")
+    if os.geteuid() == 0:   # the bpf() probes need root; the root check says so
+        from . import features
+        for f in features.probe():
+            state = "available" if f.available else "not available"
+            yield (f"kernel feature {f.name}" + ("" if f.required else " (optional)"),
+                   f.available or not f.required, f"{state} ({f.detail}); {f.use}")
 
 
 def run(registry=None, out=print) -> int:

@@ -14,7 +14,8 @@ fi
 # servers/tools the tests and benchmarks drive.
 PKGS=(python3-bpfcc bpfcc-tools libbpfcc linux-headers-amd64 dwarves bpftool
       iproute2 nftables iptables curl make gcc procps kmod
-      redis-server memcached nginx-light mariadb-server postgresql wrk hyperfine)
+      redis-server memcached nginx-light mariadb-server postgresql wrk hyperfine
+      qemu-system-x86 busybox-static)   # the last two: the kernel test job (tests/kernels)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

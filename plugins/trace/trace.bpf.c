@@ -416,6 +416,11 @@ static __always_inline u32 copy_user(struct event_t *e, u32 start, u64 src, u64 
     off &= PAYLOAD_MAX - 1;
     if (n == 0 || n > PAYLOAD_MAX)
         return 0;
+    // Clang folds that check into one compare of n - (MAX + 1), whose bounds 6.1's verifier
+    // does not carry back to n itself (6.18's does). A mask bounds the register passed on
+    // every verifier: n - 1 is in [0, MAX - 1] here, so this leaves n unchanged.
+    asm volatile("" : "+r"(n));
+    n = ((n - 1) & (PAYLOAD_MAX - 1)) + 1;
     if (bpf_probe_read_user(e->payload + off, n, (void *)src)) {
         stat_inc(ST_READ_FAIL);
         return 0;

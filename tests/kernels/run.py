@@ -234,7 +234,7 @@ def junit_counts(path):
 
 
 def boot(spec, suite, timeout):
-    """Boot one kernel, run the suite inside; returns (ok, summary line)."""
+    """Boot one kernel, run the suite inside; returns (ok, test counts, summary)."""
     version, root = fetch(spec)
     out = os.path.join(REPO, "build", "kernels", version)
     shutil.rmtree(out, ignore_errors=True)
@@ -263,7 +263,8 @@ def boot(spec, suite, timeout):
         except (TimeoutError, subprocess.TimeoutExpired):
             proc.kill()
             proc.wait()
-            return False, f"{version}: timed out after {timeout} s (console: {out}/console.log)"
+            return False, junit_counts("")[0], (f"{version}: timed out after {timeout} s "
+                                                 f"(console: {out}/console.log)")
     took = time.monotonic() - start
     counts, failed = junit_counts(os.path.join(out, "junit.xml"))
     rc = open(os.path.join(out, "rc")).read().strip() if os.path.exists(
@@ -274,7 +275,7 @@ def boot(spec, suite, timeout):
                f"{rc}; results in {out})")
     for name in failed:
         summary += f"\n  failed: {name}"
-    return ok, summary
+    return ok, counts, summary
 
 
 def main(argv=None):
@@ -295,11 +296,14 @@ def main(argv=None):
             print(f"kernels: {tool} not found (scripts/setup.sh installs it)", file=sys.stderr)
             return 1
     results = [boot(k, args.suite, args.timeout or TIMEOUTS[args.suite]) for k in kernels]
-    for _, summary in results:
+    for _, _, summary in results:
         log(summary)
-    passed = sum(ok for ok, _ in results)
-    print(f"kernels: {passed} passed, {len(results) - passed} failed", flush=True)
-    return 0 if passed == len(results) else 1
+    # Tests across all kernels; a kernel that failed with no failed test (it timed out, or
+    # pytest never ran) counts as one failure.
+    passed = sum(c["passed"] for _, c, _ in results)
+    failed = sum(max(c["failed"], not ok) for ok, c, _ in results)
+    print(f"kernels: {passed} passed, {failed} failed", flush=True)
+    return 0 if all(ok for ok, _, _ in results) else 1
 
 
 if __name__ == "__main__":

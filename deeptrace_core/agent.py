@@ -6,9 +6,11 @@ import sys
 import threading
 import time
 
-from . import bpf, bpfgroup, compilermem, selfmetrics
+from . import bpf, bpfgroup, compilermem
+from .api import Context
 from .config import ConfigError
 from .pipeline import Pipeline
+from .selfmetrics import SelfMetrics
 
 log = logging.getLogger("deeptrace.agent")
 POLL_MS = 100  # one round over all probes
@@ -46,6 +48,7 @@ class Agent:
         self.stats_stream = stats_stream or sys.stderr
         self.stop_event = threading.Event()
         self._nice_before = None   # (thread nice, autogroup nice) before start() set them
+        self.self_metrics = SelfMetrics()
         used = {kind: set() for kind in ("probes", "processors", "exporters")}
         for pl in config.pipelines.values():
             used["probes"].update(pl.probes)
@@ -63,20 +66,21 @@ class Agent:
         self.routes = {cid: [p for p, pl in zip(self.pipelines, config.pipelines.values())
                              if cid in pl.probes] for cid in self.probes}
         self.attached = []
-        self.started_ns = time.time_ns()
 
     def _build(self, kind, cid):
         comp = getattr(self.config, kind)[cid]
         entry = getattr(self.registry, kind)[comp.type]
+        context = Context.for_component(kind[:-1], cid, self.registry, self.config.agent,
+                                        self.self_metrics)
         try:
-            return entry.cls(comp.config, self)
+            return entry.cls(comp.config, context)
         except ValueError as exc:  # cross-checks a config class cannot do alone
             raise ConfigError(self.config.path, comp.line, f"{kind}.{cid}", str(exc)) from exc
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self):
         t0 = time.monotonic()
-        self.started_ns = time.time_ns()
+        self.self_metrics.start_ns = time.time_ns()
         # libbcc is not thread-safe (compiling two programs at once corrupts its heap), so
         # compiles cannot overlap: instead one clang run takes every probe's C (each run
         # has a fixed cost); a probe whose text is not in the shared module (no BPF, or
@@ -103,12 +107,12 @@ class Agent:
         self.startup_seconds = time.monotonic() - t0
         log.info("attached %s in %.2f s", ", ".join(self.attached), self.startup_seconds)
         self._nice_before = set_nice(self.config.agent.nice)
-        self.host.pm.hook.deeptrace_agent_start.call_historic(kwargs={"agent": self})
+        self.host.agent_started(self)
 
     def defines(self, cid) -> dict:
         comp = self.config.probes[cid]
         probe = self.probes[cid]
-        return {**bpf.kernel_defines(probe.kernel_fields),
+        return {**bpf.kernel_defines(getattr(probe, "kernel_fields", None) or ()),
                 **self.host.bpf_defines(comp.type, comp.config)}
 
     def run(self, duration=None):
@@ -168,15 +172,17 @@ class Agent:
                 log.warning("draining %s: stopped after %.0f s with records left", cid, DRAIN_S)
                 return
 
-    def detach(self, deadline=None):
+    def detach(self, deadline=None, drained=()):
         """Detach every attached probe; what they still held goes through the pipelines
-        (until `deadline`, by default DRAIN_S from now)."""
+        (until `deadline`, by default DRAIN_S from now), except for the probes in `drained`
+        (a metric probe's poll(0) collects final points: a second drain would repeat them)."""
         if deadline is None:
             deadline = time.monotonic() + DRAIN_S
         for cid in list(self.attached):
             probe = self.probes[cid]
             try:
-                self.drain(cid, deadline)
+                if cid not in drained:
+                    self.drain(cid, deadline)
             except Exception as exc:
                 log.error("draining %s failed: %r", cid, exc)
             finally:
@@ -201,17 +207,23 @@ class Agent:
             except Exception as exc:
                 log.error("draining %s failed: %r", cid, exc)
         final_stats = {cid: p.stats() for cid, p in self.probes.items() if cid in self.attached}
-        self.detach(deadline)  # one drain budget for the whole shut-down
+        # One drain budget for the whole shut-down. A metric probe (no batch_limit) is not
+        # drained again: its poll(0) collects, so its final points would go out twice; a
+        # record probe is, for what a program mid-run submitted as it quiesced.
+        self.detach(deadline, drained={cid for cid in self.attached
+                                       if not getattr(self.probes[cid], "batch_limit", 0)})
         for pl in self.pipelines:
             pl.drain()
         self.report_stats(final_stats, final=True)
+        # shutdown() delivers what an exporter still holds, within its own deadline; the
+        # optional flush() would wait without one on an unreachable collector: not called.
         for cid, exp in self.exporters.items():
             try:
                 exp.shutdown()
             except Exception as exc:
                 log.error("exporter %s shutdown failed: %r", cid, exc)
         try:
-            self.host.pm.hook.deeptrace_agent_stop(agent=self)
+            self.host.agent_stopped(self)
         except Exception as exc:
             log.error("agent_stop hook failed: %r", exc)
 
@@ -241,7 +253,7 @@ class Agent:
                   if getattr(e, "takes_agent_metrics", False)]
         if not takers:
             return
-        points = selfmetrics.points(stats, self.probes, self.started_ns)
+        points = self.self_metrics.points(stats, self.probes)
         for cid, exp in takers:
             try:
                 exp.export(points)

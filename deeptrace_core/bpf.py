@@ -6,6 +6,7 @@ The final program text is the ``#define`` block followed by the probe's ``.bpf.c
 
 import ctypes
 import os
+import re
 from importlib import resources
 
 from . import btf
@@ -25,9 +26,32 @@ def kernel_defines(fields) -> dict:
     return {macro_name(f): members[f].offset for f in fields}
 
 
+# C shared by several probes lives in deeptrace_core as package data. It is inlined, not
+# left to the preprocessor, so the rendered text is all BCC compiles and the group
+# compile (bpfgroup) prefixes its names per probe like the probe's own.
+_SHARED = re.compile(r'^#include "deeptrace_core/(\w+\.bpf\.h)"$', re.M)
+
+
 def read_source(package: str, filename: str) -> str:
-    """A probe's C source, shipped beside its decoder as package data."""
-    return resources.files(package).joinpath(filename).read_text()
+    """A probe's C source, shipped beside its decoder as package data, with the shared
+    headers it includes (``#include "deeptrace_core/NAME.bpf.h"``) inlined."""
+    text = resources.files(package).joinpath(filename).read_text()
+    return _SHARED.sub(lambda m: f"// {m.group(1)}\n" + read_source(__package__, m.group(1)),
+                       text)
+
+
+TRACEFS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+
+
+def tracepoint_has_field(category: str, event: str, field: str) -> bool:
+    """Whether this kernel's tracepoint carries `field` (its tracefs format file)."""
+    for root in TRACEFS:
+        try:
+            with open(f"{root}/events/{category}/{event}/format") as f:
+                return any(f" {field};" in line for line in f)
+        except OSError:
+            continue
+    return False
 
 
 def render(source: str, defines: dict) -> str:
@@ -106,8 +130,6 @@ def recursion_misses(bpf_obj) -> dict:
             key = name.decode() if isinstance(name, bytes) else name
             out[key] = int(info.recursion_misses)
     return out
-
-
 
 
 def counters(bpf_obj, names, table=b"stats") -> dict:

@@ -14,6 +14,7 @@ import signal
 import sys
 
 from . import __version__, doctor, traces_cli
+from .api import Context
 from .bpf import BPFUnavailable, check_privileges
 from .config import ConfigError, load_config
 from .plugins import PluginHost
@@ -92,9 +93,8 @@ def cmd_plugins(args) -> int:
     host = PluginHost().load_entry_points()
     registry = host.registry()
     provided = {}
-    for kind in ("probes", "protocols", "processors", "exporters"):
-        for name, entry in getattr(registry, kind).items():
-            provided.setdefault(entry.plugin, []).append(f"{kind[:-1]}:{name}")
+    for kind, name, entry in registry.entries():
+        provided.setdefault(entry.plugin, []).append(f"{kind[:-1]}:{name}")
     print(f"{'plugin':<16} {'distribution':<28} {'version':<10} {'status':<8} provides")
     for info in sorted(host.infos.values(), key=lambda i: i.name):
         what = ", ".join(provided.get(info.name, [])) or info.error
@@ -111,10 +111,11 @@ def cmd_probe_render(args) -> int:
     if args.config:
         host, registry, config = _load(args.config)
         comps = [c for c in config.probes.values() if c.type == args.name]
-        cfg = comps[0].config if comps else None
+        cid, cfg = (comps[0].name, comps[0].config) if comps else (args.name, None)
+        settings = config.agent
     else:
         host = PluginHost().load_entry_points()
-        registry, cfg = host.registry(), None
+        registry, cid, cfg, settings = host.registry(), args.name, None, None
     entry = registry.probes.get(args.name)
     if entry is None:
         print(f"deeptrace: no probe named {args.name!r} (known: "
@@ -123,8 +124,9 @@ def cmd_probe_render(args) -> int:
     from . import bpf
     cfg = cfg if cfg is not None else entry.cls.config_class()
     # The probe looks up protocol plugins (the trace probe's detectors) in the registry.
-    probe = entry.cls(cfg, argparse.Namespace(registry=registry))
-    defines = {**bpf.kernel_defines(entry.cls.kernel_fields), **host.bpf_defines(args.name, cfg)}
+    probe = entry.cls(cfg, Context.for_component("probe", cid, registry, settings))
+    fields = getattr(entry.cls, "kernel_fields", None) or ()
+    defines = {**bpf.kernel_defines(fields), **host.bpf_defines(args.name, cfg)}
     print(probe.render(defines))
     return 0
 

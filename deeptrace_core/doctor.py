@@ -20,8 +20,9 @@ def checks(registry=None):
         from . import btf
         for name, entry in registry.probes.items():
             try:
-                btf.kernel_offsets(entry.cls.kernel_fields)
-                yield (f"btf fields of {name}", True, f"{len(entry.cls.kernel_fields)} fields found")
+                fields = getattr(entry.cls, "kernel_fields", None) or ()
+                btf.kernel_offsets(fields)
+                yield (f"btf fields of {name}", True, f"{len(fields)} fields found")
             except Exception as exc:
                 yield (f"btf fields of {name}", False, f"{exc}")
     ok = os.path.isdir(f"{TRACEFS}/events")

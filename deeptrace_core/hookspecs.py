@@ -5,7 +5,8 @@ decorated with :data:`hookimpl`. Built-in probes, exporters and processors regis
 same way as third-party ones.
 
 Hooks run only at start-up and shut-down. Events never pass through pluggy: the objects a
-plugin registers are called directly on the hot path.
+plugin registers are called directly on the hot path. What a registered class must and
+may have, and the context it is built with, is :mod:`deeptrace_core.api`.
 """
 
 import pluggy
@@ -21,15 +22,13 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 def deeptrace_register_probes(registry):
     """Register probe classes: ``registry.add_probe(cls)``.
 
-    A probe class has ``name`` (its config type), ``config_class`` (an attrs class, the
-    schema of its config section), ``kernel_fields`` (``"struct.member"`` strings whose BTF
-    offsets its BPF C needs) and is built as ``cls(config, context)``. It must provide
-    ``render(defines) -> str`` (its final BPF C), ``attach(defines)``, ``poll(timeout_ms)
-    -> list`` (the records decoded since the last call), ``stats() -> dict`` (counters by
-    cause, lost events included) and ``detach()``. At shut-down the agent calls its
-    optional ``quiesce()`` (stop producing records), then ``poll(0)``, again while a poll
-    returns ``batch_limit`` records (set it if a poll hands over bounded batches), then
-    takes its final counters, so they account for every record exactly.
+    The class satisfies :class:`deeptrace_core.api.Probe`: ``name``, ``config_class``,
+    ``render(defines)``, ``attach(defines)``, ``poll(timeout_ms)``, ``stats()``,
+    ``detach()``; it may have the members of :class:`deeptrace_core.api.ProbeOptions`:
+    ``kernel_fields``, ``batch_limit``, ``loss_counters``, ``gc()``, ``quiesce()``. The
+    agent builds it as ``cls(config, context)`` with a
+    :class:`deeptrace_core.api.Context`. A class that lacks a required member, or has
+    one of the wrong kind, is a registration error: the plugin is reported and skipped.
 
     :param registry: the :class:`deeptrace_core.registry.Registry` being filled.
     """
@@ -39,10 +38,11 @@ def deeptrace_register_probes(registry):
 def deeptrace_register_protocols(registry):
     """Register L7 protocol classes: ``registry.add_protocol(cls)``.
 
-    A protocol class has ``name``, ``config_class``, ``detect_c`` (package, file of its
-    kernel detector), ``detect(data, lport, rport, l4) -> 0 | REQUEST | RESPONSE`` and
-    ``parser()`` (a fresh parser for one connection). The full contract is in
-    :mod:`deeptrace_plugins.protocols.base`.
+    The class satisfies :class:`deeptrace_core.api.L7Protocol`: ``name``,
+    ``config_class``, ``detect_c`` (package, file of its kernel detector),
+    ``detect(data, lport, rport, l4) -> 0 | REQUEST | RESPONSE`` and ``parser()`` (a fresh
+    :class:`deeptrace_core.l7.Parser` for one connection); it has no optional members.
+    The spans stage builds it as ``cls(config_class())``.
 
     :param registry: the :class:`deeptrace_core.registry.Registry` being filled.
     """
@@ -52,8 +52,11 @@ def deeptrace_register_protocols(registry):
 def deeptrace_register_processors(registry):
     """Register processor classes: ``registry.add_processor(cls)``.
 
-    A processor has ``name``, ``config_class``, is built as ``cls(config, context)`` and
-    provides ``process(batch: list) -> list``.
+    The class satisfies :class:`deeptrace_core.api.Processor`: ``name``,
+    ``config_class``, ``process(batch) -> list``; it may have the members of
+    :class:`deeptrace_core.api.ProcessorOptions`: ``flush()`` (what it holds, at
+    shut-down) and ``stats()``. The agent builds it as ``cls(config, context)`` with a
+    :class:`deeptrace_core.api.Context`.
 
     :param registry: the :class:`deeptrace_core.registry.Registry` being filled.
     """
@@ -63,9 +66,12 @@ def deeptrace_register_processors(registry):
 def deeptrace_register_exporters(registry):
     """Register exporter classes: ``registry.add_exporter(cls)``.
 
-    An exporter has ``name``, ``config_class``, is built as ``cls(config, context)`` and
-    provides ``export(batch: list)``, ``flush()`` and ``shutdown()``. An exporter that
-    raises is reported and isolated; the other exporters go on.
+    The class satisfies :class:`deeptrace_core.api.Exporter`: ``name``,
+    ``config_class``, ``export(batch)``, ``shutdown()``; it may have the members of
+    :class:`deeptrace_core.api.ExporterOptions`: ``takes_agent_metrics``, ``stats()``
+    and ``flush()`` (which the agent does not call). The agent builds it as
+    ``cls(config, context)`` with a :class:`deeptrace_core.api.Context`. An exporter
+    that raises is reported and isolated; the other exporters go on.
 
     :param registry: the :class:`deeptrace_core.registry.Registry` being filled.
     """
@@ -84,6 +90,11 @@ def deeptrace_bpf_cflags(probe_name, config):
 
 
 # -- agent lifecycle ----------------------------------------------------------------------
+# These two receive the agent itself (:class:`deeptrace_core.agent.Agent`), not a
+# Context: a lifecycle plugin may read its ``attached`` (ids of the attached probes, in
+# order), ``config`` (the validated :class:`deeptrace_core.config.AgentConfig`),
+# ``registry``, ``probes``, ``processors`` and ``exporters`` (the built components by id),
+# ``pipelines`` and ``stats()`` (every component's counters by section).
 
 @hookspec(historic=True)
 def deeptrace_agent_start(agent):
@@ -97,7 +108,8 @@ def deeptrace_agent_start(agent):
 
 @hookspec
 def deeptrace_agent_stop(agent):
-    """Called when the agent stops (Ctrl-C, SIGTERM or an error), after probes detach.
+    """Called when the agent stops (Ctrl-C, SIGTERM or an error), after probes detach and
+    exporters shut down.
 
     :param agent: the stopping :class:`deeptrace_core.agent.Agent`.
     """

@@ -1,4 +1,6 @@
 """Finds plugins through the ``deeptrace`` entry-point group and isolates broken ones.
+The only module that talks to pluggy: the rest of the core calls hooks through
+:class:`PluginHost`.
 
 Environment:
   DEEPTRACE_BLOCK_PLUGINS  comma-separated plugin names not to load (adds to the config's
@@ -38,17 +40,18 @@ class PluginInfo:
 
 
 class PluginHost:
-    """The pluggy manager plus a record of what loaded, what was blocked and what failed."""
+    """The pluggy manager, one method per hook the core calls, and a record of what
+    loaded, what was blocked and what failed."""
 
     def __init__(self, blocked=()):
         env = os.environ.get("DEEPTRACE_BLOCK_PLUGINS", "")
         self.blocked = set(blocked) | {b.strip() for b in env.split(",") if b.strip()}
-        self.pm = pluggy.PluginManager(GROUP)
-        self.pm.add_hookspecs(hookspecs)
+        self._pm = pluggy.PluginManager(GROUP)
+        self._pm.add_hookspecs(hookspecs)
         self.infos: dict[str, PluginInfo] = {}
         if os.environ.get("DEEPTRACE_TRACE_HOOKS") == "1":
-            self.pm.trace.root.setwriter(sys.stderr.write)
-            self.pm.enable_tracing()
+            self._pm.trace.root.setwriter(sys.stderr.write)
+            self._pm.enable_tracing()
 
     def load_entry_points(self):
         seen = {}  # each name/version read parses the distribution's METADATA: once per dist
@@ -74,11 +77,11 @@ class PluginHost:
             self.infos[name] = PluginInfo(name, dist, version, "blocked")
             return False
         try:
-            self.pm.register(plugin, name=name)
+            self._pm.register(plugin, name=name)
             _check_hooks(plugin)
         except Exception as exc:
-            if self.pm.is_registered(plugin):
-                self.pm.unregister(plugin)
+            if self._pm.is_registered(plugin):
+                self._pm.unregister(plugin)
             self._failed(name, dist, version, f"invalid: {exc}")
             return False
         self.infos[name] = PluginInfo(name, dist, version, "loaded")
@@ -89,35 +92,46 @@ class PluginHost:
         log.warning("plugin %s (%s %s) skipped: %s", name, dist, version, error)
 
     def registry(self) -> Registry:
-        """Ask every plugin to register its components; one that raises is dropped whole."""
+        """Ask every plugin to register its components; one that raises is dropped whole.
+        Each plugin's hook is called alone (a subset caller), through pluggy, so
+        DEEPTRACE_TRACE_HOOKS shows it and one failure does not stop the others."""
         reg = Registry()
         for hook in REGISTER_HOOKS:
-            for impl in getattr(self.pm.hook, hook).get_hookimpls():
+            impls = getattr(self._pm.hook, hook).get_hookimpls()
+            for impl in impls:
+                alone = self._pm.subset_hook_caller(
+                    hook, [i.plugin for i in impls if i is not impl])
                 reg.current_plugin = impl.plugin_name
                 try:
-                    impl.function(registry=reg)
+                    alone(registry=reg)
                 except Exception as exc:
                     self._drop(reg, impl.plugin_name, f"{hook} failed: {exc}")
         return reg
 
     def _drop(self, reg, name, error):
-        for kind in ("probes", "protocols", "processors", "exporters"):
-            table = getattr(reg, kind)
-            for key in [k for k, e in table.items() if e.plugin == name]:
-                del table[key]
+        reg.drop_plugin(name)
         info = self.infos.get(name)
         dist, version = (info.dist, info.version) if info else ("-", "-")
-        plugin = self.pm.get_plugin(name)
+        plugin = self._pm.get_plugin(name)
         if plugin is not None:
-            self.pm.unregister(plugin)
+            self._pm.unregister(plugin)
         self._failed(name, dist, version, error)
 
     def bpf_defines(self, probe_name, config) -> dict:
+        """Every plugin's ``deeptrace_bpf_cflags`` for one probe, merged."""
         defines = {}
-        for result in self.pm.hook.deeptrace_bpf_cflags(probe_name=probe_name, config=config):
+        for result in self._pm.hook.deeptrace_bpf_cflags(probe_name=probe_name, config=config):
             if result:
                 defines.update(result)
         return defines
+
+    def agent_started(self, agent):
+        """``deeptrace_agent_start``: historic, so a plugin registered later gets it too."""
+        self._pm.hook.deeptrace_agent_start.call_historic(kwargs={"agent": agent})
+
+    def agent_stopped(self, agent):
+        """``deeptrace_agent_stop``."""
+        self._pm.hook.deeptrace_agent_stop(agent=agent)
 
 
 def _check_hooks(plugin):

@@ -1,5 +1,4 @@
-"""cpu and memory probes without the kernel: label folding (top_n + "other"), the flame
-graph writer, the OOM event decoder, config parsing and the rendered C's knobs."""
+"""cpu and memory probes without the kernel: the flame graph writer, the OOM event decoder, config parsing and the rendered C's knobs."""
 
 import struct
 import xml.etree.ElementTree as ET
@@ -10,32 +9,11 @@ import pytest
 from deeptrace_core.config import ConfigError, parse_config
 from deeptrace_plugins.cpu import flamegraph
 from deeptrace_plugins.cpu.probe import HIST_BOUNDS, NBUCKETS, CpuConfig, CpuProbe
-from deeptrace_plugins.cpu.topn import Folder, select
 from deeptrace_plugins.exporters.console import ConsoleConfig
 from deeptrace_plugins.memory.decoder import OOM_EVENT, OomEvent, decode_oom
 from deeptrace_plugins.memory.probe import MemoryConfig, MemoryProbe
 
 FAKE_BTF = {"OFF_task_struct__group_leader": 1328, "OFF_task_struct__comm": 1752}
-
-
-def test_select_interleaves_rankings():
-    assert select(3, [1, 2, 3, 4], [9, 1, 8]) == {1, 9, 2}
-    assert select(10, [1, 2], [2, 3]) == {1, 2, 3}
-    assert select(0, [1]) == set()
-
-
-def test_folder_keeps_every_series_monotonic():
-    f = Folder(2)
-    # t1: a selected, b folded into other.
-    assert f.fold({1: [10, 1], 2: [5, 1]}, {1}) == [5, 1]
-    # t2: b overtakes a and is selected: its own series starts at its total (7); the 5
-    # it had while in "other" stays there, so "other" does not go down.
-    assert f.fold({1: [12, 1], 2: [7, 2]}, {2}) == [7, 1]
-    # t3: b exits (gone): final figures once, then forgotten; a stays in "other".
-    assert f.fold({1: [20, 1], 2: [9, 2]}, {2}, gone={2}) == [15, 1]
-    assert 2 not in f.last
-    # A new process reusing pid 2, unselected: its whole total goes to "other".
-    assert f.fold({1: [20, 1], 2: [3, 0]}, {1}) == [18, 1]
 
 
 def test_flamegraph_roundtrip_and_svg():

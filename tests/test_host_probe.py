@@ -115,6 +115,8 @@ def test_contract_and_interval_without_blocking():
     assert p.poll(100) == []                   # interval not elapsed: [] at once
     assert time.monotonic() - t0 < 0.02
     time.sleep(0.35)
+    assert p.poll(100)                         # the interval has elapsed
+    assert p.poll(0)                           # the final drain: points at once, always
     assert p.poll(0)
     p.detach()
     assert p.poll(0) == []

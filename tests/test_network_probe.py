@@ -25,7 +25,8 @@ class Net:
         self.records = []
 
     def drain(self):
-        self.records += [r for r in self.probe.poll(0) if r.kind == "tcp_connection"]
+        # poll(1) within the interval: records only (poll(0) would collect every time).
+        self.records += [r for r in self.probe.poll(1) if r.kind == "tcp_connection"]
 
     def wait_for(self, pred, timeout=10.0):
         deadline = time.monotonic() + timeout

@@ -155,7 +155,8 @@ def test_invalid_registration_drops_that_plugin_only():
     reg = host.registry()
     assert "half" not in reg.probes and "okexp" not in reg.exporters
     info = host.infos["halfbaked"]
-    assert info.status == "failed" and "lacks attach, poll, stats, detach" in info.error
+    assert info.status == "failed" and "probe 'half' (plugin 'halfbaked') lacks attach, poll, " \
+        "stats, detach (required by deeptrace_core.api.Probe)" in info.error
     assert "trace" in reg.probes and "console" in reg.exporters
 
 
@@ -186,10 +187,17 @@ class EchoConfig:
 class EchoProtocol:
     name = "echo"
     config_class = EchoConfig
+    detect_c = ("echo_plugin", "detect.bpf.c")
+
+    def __init__(self, config=None):
+        self.config = config
 
     @staticmethod
-    def detect(data):
-        return data.startswith(b"ECHO ")
+    def detect(data, lport=0, rport=0, l4="tcp"):
+        return 1 if data.startswith(b"ECHO ") else 0
+
+    def parser(self):
+        return None  # registration never calls it
 
 
 class ProtocolPlugin:
@@ -212,7 +220,8 @@ def test_protocol_registration_is_validated():
     reg = host.registry()
     assert reg.protocols["echo"].cls is EchoProtocol and reg.protocols["echo"].plugin == "echo"
     assert "nodetect" not in reg.protocols
-    assert "lacks detect" in host.infos["nodetect"].error
+    assert ("protocol 'nodetect' (plugin 'nodetect') lacks detect_c, detect, parser "
+            "(required by deeptrace_core.api.L7Protocol)") in host.infos["nodetect"].error
 
 
 class CflagsPlugin:

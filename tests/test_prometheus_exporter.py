@@ -234,21 +234,31 @@ def test_red_series_bounded_into_other(exporter):
 def test_scrapes_while_exporting(exporter):
     exp = exporter()
     stop = threading.Event()
+    fed, failed = [0], []
 
     def feed():
-        i = 0
-        while not stop.is_set():
-            exp.export([MetricPoint("c", SUM, "By", i, {"k": i % 50}), span(f"op{i % 20}")])
-            i += 1
+        # An exception in a thread does not fail the test by itself: keep it for the
+        # assertion below.
+        try:
+            while not stop.is_set():
+                i = fed[0]
+                exp.export([MetricPoint("c", SUM, "By", i, {"k": i % 50}), span(f"op{i % 20}")])
+                fed[0] += 1
+        except BaseException as exc:
+            failed.append(exc)
 
     t = threading.Thread(target=feed)
     t.start()
     try:
         for _ in range(30):
             scrape(exp)
+        while not fed[0] and t.is_alive():   # the feeder ran at least once meanwhile
+            time.sleep(0.01)
     finally:
         stop.set()
         t.join()
+    assert not failed, f"the feeder failed: {failed[0]!r}"
+    assert fed[0] > 0
 
 
 @pytest.mark.parametrize("name, unit, mtype, want", [

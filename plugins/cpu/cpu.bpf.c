@@ -23,12 +23,7 @@
 enum { ST_SWITCHES = 0, ST_PROC_FULL, ST_WAKE_FULL, ST_HIST_FULL, ST_EXIT_FULL,
        ST_SWITCH_UNSEEN, ST_SAMPLES, ST_STACK_LOST, ST_STACK_COLLISION, ST_PROFILE_FULL,
        ST_NSTATS };
-BPF_PERCPU_ARRAY(stats, u64, ST_NSTATS);
-
-static __always_inline void stat_inc(u32 idx) {
-    u64 *v = stats.lookup(&idx);
-    if (v) *v += 1;
-}
+#include "deeptrace_core/stats.bpf.h"
 
 // Per process (tgid). Updated from every CPU: atomic adds.
 struct proc_t {
@@ -62,28 +57,7 @@ struct cpu_state_t {
 };
 BPF_PERCPU_ARRAY(cpu_state, struct cpu_state_t, 1);
 
-static __always_inline void leader_comm(char *comm) {
-    u64 task = (u64)bpf_get_current_task();
-    u64 leader = 0;
-    bpf_probe_read_kernel(&leader, sizeof(leader), (void *)(task + OFF_task_struct__group_leader));
-    if (!leader || bpf_probe_read_kernel_str(comm, 16, (void *)(leader + OFF_task_struct__comm)) < 0)
-        bpf_get_current_comm(comm, 16);
-}
-
-// The current process's entry, created on first sight (valid only where current is a
-// thread of `tgid`, which is true at every call site).
-static __always_inline struct proc_t *proc_entry(u32 tgid) {
-    struct proc_t *p = procs.lookup(&tgid);
-    if (p)
-        return p;
-    struct proc_t z = {};
-    leader_comm(z.comm);
-    procs.insert(&tgid, &z);
-    p = procs.lookup(&tgid);
-    if (!p)
-        stat_inc(ST_PROC_FULL);
-    return p;
-}
+#include "deeptrace_core/process.bpf.h"
 
 static __always_inline void hist_add(u32 tgid, u64 ns) {
     u32 slot = bpf_log2l(ns);
@@ -135,7 +109,7 @@ TRACEPOINT_PROBE(sched, sched_switch) {
     stat_inc(ST_SWITCHES);
 
     if (prev) {   // tid 0 is the idle task of this CPU
-        u32 tgid = bpf_get_current_pid_tgid() >> 32;
+        u32 tgid = current_tgid();
         struct proc_t *p = proc_entry(tgid);
         int mine = cs->ts && cs->tid == prev;
         if (cs->ts && !mine)
@@ -170,33 +144,6 @@ TRACEPOINT_PROBE(sched, sched_switch) {
     }
     cs->ts = now;
     cs->tid = next;
-    return 0;
-}
-
-// exec renames the process (current is the new leader, comm already set).
-TRACEPOINT_PROBE(sched, sched_process_exec) {
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    struct proc_t *p = procs.lookup(&tgid);
-    if (p)
-        bpf_get_current_comm(&p->comm, sizeof(p->comm));
-    return 0;
-}
-
-TRACEPOINT_PROBE(sched, sched_process_exit) {
-    u64 id = bpf_get_current_pid_tgid();
-    u32 tgid = id >> 32;
-#if HAVE_GROUP_DEAD
-    if (!args->group_dead)
-        return 0;
-#else
-    if ((u32)id != tgid)
-        return 0;
-#endif
-    if (!procs.lookup(&tgid))
-        return 0;
-    u64 now = bpf_ktime_get_ns();
-    if (exited.update(&tgid, &now))
-        stat_inc(ST_EXIT_FULL);
     return 0;
 }
 

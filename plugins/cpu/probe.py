@@ -18,7 +18,6 @@ are folded into ``process.pid="other"``.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
@@ -28,11 +27,13 @@ from collections import defaultdict
 import attrs
 from attrs import validators as v
 
-from deeptrace_core import bpf
+from deeptrace_core.metricprobe import BpfMetricProbe, ProcessConfig
 from deeptrace_core.metrics import HISTOGRAM, SUM, MetricPoint, log2_bounds
+from deeptrace_core.proccounters import (OTHER, PROCESS_FIELDS, Folder, delete, exits, forget,
+                                         pid_alive, process_defines, read_tgid, select,
+                                         task_name)
 
 from . import flamegraph
-from .topn import OTHER, Folder, proc_alive, read_tgid, select
 
 log = logging.getLogger("deeptrace.cpu")
 
@@ -44,29 +45,14 @@ HIST_MIN_SLOT = 10    # first bucket: below 2^10 ns (~1 us)
 HIST_MAX_SLOT = 36    # last finite bound 2^35 ns (~34 s); slot 36 is the +Inf bucket
 HIST_BOUNDS = log2_bounds(2 ** HIST_MIN_SLOT * 1e-9, HIST_MAX_SLOT - HIST_MIN_SLOT)
 NBUCKETS = HIST_MAX_SLOT - HIST_MIN_SLOT + 1
-GRACE_NS = 500_000_000  # an exited process is forgotten once its exit is this old
 # Per-process vector: cpu_ns, voluntary, involuntary, rq_count, rq_sum_ns, buckets...
 V_CPU, V_VOL, V_INVOL, V_RQN, V_RQSUM, V_HIST = range(6)
-TRACEFS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
-
-
-def tracepoint_has_field(category: str, event: str, field: str) -> bool:
-    for root in TRACEFS:
-        try:
-            with open(f"{root}/events/{category}/{event}/format") as f:
-                return any(f" {field};" in line for line in f)
-        except OSError:
-            continue
-    return False
 
 
 @attrs.define
-class CpuConfig:
+class CpuConfig(ProcessConfig):
     """``probes.cpu`` in the YAML config."""
 
-    interval: float = attrs.field(default=10.0, validator=v.gt(0), metadata={"unit": "seconds"})
-    top_n: int = attrs.field(default=20, validator=v.ge(1))
-    max_processes: int = attrs.field(default=16384, validator=v.ge(64))
     max_threads: int = attrs.field(default=65536, validator=v.ge(64))
     profile: bool = False               # sampling profiler (folded stacks + flame graph)
     profile_hz: int = attrs.field(default=49, validator=[v.ge(1), v.le(10000)])
@@ -76,19 +62,16 @@ class CpuConfig:
     profile_max_keys: int = attrs.field(default=16384, validator=v.ge(64))
 
 
-class CpuProbe:
+class CpuProbe(BpfMetricProbe):
     name = "cpu"
     config_class = CpuConfig
-    kernel_fields = ("task_struct.group_leader", "task_struct.comm")
+    kernel_fields = PROCESS_FIELDS
     source = ("deeptrace_plugins.cpu", "cpu.bpf.c")
+    stat_names = STAT_NAMES
 
     def __init__(self, config: CpuConfig, context=None):
-        self.config = config
-        self.context = context
-        self.bpf = None
+        super().__init__(config, context)
         self.self_pid = os.getpid()
-        self.start_ns = 0
-        self._next_due = 0.0
         self._folder = Folder(V_HIST + NBUCKETS)
         self._cpu_reported: dict = {}       # tgid -> highest cpu_ns reported (monotonic)
         self._tid_tgid: dict = {}           # tid -> tgid, for threads on a CPU at collection
@@ -104,20 +87,16 @@ class CpuProbe:
             "MAX_THREADS": c.max_threads,
             "HIST_MIN_SLOT": HIST_MIN_SLOT,
             "HIST_MAX_SLOT": HIST_MAX_SLOT,
-            "HAVE_GROUP_DEAD": int(tracepoint_has_field("sched", "sched_process_exit",
-                                                        "group_dead")),
+            **process_defines(),
             "PROFILE": int(c.profile),
             "STACK_ENTRIES": c.profile_stack_entries,
             "PROFILE_KEYS": c.profile_max_keys,
             "SELF_TGID": self.self_pid,
         }
 
-    def render(self, defines: dict) -> str:
-        return bpf.render(bpf.read_source(*self.source), {**defines, **self.defines()})
-
     # -- run ----------------------------------------------------------------------------
     def attach(self, defines: dict):
-        self.bpf = bpf.load(self.render(defines))
+        self.load(defines)
         try:
             if self.config.profile:
                 from bcc import PerfSWConfig, PerfType
@@ -129,18 +108,11 @@ class CpuProbe:
             self.bpf.cleanup()
             self.bpf = None
             raise
-        self.start_ns = time.time_ns()
-        self._next_due = time.monotonic() + self.config.interval
 
     def poll(self, timeout_ms: int | None = None) -> list:
-        """Never blocks: [] until the interval has elapsed, then the metric points.
-        ``poll(0)`` (the agent's final drain) collects at once."""
-        if self.bpf is None:
+        """Never blocks: the metric points when due (deeptrace_core.metricprobe), else []."""
+        if not self.due(timeout_ms):
             return []
-        now = time.monotonic()
-        if timeout_ms != 0 and now < self._next_due:
-            return []
-        self._next_due = now + self.config.interval
         points = self.collect()
         if self.config.profile:
             self.write_profile()
@@ -149,7 +121,7 @@ class CpuProbe:
     # -- metrics ------------------------------------------------------------------------
     def _read(self):
         b = self.bpf
-        procs = {k.value: (bytes(val.comm).split(b"\0", 1)[0].decode("utf-8", "replace"),
+        procs = {k.value: (task_name(val.comm),
                            [val.cpu_ns, val.voluntary, val.involuntary, val.rq_count,
                             val.rq_sum_ns])
                  for k, val in b[b"procs"].items()}
@@ -159,8 +131,7 @@ class CpuProbe:
             slot = min(max(k.slot, HIST_MIN_SLOT), HIST_MAX_SLOT) - HIST_MIN_SLOT
             hist.setdefault(k.tgid, [0] * NBUCKETS)[slot] += val.value
             hist_keys[k.tgid].append(k)
-        exited = {k.value: val.value for k, val in b[b"exited"].items()}
-        return procs, hist, hist_keys, exited
+        return procs, hist, hist_keys
 
     def _running_now(self, now_mono: int) -> dict:
         """On-CPU time not yet charged: threads running now, since their switch-in."""
@@ -182,7 +153,8 @@ class CpuProbe:
     def collect(self) -> list:
         """Read the kernel maps and return this interval's metric points."""
         now_mono = time.monotonic_ns()
-        procs, hist, hist_keys, exited = self._read()
+        procs, hist, hist_keys = self._read()
+        _, gone = exits(self.bpf, now_mono)
         extra = self._running_now(now_mono)
         vecs, comms = {}, {}
         for tgid, (comm, base) in procs.items():
@@ -191,7 +163,6 @@ class CpuProbe:
             self._cpu_reported[tgid] = cpu
             vecs[tgid] = [cpu, *base[1:], *hist.get(tgid, [0] * NBUCKETS)]
             comms[tgid] = comm
-        gone = {t for t, ts in exited.items() if now_mono - ts > GRACE_NS}
         deltas = {t: self._folder.delta(t, vec)[V_CPU] for t, vec in vecs.items()}
         order = sorted(vecs, key=lambda t: (-deltas[t], -vecs[t][V_CPU], t))
         selected = select(self.config.top_n, order)
@@ -228,16 +199,11 @@ class CpuProbe:
 
     def _forget(self, gone, hist_keys):
         """Delete exited processes from the kernel maps once their final figures are out."""
-        b = self.bpf
+        rq_hist = self.bpf[b"rq_hist"]
         for tgid in gone:
-            for table, keys in ((b[b"procs"], [ctypes.c_uint32(tgid)]),
-                                (b[b"exited"], [ctypes.c_uint32(tgid)]),
-                                (b[b"rq_hist"], hist_keys.get(tgid, []))):
-                for key in keys:
-                    try:
-                        del table[key]
-                    except KeyError:
-                        pass
+            forget(self.bpf, tgid)
+            for key in hist_keys.get(tgid, ()):
+                delete(rq_hist, key)
             self._cpu_reported.pop(tgid, None)
 
     # -- profiler -----------------------------------------------------------------------
@@ -268,14 +234,11 @@ class CpuProbe:
         stacks = b[b"stack_traces"]
         items = [(k, val.value) for k, val in counts.items()]
         for k, _ in items:
-            try:
-                del counts[k]
-            except KeyError:
-                pass
+            delete(counts, k)
         out: dict = defaultdict(int)
         used = set()
         for k, n in items:
-            frames = [bytes(k.comm).split(b"\0", 1)[0].decode("utf-8", "replace") or "?"]
+            frames = [task_name(k.comm) or "?"]
             if k.user_stack >= 0:
                 used.add(k.user_stack)
                 addrs = self._walk(stacks, k.user_stack)
@@ -292,16 +255,13 @@ class CpuProbe:
                 frames.append("[lost-kernel-stack]_[k]")
             out[tuple(f.replace(";", ":").replace(" ", "_") for f in frames)] += n
         for sid in used:
-            try:
-                del stacks[stacks.Key(sid)]
-            except KeyError:
-                pass
+            delete(stacks, stacks.Key(sid))
         self._drop_dead_symcaches()
         return dict(out)
 
     def _drop_dead_symcaches(self):
         from bcc.libbcc import lib
-        for pid in [p for p in self._symcaches if not proc_alive(p)]:
+        for pid in [p for p in self._symcaches if not pid_alive(p)]:
             lib.bcc_free_symcache(self._symcaches.pop(pid).cache, pid)
 
     def write_profile(self) -> tuple | None:
@@ -343,7 +303,7 @@ class CpuProbe:
     def stats(self) -> dict:
         if self.bpf is None:
             return {}
-        out = bpf.counters(self.bpf, STAT_NAMES)
+        out = self.counters()
         if not self.config.profile:
             for name in ("samples", "stack_lost", "stack_collision", "profile_map_full"):
                 out.pop(name)
@@ -361,8 +321,7 @@ class CpuProbe:
             if self.config.profile:
                 self.write_profile()
         finally:
-            self.bpf.cleanup()
-            self.bpf = None
+            super().detach()
             from bcc.libbcc import lib
             for pid, cache in self._symcaches.items():
                 lib.bcc_free_symcache(cache.cache, pid)

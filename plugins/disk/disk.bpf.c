@@ -24,12 +24,7 @@ enum { H_LATENCY = 0, H_QUEUE, H_SIZE };
 // softirq over some tasks); this is how such losses show.
 enum { ST_COMPLETED = 0, ST_INFLIGHT_FULL, ST_PROC_MAP_FULL, ST_HIST_MAP_FULL,
        ST_UNMATCHED, ST_NO_ISSUE, ST_LOST_COMPLETION, ST_NSTATS };
-BPF_PERCPU_ARRAY(stats, u64, ST_NSTATS);
-
-static __always_inline void stat_inc(u32 idx) {
-    u64 *v = stats.lookup(&idx);
-    if (v) *v += 1;
-}
+#include "deeptrace_core/stats.bpf.h"
 
 struct rq_key_t { u32 dev; u32 pad; u64 sector; };
 struct rq_val_t {
@@ -52,7 +47,7 @@ BPF_HASH(proc_io, struct proc_key_t, struct io_val_t, PROC_MAX);
 // (device, direction) of latency, queue time (insert -> issue) and request size.
 struct phist_key_t { u32 tgid; u16 dir; u16 slot; char comm[16]; };
 struct dhist_key_t { u32 dev; u8 kind; u8 dir; u16 slot; };
-struct hist_val_t { u64 count; u64 sum; };
+#include "deeptrace_core/log2hist.bpf.h"
 BPF_HASH(proc_hist, struct phist_key_t, struct hist_val_t, HIST_MAX);
 BPF_HASH(dev_hist, struct dhist_key_t, struct hist_val_t, HIST_MAX);
 
@@ -70,14 +65,6 @@ static __always_inline u32 direction(const char *rwbs, u32 nr_sector) {
     return DIR_OTHER;
 }
 
-// Smallest k with v <= 2^k (so the bucket bound 2^k is inclusive, as OpenTelemetry's).
-static __always_inline u32 slot_of(u64 v) {
-    if (v <= 1)
-        return 0;
-    u32 s = bpf_log2l(v - 1);
-    return s > NSLOTS ? NSLOTS : s;   // slot NSLOTS is the +Inf bucket
-}
-
 // Latency slots are in microseconds, rounded up: ns <= 1000 * 2^slot.
 static __always_inline u32 us_slot(u64 ns) {
     return slot_of((ns + 999) / 1000);
@@ -85,35 +72,23 @@ static __always_inline u32 us_slot(u64 ns) {
 
 static __always_inline void dhist_add(u32 dev, u8 kind, u8 dir, u32 slot, u64 v) {
     struct dhist_key_t k = {.dev = dev, .kind = kind, .dir = dir, .slot = slot};
-    struct hist_val_t *h = dev_hist.lookup(&k);
-    if (!h) {
-        struct hist_val_t zero = {};
-        dev_hist.insert(&k, &zero);   // fails with EEXIST on a race (fine) or E2BIG (full)
-        h = dev_hist.lookup(&k);
-        if (!h) {
-            stat_inc(ST_HIST_MAP_FULL);
-            return;
-        }
-    }
-    __sync_fetch_and_add(&h->count, 1);
-    __sync_fetch_and_add(&h->sum, v);
+    struct hist_val_t zero = {};
+    struct hist_val_t *h = dev_hist.lookup_or_try_init(&k, &zero);
+    if (h)
+        hist_count(h, v);
+    else
+        stat_inc(ST_HIST_MAP_FULL);
 }
 
 static __always_inline void phist_add(struct rq_val_t *rq, u16 dir, u32 slot, u64 v) {
     struct phist_key_t k = {.tgid = rq->tgid, .dir = dir, .slot = slot};
     __builtin_memcpy(k.comm, rq->comm, sizeof(k.comm));
-    struct hist_val_t *h = proc_hist.lookup(&k);
-    if (!h) {
-        struct hist_val_t zero = {};
-        proc_hist.insert(&k, &zero);
-        h = proc_hist.lookup(&k);
-        if (!h) {
-            stat_inc(ST_HIST_MAP_FULL);
-            return;
-        }
-    }
-    __sync_fetch_and_add(&h->count, 1);
-    __sync_fetch_and_add(&h->sum, v);
+    struct hist_val_t zero = {};
+    struct hist_val_t *h = proc_hist.lookup_or_try_init(&k, &zero);
+    if (h)
+        hist_count(h, v);
+    else
+        stat_inc(ST_HIST_MAP_FULL);
 }
 
 static __always_inline struct rq_val_t *fresh(struct rq_key_t *k) {

@@ -41,8 +41,10 @@ import attrs
 from attrs import validators as v
 
 from deeptrace_core import bpf
+from deeptrace_core.metricprobe import BpfMetricProbe, ProcessConfig
 from deeptrace_core.metrics import HISTOGRAM, SUM, MetricPoint, log2_bounds
-from deeptrace_core.proccounters import OTHER, ProcessCounters, delete, task_name
+from deeptrace_core.proccounters import (ProcessCounters, accumulate, busiest, delete, labels,
+                                         task_name)
 
 log = logging.getLogger("deeptrace.disk")
 
@@ -56,14 +58,10 @@ SIZE_BOUNDS = log2_bounds(1, NSLOTS)
 
 
 @attrs.define
-class DiskConfig:
+class DiskConfig(ProcessConfig):
     """``probes.disk`` in the YAML config."""
 
-    interval: float = attrs.field(default=10.0, validator=v.gt(0),
-                                  metadata={"unit": "seconds"})
-    top_n: int = attrs.field(default=20, validator=v.ge(1))   # busiest processes kept
     max_inflight: int = attrs.field(default=16384, validator=v.ge(64))
-    max_processes: int = attrs.field(default=16384, validator=v.ge(64))  # map entries
     stale_seconds: float = attrs.field(default=120.0, validator=v.gt(0),
                                        metadata={"unit": "seconds"})
 
@@ -105,25 +103,22 @@ def partitions() -> dict:
     return out
 
 
-class DiskProbe:
+class DiskProbe(BpfMetricProbe):
     name = "disk"
     config_class = DiskConfig
     kernel_fields = ()           # tracepoint fields only: no kernel struct is read
     source = ("deeptrace_plugins.disk", "disk.bpf.c")
+    stat_names = STAT_NAMES
 
     def __init__(self, config: DiskConfig, context=None):
-        self.config = config
-        self.context = context
-        self.bpf = None
-        self.start_ns = 0
-        self._next = 0.0
+        super().__init__(config, context)
         self._devs = {}
         # Per-process maps; gc() folds exited processes out of them.
         self._io = ProcessCounters(b"proc_io", lambda k: (k.tgid, task_name(k.comm), k.dev, k.dir),
-                                   lambda v: (v.bytes, v.ops), 2, config.max_processes)
+                                   lambda v: (v.bytes, v.ops), config.max_processes)
         self._hist = ProcessCounters(b"proc_hist",
                                      lambda k: (k.tgid, task_name(k.comm), k.dir, k.slot),
-                                     lambda v: (v.count, v.sum), 2, config.max_processes)
+                                     lambda v: (v.count, v.sum), config.max_processes)
         self.stale_dropped = 0           # in-flight entries aged out by gc()
         self.stale_lost = 0              # ... of them issued: a completion we never saw
 
@@ -133,14 +128,9 @@ class DiskProbe:
         return {"INFLIGHT_MAX": c.max_inflight, "PROC_MAX": c.max_processes,
                 "HIST_MAX": c.max_processes * 4, "NSLOTS": NSLOTS}
 
-    def render(self, defines: dict) -> str:
-        return bpf.render(bpf.read_source(*self.source), {**defines, **self.defines()})
-
     # -- run ----------------------------------------------------------------------------
     def attach(self, defines: dict):
-        self.bpf = bpf.load(self.render(defines))
-        self.start_ns = time.time_ns()
-        self._next = time.monotonic() + self.config.interval
+        self.load(defines)
         self._devs = device_names()
         self._load_partitions()
 
@@ -150,11 +140,8 @@ class DiskProbe:
             table[table.Key(part)] = table.Leaf(disk)
 
     def poll(self, timeout_ms: int | None = None) -> list:
-        """Never blocks: [] until the interval has elapsed, then every point."""
-        if self.bpf is None or time.monotonic() < self._next:
-            return []
-        self._next = time.monotonic() + self.config.interval
-        return self.collect()
+        """Never blocks: every point when due (deeptrace_core.metricprobe), else []."""
+        return self.collect() if self.due(timeout_ms) else []
 
     def device(self, dev: int) -> str:
         name = self._devs.get(dev)
@@ -182,26 +169,16 @@ class DiskProbe:
         io, phist, dhist = self.process_io(), self.process_hist(), self.device_hist()
         # Busiest processes by bytes, then operations; the rest become pid "other".
         load: dict = {}
-        for (pid, comm, _, _), (nbytes, ops) in io.items():
-            acc = load.setdefault((pid, comm), [0, 0])
-            acc[0] += nbytes
-            acc[1] += ops
-        for (pid, comm, _, _), (count, _) in phist.items():
+        for (pid, comm, _, _), vals in io.items():
+            accumulate(load, (pid, comm), vals)
+        for (pid, comm, _, _) in phist:
             load.setdefault((pid, comm), [0, 0])
-        top = set(sorted(load, key=lambda p: load[p], reverse=True)[:self.config.top_n])
-
-        def who(pid, comm):
-            if (pid, comm) in top:
-                return {"process.pid": pid, "process.executable.name": comm}
-            return {"process.pid": OTHER, "process.executable.name": OTHER}
+        top = busiest(self.config.top_n, load)
 
         points = []
         sums: dict = {}
-        for (pid, comm, dev, d), (nbytes, ops) in io.items():
-            key = (tuple(who(pid, comm).items()), self.device(dev), DIRECTIONS[d])
-            acc = sums.setdefault(key, [0, 0])
-            acc[0] += nbytes
-            acc[1] += ops
+        for (pid, comm, dev, d), vals in io.items():
+            accumulate(sums, (labels(pid, comm, top), self.device(dev), DIRECTIONS[d]), vals)
         for (proc, device, direction), (nbytes, ops) in sorted(sums.items(), key=str):
             attributes = {**dict(proc), "system.device": device, "disk.io.direction": direction}
             points.append(MetricPoint("process.disk.io", SUM, "By", nbytes, dict(attributes),
@@ -214,7 +191,7 @@ class DiskProbe:
 
         hists: dict = {}
         for (pid, comm, d, slot), (count, total) in phist.items():
-            key = (tuple(who(pid, comm).items()), DIRECTIONS[d])
+            key = (labels(pid, comm, top), DIRECTIONS[d])
             h = hists.setdefault(key, [[0] * (NSLOTS + 1), 0])
             h[0][min(slot, NSLOTS)] += count
             h[1] += total
@@ -263,17 +240,12 @@ class DiskProbe:
     def stats(self) -> dict:
         if self.bpf is None:
             return {}
-        out = bpf.counters(self.bpf, STAT_NAMES)
+        out = self.counters()
         out["lost_completion"] += self.stale_lost
         out["prog_recursion_misses"] = sum(bpf.recursion_misses(self.bpf).values())
         out["inflight_stale_dropped"] = self.stale_dropped
         out["inflight_entries"] = len(self.bpf[b"inflight"])
         return out
-
-    def detach(self):
-        if self.bpf is not None:
-            self.bpf.cleanup()
-            self.bpf = None
 
 
 def _hist(name, unit, bounds, counts, total, attributes, desc, start_ns, now) -> MetricPoint:

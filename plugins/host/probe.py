@@ -39,8 +39,8 @@ import os
 import time
 
 import attrs
-from attrs import validators as v
 
+from deeptrace_core.metricprobe import Interval, IntervalConfig
 from deeptrace_core.metrics import GAUGE, SUM, MetricPoint
 
 # /proc/stat cpu columns -> OpenTelemetry cpu.mode (guest time is already in user/nice).
@@ -50,11 +50,9 @@ NET_FIELDS = ("bytes", "packets", "errs", "drop")
 
 
 @attrs.define
-class HostConfig:
+class HostConfig(IntervalConfig):
     """``probes.host`` in the YAML config."""
 
-    interval: float = attrs.field(default=10.0, validator=v.gt(0),
-                                  metadata={"unit": "seconds"})
     procfs: str = "/proc"       # another mount of procfs (e.g. the host's, from a container)
 
 
@@ -151,7 +149,7 @@ class HostProbe:
         self.context = context
         self.start_ns = 0        # when attach() ran
         self.boot_ns = 0
-        self._next = None
+        self.interval = Interval(config.interval)
         self.read_errors = 0
         self.collections = 0
 
@@ -161,14 +159,11 @@ class HostProbe:
     def attach(self, defines: dict):
         """Nothing to load: only note the start (the first poll reports at once)."""
         self.start_ns = time.time_ns()
-        self._next = time.monotonic()
+        self.interval.start(at_once=True)
 
     def poll(self, timeout_ms: int | None = None) -> list:
-        """Never blocks: [] until the interval has elapsed, then every point."""
-        if self._next is None or time.monotonic() < self._next:
-            return []
-        self._next = time.monotonic() + self.config.interval
-        return self.collect()
+        """Never blocks: every point when due (deeptrace_core.metricprobe), else []."""
+        return self.collect() if self.interval.due(timeout_ms) else []
 
     def collect(self) -> list:
         now = time.time_ns()
@@ -258,4 +253,4 @@ class HostProbe:
         return {"collections": self.collections, "read_errors": self.read_errors}
 
     def detach(self):
-        self._next = None
+        self.interval.stop()

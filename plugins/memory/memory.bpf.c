@@ -20,12 +20,7 @@ enum { MM_FILEPAGES = 0, MM_ANONPAGES, MM_SWAPENTS, MM_SHMEMPAGES, NR_MM_COUNTER
 // Counter slots of the per-CPU `stats` array; probe.py mirrors the names.
 enum { ST_PROC_FULL = 0, ST_MM_FULL, ST_EXIT_FULL, ST_RSS_UNKNOWN_MM, ST_OOM_EVENTS,
        ST_RB_FULL, ST_NSTATS };
-BPF_PERCPU_ARRAY(stats, u64, ST_NSTATS);
-
-static __always_inline void stat_inc(u32 idx) {
-    u64 *v = stats.lookup(&idx);
-    if (v) *v += 1;
-}
+#include "deeptrace_core/stats.bpf.h"
 
 struct proc_t {
     u64 faults_user;       // exceptions:page_fault_user
@@ -65,31 +60,7 @@ struct oom_event_t {
 };
 BPF_RINGBUF_OUTPUT(oom_events, RINGBUF_PAGES);
 
-static __always_inline void leader_comm(char *comm) {
-    u64 task = (u64)bpf_get_current_task();
-    u64 leader = 0;
-    bpf_probe_read_kernel(&leader, sizeof(leader), (void *)(task + OFF_task_struct__group_leader));
-    if (!leader || bpf_probe_read_kernel_str(comm, 16, (void *)(leader + OFF_task_struct__comm)) < 0)
-        bpf_get_current_comm(comm, 16);
-}
-
-// The entry of the current process (call only where current belongs to `tgid`).
-static __always_inline struct proc_t *proc_entry(u32 tgid) {
-    struct proc_t *p = procs.lookup(&tgid);
-    if (p)
-        return p;
-    struct proc_t z = {};
-    leader_comm(z.comm);
-    procs.insert(&tgid, &z);
-    p = procs.lookup(&tgid);
-    if (!p)
-        stat_inc(ST_PROC_FULL);
-    return p;
-}
-
-static __always_inline u32 current_tgid(void) {
-    return bpf_get_current_pid_tgid() >> 32;
-}
+#include "deeptrace_core/process.bpf.h"
 
 TRACEPOINT_PROBE(exceptions, page_fault_user) {
     struct proc_t *p = proc_entry(current_tgid());
@@ -210,31 +181,5 @@ TRACEPOINT_PROBE(oom, mark_victim) {
     TP_DATA_LOC_READ_STR(e->victim_comm, comm, sizeof(e->victim_comm));
     leader_comm(e->trigger_comm);
     oom_events.ringbuf_submit(e, 0);
-    return 0;
-}
-
-TRACEPOINT_PROBE(sched, sched_process_exec) {
-    u32 tgid = current_tgid();
-    struct proc_t *p = procs.lookup(&tgid);
-    if (p)
-        bpf_get_current_comm(&p->comm, sizeof(p->comm));
-    return 0;
-}
-
-TRACEPOINT_PROBE(sched, sched_process_exit) {
-    u64 id = bpf_get_current_pid_tgid();
-    u32 tgid = id >> 32;
-#if HAVE_GROUP_DEAD
-    if (!args->group_dead)
-        return 0;
-#else
-    if ((u32)id != tgid)
-        return 0;
-#endif
-    if (!procs.lookup(&tgid))
-        return 0;
-    u64 now = bpf_ktime_get_ns();
-    if (exited.update(&tgid, &now))
-        stat_inc(ST_EXIT_FULL);
     return 0;
 }

@@ -30,57 +30,42 @@ import time
 from collections import defaultdict
 
 import attrs
-from attrs import validators as v
 
-from deeptrace_core import bpf
+from deeptrace_core.metricprobe import BpfMetricProbe, ProcessConfig, power_of_two
 from deeptrace_core.metrics import GAUGE, SUM, MetricPoint
-from deeptrace_plugins.cpu.probe import tracepoint_has_field
-from deeptrace_plugins.cpu.topn import OTHER, Folder, select
+from deeptrace_core.proccounters import (OTHER, PROCESS_FIELDS, Folder, delete, exits, forget,
+                                         process_defines, select, task_name)
 
 from .decoder import STAT_NAMES, decode_oom
 
 log = logging.getLogger("deeptrace.memory")
 
-GRACE_NS = 500_000_000   # an exited process is forgotten once its exit is this old
 # Per-process cumulative vector.
 V_USER, V_KERNEL, V_MINOR, V_MAJOR, V_ALLOC = range(5)
 RSS_TYPES = ("file", "anon", "swap", "shmem")   # kernel MM_* counter order
 FILE, ANON, SWAP, SHMEM = range(4)
 
 
-def _power_of_two(inst, attribute, value):
-    if value <= 0 or value & (value - 1):
-        raise ValueError(f"{attribute.name} must be a power of two, got {value}")
-
-
 @attrs.define
-class MemoryConfig:
+class MemoryConfig(ProcessConfig):
     """``probes.memory`` in the YAML config."""
 
-    interval: float = attrs.field(default=10.0, validator=v.gt(0), metadata={"unit": "seconds"})
-    top_n: int = attrs.field(default=20, validator=v.ge(1))
-    max_processes: int = attrs.field(default=16384, validator=v.ge(64))
     fault_types: bool = True      # major/minor faults via perf software events
     page_alloc: bool = False      # kmem:mm_page_alloc per process (every page allocation)
-    ringbuf_pages: int = attrs.field(default=16, validator=_power_of_two)   # OOM events
+    ringbuf_pages: int = attrs.field(default=16, validator=power_of_two)   # OOM events
 
 
-class MemoryProbe:
+class MemoryProbe(BpfMetricProbe):
     name = "memory"
     config_class = MemoryConfig
-    kernel_fields = ("task_struct.group_leader", "task_struct.comm")
+    kernel_fields = PROCESS_FIELDS
     source = ("deeptrace_plugins.memory", "memory.bpf.c")
+    stat_names = STAT_NAMES
 
     def __init__(self, config: MemoryConfig, context=None):
-        self.config = config
-        self.context = context
-        self.bpf = None
-        self.start_ns = 0
-        self._next_due = 0.0
+        super().__init__(config, context)
         self._folder = Folder(V_ALLOC + 1)
-        self._events: list = []
         self.oom_kills: dict = defaultdict(int)   # victim comm -> kills since attach
-        self.decode_errors = 0
 
     # -- build --------------------------------------------------------------------------
     def defines(self) -> dict:
@@ -92,16 +77,12 @@ class MemoryProbe:
             "PAGE_ALLOC": int(c.page_alloc),
             "FAULT_TYPES": int(c.fault_types),
             "PAGE_SIZE_BYTES": os.sysconf("SC_PAGE_SIZE"),
-            "HAVE_GROUP_DEAD": int(tracepoint_has_field("sched", "sched_process_exit",
-                                                        "group_dead")),
+            **process_defines(),
         }
-
-    def render(self, defines: dict) -> str:
-        return bpf.render(bpf.read_source(*self.source), {**defines, **self.defines()})
 
     # -- run ----------------------------------------------------------------------------
     def attach(self, defines: dict):
-        self.bpf = bpf.load(self.render(defines))
+        self.load(defines)
         try:
             if self.config.fault_types:
                 from bcc import PerfSWConfig, PerfType
@@ -109,33 +90,22 @@ class MemoryProbe:
                                (b"on_fault_major", PerfSWConfig.PAGE_FAULTS_MAJ)):
                     self.bpf.attach_perf_event(ev_type=PerfType.SOFTWARE, ev_config=ev,
                                                fn_name=fn, sample_period=1)
-            self.bpf[b"oom_events"].open_ring_buffer(self._on_oom)
+            self.open_ring(b"oom_events", self._decode_oom)
         except Exception:
             self.bpf.cleanup()
             self.bpf = None
             raise
-        self.start_ns = time.time_ns()
-        self._next_due = time.monotonic() + self.config.interval
 
-    def _on_oom(self, ctx, data, size):
-        try:
-            ev = decode_oom(ctypes.string_at(data, size))
-        except Exception:  # a malformed record is counted, never fatal
-            self.decode_errors += 1
-            return
+    def _decode_oom(self, raw: bytes):
+        ev = decode_oom(raw)
         self.oom_kills[ev.victim_comm] += 1
-        self._events.append(ev)
+        return ev
 
     def poll(self, timeout_ms: int | None = None) -> list:
-        """Never blocks: OOM events at once; metric points once the interval has elapsed.
-        ``poll(0)`` (the agent's final drain) collects at once."""
-        if self.bpf is None:
-            return []
-        self.bpf.ring_buffer_consume()
-        out, self._events = self._events, []
-        now = time.monotonic()
-        if timeout_ms == 0 or now >= self._next_due:
-            self._next_due = now + self.config.interval
+        """Never blocks: OOM events at once; the metric points when due
+        (deeptrace_core.metricprobe)."""
+        out = self.take_records()
+        if self.due(timeout_ms):
             out += self.collect()
         return out
 
@@ -150,10 +120,9 @@ class MemoryProbe:
             vecs[t] = [val.faults_user, val.faults_kernel, val.faults_minor, val.faults_major,
                        val.alloc_bytes]
             rss[t] = [max(0, int(x)) for x in val.rss]
-            comms[t] = bytes(val.comm).split(b"\0", 1)[0].decode("utf-8", "replace")
+            comms[t] = task_name(val.comm)
             mm_ids[t] = val.mm_id
-        exited = {k.value: val.value for k, val in b[b"exited"].items()}
-        gone = {t for t, ts in exited.items() if now_mono - ts > GRACE_NS}
+        exited, gone = exits(b, now_mono)
         live = {t for t in vecs if t not in exited}
 
         def resident(t):
@@ -220,35 +189,19 @@ class MemoryProbe:
         return out
 
     def _forget(self, gone, mm_ids):
-        b = self.bpf
-        owners = b[b"mm_owner"]
+        owners = self.bpf[b"mm_owner"]
         for t in gone:
-            key = ctypes.c_uint32(t)
-            for table in (b[b"procs"], b[b"exited"]):
-                try:
-                    del table[key]
-                except KeyError:
-                    pass
+            forget(self.bpf, t)
             mm = ctypes.c_uint32(mm_ids.get(t, 0))
-            try:
-                if mm.value and owners[mm].value == t:   # not if a new mm reuses the id
-                    del owners[mm]
-            except KeyError:
-                pass
+            owner = owners.get(mm) if mm.value else None
+            if owner is not None and owner.value == t:   # not if a new mm reuses the id
+                delete(owners, mm)
 
     # -- counters / teardown ------------------------------------------------------------
     def stats(self) -> dict:
         if self.bpf is None:
             return {}
-        out = bpf.counters(self.bpf, STAT_NAMES)
+        out = self.counters()
         out["decode_failed"] = self.decode_errors
         out["procs_entries"] = len(self.bpf[b"procs"])
         return out
-
-    def detach(self):
-        if self.bpf is not None:
-            try:
-                self.bpf.ring_buffer_consume()
-            finally:
-                self.bpf.cleanup()
-                self.bpf = None

@@ -50,12 +50,7 @@ enum { OWN_NONE = 0, OWN_CONNECT, OWN_IO, OWN_CLOSE };
 // saw (the kernel dropped that event: recursion, or its perf recursion guard).
 enum { ST_CLOSED = 0, ST_RB_FULL, ST_CONN_FULL, ST_PROC_FULL, ST_HIST_FULL,
        ST_READ_FAIL, ST_UNKNOWN_CONN, ST_RST_NO_SOCK, ST_LOST_CLOSE, ST_NSTATS };
-BPF_PERCPU_ARRAY(stats, u64, ST_NSTATS);
-
-static __always_inline void stat_inc(u32 idx) {
-    u64 *v = stats.lookup(&idx);
-    if (v) *v += 1;
-}
+#include "deeptrace_core/stats.bpf.h"
 
 struct conn_t {
     u64 birth_ns;
@@ -115,31 +110,17 @@ BPF_HASH(proc_io, struct io_key_t, struct io_val_t, PROC_MAX);
 // Global log2 histograms: smoothed RTT (us) and connection duration (us).
 enum { H_SRTT = 0, H_DURATION };
 struct hist_key_t { u32 kind; u32 slot; };
-struct hist_val_t { u64 count; u64 sum; };
+#include "deeptrace_core/log2hist.bpf.h"
 BPF_HASH(hists, struct hist_key_t, struct hist_val_t, 4 * (NSLOTS + 1));
-
-// Smallest k with v <= 2^k; slot NSLOTS is the +Inf bucket.
-static __always_inline u32 slot_of(u64 v) {
-    if (v <= 1)
-        return 0;
-    u32 s = bpf_log2l(v - 1);
-    return s > NSLOTS ? NSLOTS : s;
-}
 
 static __always_inline void hist_add(u32 kind, u64 v) {
     struct hist_key_t k = {.kind = kind, .slot = slot_of(v)};
-    struct hist_val_t *h = hists.lookup(&k);
-    if (!h) {
-        struct hist_val_t zero = {};
-        hists.insert(&k, &zero);
-        h = hists.lookup(&k);
-        if (!h) {
-            stat_inc(ST_HIST_FULL);
-            return;
-        }
-    }
-    __sync_fetch_and_add(&h->count, 1);
-    __sync_fetch_and_add(&h->sum, v);
+    struct hist_val_t zero = {};
+    struct hist_val_t *h = hists.lookup_or_try_init(&k, &zero);
+    if (h)
+        hist_count(h, v);
+    else
+        stat_inc(ST_HIST_FULL);
 }
 
 static __always_inline struct tcp_proc_t *tcp_proc(struct conn_t *c) {

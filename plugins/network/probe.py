@@ -34,7 +34,6 @@ closed port) count for process.pid "unknown". The agent's own connections and by
 never counted.
 """
 
-import ctypes
 import logging
 import os
 import time
@@ -43,9 +42,9 @@ import attrs
 from attrs import validators as v
 
 from deeptrace_core import bpf
+from deeptrace_core.metricprobe import BpfMetricProbe, ProcessConfig, power_of_two
 from deeptrace_core.metrics import HISTOGRAM, SUM, MetricPoint, log2_bounds
-from deeptrace_core.proccounters import OTHER, ProcessCounters, task_name
-# Counts programs the kernel skipped (recursion); belongs in deeptrace_core.bpf.
+from deeptrace_core.proccounters import ProcessCounters, accumulate, busiest, labels, task_name
 
 from .decoder import STAT_NAMES, decode
 
@@ -57,6 +56,7 @@ H_SRTT, H_DURATION = 0, 1
 TRANSPORTS = {6: "tcp", 17: "udp"}
 IO_DIRECTIONS = ("receive", "transmit")
 UNKNOWN = "unknown"
+UNKNOWN_LABELS = (("process.pid", UNKNOWN), ("process.executable.name", UNKNOWN))
 KERNEL_FIELDS = (
     "tcp_sock.bytes_received",
     "tcp_sock.bytes_acked",
@@ -72,45 +72,31 @@ KERNEL_FIELDS = (
 SOCK_DONE_BIT = 1
 
 
-def _power_of_two(inst, attribute, value):
-    if value <= 0 or value & (value - 1):
-        raise ValueError(f"{attribute.name} must be a power of two, got {value}")
-
-
 @attrs.define
-class NetworkConfig:
+class NetworkConfig(ProcessConfig):
     """``probes.network`` in the YAML config."""
 
-    interval: float = attrs.field(default=10.0, validator=v.gt(0),
-                                  metadata={"unit": "seconds"})
-    top_n: int = attrs.field(default=20, validator=v.ge(1))   # busiest processes kept
     max_connections: int = attrs.field(default=65536, validator=v.ge(64))
-    max_processes: int = attrs.field(default=16384, validator=v.ge(64))
-    ringbuf_pages: int = attrs.field(default=64, validator=_power_of_two)
+    ringbuf_pages: int = attrs.field(default=64, validator=power_of_two)
 
 
-class NetworkProbe:
+class NetworkProbe(BpfMetricProbe):
     name = "network"
     config_class = NetworkConfig
     kernel_fields = KERNEL_FIELDS
     source = ("deeptrace_plugins.network", "network.bpf.c")
+    stat_names = STAT_NAMES
 
     def __init__(self, config: NetworkConfig, context=None):
-        self.config = config
-        self.context = context
-        self.bpf = None
-        self.start_ns = 0
-        self._next = 0.0
-        self._records: list = []
-        self.decode_errors = 0
+        super().__init__(config, context)
         self.self_pid = os.getpid()
         # Per-process maps; gc() folds exited processes out of them.
         self._io = ProcessCounters(b"proc_io", lambda k: (k.tgid, task_name(k.comm), k.proto, k.dir),
-                                   lambda v: (v.bytes, v.calls), 2, config.max_processes)
+                                   lambda v: (v.bytes, v.calls), config.max_processes)
         self._tcp = ProcessCounters(
             b"tcp_procs", lambda k: (k.tgid, task_name(k.comm)),
             lambda v: (v.closed, v.retrans, v.rst_sent, v.rst_recv, v.bytes_received,
-                       v.bytes_acked), 6, config.max_processes)
+                       v.bytes_acked), config.max_processes)
 
     # -- build --------------------------------------------------------------------------
     def defines(self) -> dict:
@@ -119,30 +105,16 @@ class NetworkProbe:
                 "RINGBUF_PAGES": c.ringbuf_pages, "NSLOTS": NSLOTS,
                 "SELF_TGID": self.self_pid, "SOCK_DONE_BIT": SOCK_DONE_BIT}
 
-    def render(self, defines: dict) -> str:
-        return bpf.render(bpf.read_source(*self.source), {**defines, **self.defines()})
-
     # -- run ----------------------------------------------------------------------------
     def attach(self, defines: dict):
-        self.bpf = bpf.load(self.render(defines))
-        self.start_ns = time.time_ns()
-        self._next = time.monotonic() + self.config.interval
-        self.bpf[b"events"].open_ring_buffer(self._on_event)
-
-    def _on_event(self, ctx, data, size):
-        try:
-            self._records.append(decode(ctypes.string_at(data, size)))
-        except Exception:  # a malformed record is counted, never fatal
-            self.decode_errors += 1
+        self.load(defines)
+        self.open_ring(b"events", decode)
 
     def poll(self, timeout_ms: int | None = None) -> list:
         """Never blocks: the connection records closed so far, plus every metric point
-        once the interval has elapsed."""
-        if self.bpf is not None:
-            self.bpf.ring_buffer_consume()
-        out, self._records = self._records, []
-        if self.bpf is not None and time.monotonic() >= self._next:
-            self._next = time.monotonic() + self.config.interval
+        when due (deeptrace_core.metricprobe)."""
+        out = self.take_records()
+        if self.due(timeout_ms):
             out += self.collect()
         return out
 
@@ -168,23 +140,16 @@ class NetworkProbe:
     def collect(self) -> list:
         now = time.time_ns()
         io, tcp = self.process_io(), self.process_tcp()
+        # Busiest processes by bytes, then calls and events; the rest become pid "other".
         load: dict = {}
-        for (pid, comm, _, _), (nbytes, calls) in io.items():
-            acc = load.setdefault((pid, comm), [0, 0])
-            acc[0] += nbytes
-            acc[1] += calls
+        for (pid, comm, _, _), vals in io.items():
+            accumulate(load, (pid, comm), vals)
         for (pid, comm), vals in tcp.items():
-            acc = load.setdefault((pid, comm), [0, 0])
-            acc[0] += vals[4] + vals[5]
-            acc[1] += sum(vals[:4])
-        top = set(sorted(load, key=lambda p: load[p], reverse=True)[:self.config.top_n])
+            accumulate(load, (pid, comm), (vals[4] + vals[5], sum(vals[:4])))
+        top = busiest(self.config.top_n, load)
 
         def who(pid, comm):
-            if pid == 0:
-                return (("process.pid", UNKNOWN), ("process.executable.name", UNKNOWN))
-            if (pid, comm) in top:
-                return (("process.pid", pid), ("process.executable.name", comm))
-            return (("process.pid", OTHER), ("process.executable.name", OTHER))
+            return UNKNOWN_LABELS if pid == 0 else labels(pid, comm, top)
 
         def point(name, unit, value, attributes, desc):
             return MetricPoint(name, SUM, unit, value, attributes, desc,
@@ -202,9 +167,7 @@ class NetworkProbe:
                                 "Bytes sent/received through socket calls of the process"))
         per: dict = {}
         for (pid, comm), vals in tcp.items():
-            acc = per.setdefault(who(pid, comm), [0] * 6)
-            for i, x in enumerate(vals):
-                acc[i] += x
+            accumulate(per, who(pid, comm), vals)
         for proc, (closed, retrans, rst_tx, rst_rx, rx, tx) in sorted(per.items(), key=str):
             a = dict(proc)
             points += [
@@ -246,16 +209,8 @@ class NetworkProbe:
     def stats(self) -> dict:
         if self.bpf is None:
             return {}
-        out = bpf.counters(self.bpf, STAT_NAMES)
+        out = self.counters()
         out["decode_failed"] = self.decode_errors
         out["prog_recursion_misses"] = sum(bpf.recursion_misses(self.bpf).values())
         out["conn_map_entries"] = len(self.bpf[b"conns"])
         return out
-
-    def detach(self):
-        if self.bpf is not None:
-            try:
-                self.bpf.ring_buffer_consume()
-            finally:
-                self.bpf.cleanup()
-                self.bpf = None

@@ -43,6 +43,11 @@ def read_source(package: str, filename: str) -> str:
 TRACEFS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 
 
+def tracepoint_exists(category: str, event: str) -> bool:
+    """Whether this kernel has the tracepoint (its tracefs folder)."""
+    return any(os.path.isdir(f"{root}/events/{category}/{event}") for root in TRACEFS)
+
+
 def tracepoint_has_field(category: str, event: str, field: str) -> bool:
     """Whether this kernel's tracepoint carries `field` (its tracefs format file)."""
     for root in TRACEFS:

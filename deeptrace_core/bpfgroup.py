@@ -153,6 +153,7 @@ class View:
         self.tracepoints = tracepoints
         self._tp_fds = []
         self._perf = []
+        self._kprobes = []
         self.funcs = {}      # this probe's loaded programs, by their names in its source
         self._closed = False
 
@@ -186,6 +187,14 @@ class View:
             self._b.funcs[self._name(fn_name)]
         self._perf.append((ev_type, ev_config))
 
+    def attach_kprobe(self, *, event, fn_name):
+        self._b.attach_kprobe(event=event, fn_name=self._name(fn_name))
+        self._kprobes.append((self._b.detach_kprobe, event, self._name(fn_name)))
+
+    def attach_kretprobe(self, *, event, fn_name):
+        self._b.attach_kretprobe(event=event, fn_name=self._name(fn_name))
+        self._kprobes.append((self._b.detach_kretprobe, event, self._name(fn_name)))
+
     def ring_buffer_consume(self):
         self._b.ring_buffer_consume()
 
@@ -204,4 +213,10 @@ class View:
             except Exception as exc:
                 log.error("detaching perf event %s/%s failed: %r", ev_type, ev_config, exc)
         self._perf.clear()
+        for detach, event, fn_name in self._kprobes:
+            try:
+                detach(event=event, fn_name=fn_name)
+            except Exception as exc:
+                log.error("detaching kprobe %s failed: %r", event, exc)
+        self._kprobes.clear()
         self._shared.release()

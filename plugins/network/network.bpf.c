@@ -1,11 +1,13 @@
 // network.bpf.c: TCP connection lifecycle (like BCC's tcplife), retransmits, resets,
 // smoothed RTT, and bytes per process over TCP and UDP.
 //
-// Tracepoints only (this kernel has no kprobes):
+// Tracepoints (the project's kernel has no kprobes):
 //   sock:inet_sock_set_state  birth (first state change), owner, and the CLOSE record
 //   sock:sock_send_length, sock:sock_recv_length  bytes per process (process context,
 //                             after every sendmsg/recvmsg on any socket), and the owner of
-//                             accepted connections (their first send/recv)
+//                             accepted connections (their first send/recv); Linux >= 6.3.
+//                             Before, kprobes on inet(6)_sendmsg/recvmsg where the kernel
+//                             has them (IO_KPROBES), else no bytes per process.
 //   tcp:tcp_retransmit_skb, tcp:tcp_send_reset, tcp:tcp_receive_reset
 // `args->` fields come from the tracefs format files. The only kernel struct read is the
 // socket at skaddr when it reaches CLOSE: tcp_sock (bytes_received, bytes_acked, srtt_us,
@@ -21,7 +23,7 @@
 // (the FIN is the last sequence number). The peer's FIN: tcp_fin() set SOCK_DONE.
 //
 // Compile-time knobs (set by probe.py): CONN_MAX, PROC_MAX, RINGBUF_PAGES, NSLOTS,
-// SELF_TGID, SOCK_DONE_BIT (enum sock_flags, from BTF).
+// SELF_TGID, SOCK_DONE_BIT (enum sock_flags, from BTF), SOCK_IO_TP, IO_KPROBES.
 
 // tcp:tcp_send_reset's format names `enum sk_rst_reason`, which the (older) headers BCC
 // compiles against lack; BCC's generated args struct needs it complete. Only its size (4,
@@ -311,6 +313,7 @@ static __always_inline int on_io(void *skp, u16 family, u16 protocol, int ret, i
     return 0;
 }
 
+#if SOCK_IO_TP
 TRACEPOINT_PROBE(sock, sock_recv_length) {
     return on_io(args->sk, args->family, args->protocol, args->ret, args->flags, 0);
 }
@@ -318,6 +321,45 @@ TRACEPOINT_PROBE(sock, sock_recv_length) {
 TRACEPOINT_PROBE(sock, sock_send_length) {
     return on_io(args->sk, args->family, args->protocol, args->ret, args->flags, 1);
 }
+#elif IO_KPROBES
+// Before Linux 6.3 there are no sock:sock_{send,recv}_length tracepoints. The same bytes
+// pass through the IPv4/IPv6 socket layer's sendmsg/recvmsg (inet_*, inet6_*: every read,
+// write, send* and recv* on such a socket, called through proto_ops, so never inlined):
+// kprobes there, where the kernel has them (probe.py attaches these by name). The entry
+// keeps the call's sock and recv flags for the return, which has the byte count.
+struct io_arg_t { u64 sk; int flags; };
+BPF_HASH(io_args, u64, struct io_arg_t, 16384);
+
+static __always_inline int io_enter(struct pt_regs *ctx, int flags) {
+    u64 sk = 0;
+    if (bpf_probe_read_kernel(&sk, sizeof(sk), (void *)(PT_REGS_PARM1(ctx) + OFF_socket__sk)))
+        return 0;
+    u64 id = bpf_get_current_pid_tgid();
+    struct io_arg_t a = {.sk = sk, .flags = flags};
+    io_args.update(&id, &a);
+    return 0;
+}
+
+static __always_inline int io_exit(struct pt_regs *ctx, u8 dir) {
+    u64 id = bpf_get_current_pid_tgid();
+    struct io_arg_t *a = io_args.lookup(&id);
+    if (!a)
+        return 0;
+    u64 sk = a->sk;
+    int flags = a->flags;
+    io_args.delete(&id);
+    u16 family = 0, protocol = 0;
+    bpf_probe_read_kernel(&family, sizeof(family),
+                          (void *)(sk + OFF_sock____sk_common + OFF_sock_common__skc_family));
+    bpf_probe_read_kernel(&protocol, sizeof(protocol), (void *)(sk + OFF_sock__sk_protocol));
+    return on_io((void *)sk, family, protocol, (int)PT_REGS_RC(ctx), flags, dir);
+}
+
+int io_send_enter(struct pt_regs *ctx) { return io_enter(ctx, 0); }
+int io_recv_enter(struct pt_regs *ctx) { return io_enter(ctx, (int)PT_REGS_PARM4(ctx)); }
+int io_send_exit(struct pt_regs *ctx) { return io_exit(ctx, 1); }
+int io_recv_exit(struct pt_regs *ctx) { return io_exit(ctx, 0); }
+#endif
 
 // Not full connections: no entry is created for them (it would never be deleted).
 static __always_inline int no_conn_state(int state) {

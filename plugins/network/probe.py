@@ -25,7 +25,8 @@ deeptrace.tcp.connection.duration   histogram  s             (none)
 ``process.network.io`` counts what sendmsg/recvmsg moved on IPv4/IPv6 TCP and UDP
 sockets (tracepoints sock:sock_send_length / sock:sock_recv_length, which fire in the
 calling process after every socket send/receive: write, send*, read, recv*, splice,
-io_uring alike; MSG_PEEK reads are not counted). ``deeptrace.tcp.connections`` and
+io_uring alike; MSG_PEEK reads are not counted; before Linux 6.3, which lacks them,
+kprobes on inet(6)_sendmsg/recvmsg where the kernel has kprobes). ``deeptrace.tcp.connections`` and
 ``deeptrace.tcp.connection.io`` count closed connections and their bytes
 (tcp_sock.bytes_received / bytes_acked at CLOSE). A connection's process is the one that
 called connect(), else the first to send or receive on it, else the one that closed it;
@@ -66,7 +67,17 @@ KERNEL_FIELDS = (
     "tcp_sock.write_seq",
     "sock.__sk_common",
     "sock_common.skc_flags",      # sk->sk_flags
+    # read only where bytes per process come from kprobes (kernels before 6.3)
+    "socket.sk",
+    "sock.sk_protocol",
+    "sock_common.skc_family",
 )
+# Where the sock:sock_{send,recv}_length tracepoints are missing (Linux < 6.3), bytes per
+# process come from these functions' kprobes: (function, entry program, return program).
+IO_KPROBES = (("inet_sendmsg", "io_send_enter", "io_send_exit"),
+              ("inet6_sendmsg", "io_send_enter", "io_send_exit"),
+              ("inet_recvmsg", "io_recv_enter", "io_recv_exit"),
+              ("inet6_recvmsg", "io_recv_enter", "io_recv_exit"))
 # enum sock_flags { SOCK_DEAD, SOCK_DONE, ... }: unchanged since Linux 2.6; a test checks
 # it against the kernel's BTF (bpftool).
 SOCK_DONE_BIT = 1
@@ -90,6 +101,13 @@ class NetworkProbe(BpfMetricProbe):
     def __init__(self, config: NetworkConfig, context=None):
         super().__init__(config, context)
         self.self_pid = os.getpid()
+        # How bytes per process are counted on this kernel: "tracepoints", "kprobes" or
+        # "unavailable" (then process.network.io is not reported; said once at attach).
+        if bpf.tracepoint_exists("sock", "sock_send_length"):
+            self.io_source = "tracepoints"
+        else:
+            from deeptrace_core import features
+            self.io_source = "kprobes" if features.kprobes()[0] else "unavailable"
         # Per-process maps; gc() folds exited processes out of them.
         self._io = ProcessCounters(b"proc_io", lambda k: (k.tgid, task_name(k.comm), k.proto, k.dir),
                                    lambda v: (v.bytes, v.calls), config.max_processes)
@@ -103,11 +121,22 @@ class NetworkProbe(BpfMetricProbe):
         c = self.config
         return {"CONN_MAX": c.max_connections, "PROC_MAX": c.max_processes,
                 "RINGBUF_PAGES": c.ringbuf_pages, "NSLOTS": NSLOTS,
-                "SELF_TGID": self.self_pid, "SOCK_DONE_BIT": SOCK_DONE_BIT}
+                "SELF_TGID": self.self_pid, "SOCK_DONE_BIT": SOCK_DONE_BIT,
+                "SOCK_IO_TP": int(self.io_source == "tracepoints"),
+                "IO_KPROBES": int(self.io_source == "kprobes")}
 
     # -- run ----------------------------------------------------------------------------
     def attach(self, defines: dict):
         self.load(defines)
+        if self.io_source == "kprobes":
+            for event, enter, ret in IO_KPROBES:
+                self.bpf.attach_kprobe(event=event, fn_name=enter.encode())
+                self.bpf.attach_kretprobe(event=event, fn_name=ret.encode())
+            log.info("network: bytes per process from kprobes on inet(6)_sendmsg/recvmsg "
+                     "(this kernel has no sock:sock_send_length tracepoint)")
+        elif self.io_source == "unavailable":
+            log.warning("network: process.network.io unavailable: this kernel has neither "
+                        "the sock:sock_send_length tracepoint (Linux >= 6.3) nor kprobes")
         self.open_ring(b"events", decode)
 
     def poll(self, timeout_ms: int | None = None) -> list:

@@ -10,10 +10,12 @@ setup:
 run: setup
 	$(VENV)/bin/deeptrace --config $(CONFIG)
 
-# The host's suite, then the smoke subset inside every kernel of tests/kernels/kernels.txt
-# under qemu; both always run, and either failing fails the target.
+# The host's suite; the Redis plugin distribution's own tests, from its own folder; then
+# the smoke subset inside every kernel of tests/kernels/kernels.txt under qemu. All three
+# always run, and any failing fails the target.
 test: setup
 	rc=0; $(VENV)/bin/python -m pytest -v tests || rc=$$?; \
+	(cd plugins/protocols/redis && ../../../$(VENV)/bin/python -m pytest -v) || rc=$$?; \
 	$(VENV)/bin/python tests/kernels/run.py --suite smoke || rc=$$?; exit $$rc
 
 # The full kernel subset (trace syscalls, one e2e test per protocol family, system probes,

@@ -240,7 +240,10 @@ class ExporterOptions(Protocol):
 class L7Protocol(Protocol):
     """An application protocol the trace probe detects in the kernel and the spans stage
     parses into messages and spans (``registry.add_protocol(cls)``). Built by the spans
-    stage as ``cls(config)``, with ``config = config_class()``.
+    stage as ``cls(config)``: ``config`` is ``config_class`` filled from the YAML's
+    ``processors.spans.protocol_config.<name>`` (defaults when absent).
+    :class:`deeptrace_core.l7.ProtocolBase` provides everything but ``name``,
+    ``detect_c``, ``detect`` and a ``parser_class`` (built with the config's fields).
 
     Data members (class attributes):
       ``name``          the name the trace probe's and the spans stage's ``protocols``
@@ -269,7 +272,9 @@ class L7Protocol(Protocol):
         method: the stage calls it on a connection the kernel did not classify."""
 
     def parser(self) -> Any:
-        """A fresh :class:`deeptrace_core.l7.Parser` for one connection."""
+        """A fresh :class:`deeptrace_core.l7.Parser` for one connection. The stage calls
+        on it only ``set_l4``, ``feed``, ``reset`` (after the parser raised) and
+        ``span_error`` (the protocol's own rule for an error span), and reads ``errors``."""
 
 
 # -- the contracts by registry table ------------------------------------------------------

@@ -3,7 +3,9 @@
   deeptrace --config FILE             run until Ctrl-C/SIGTERM (also: deeptrace run ...)
   deeptrace validate --config FILE    check a config without running anything
   deeptrace plugins                   list plugins with their distribution and version
-  deeptrace doctor                    check root, BTF, tracefs, BCC, headers, tracepoints
+  deeptrace doctor                    check root, BTF, tracefs, BCC, headers, tracepoints,
+                                      and the kernel's BPF features
+  deeptrace plugin new protocol NAME  write a new protocol plugin distribution (tests pass)
   deeptrace probe render NAME         print the final BPF C of a probe
   deeptrace traces [show ID]          recent traces from the local store, or one as a tree
 """
@@ -13,7 +15,7 @@ import logging
 import signal
 import sys
 
-from . import __version__, doctor, traces_cli
+from . import __version__, doctor, scaffold, traces_cli
 from .api import Context
 from .bpf import BPFUnavailable, check_privileges
 from .config import ConfigError, load_config
@@ -36,6 +38,7 @@ def _parser():
     v.add_argument("-c", "--config", required=True)
     sub.add_parser("plugins", help="list plugins")
     traces_cli.add_parser(sub)
+    scaffold.add_parser(sub)
     sub.add_parser("doctor", help="check this machine")
     pr = sub.add_parser("probe", help="probe tools")
     prs = pr.add_subparsers(dest="probe_command", required=True)
@@ -135,7 +138,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="deeptrace: %(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
     handlers = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins,
-                "doctor": cmd_doctor, "probe": cmd_probe_render, "traces": traces_cli.run}
+                "doctor": cmd_doctor, "probe": cmd_probe_render, "traces": traces_cli.run,
+                "plugin": scaffold.run}
     command = args.command or ("run" if args.config else None)
     if command is None:
         _parser().print_help()

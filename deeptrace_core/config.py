@@ -7,6 +7,10 @@ turns a YAML node into an instance, checking keys and types from the attrs
 fields.  We work on composed YAML *nodes* rather than loaded Python objects so
 every error can point at a file line, and so duplicate keys (which PyYAML
 silently collapses) can be caught.
+
+A field may name registered components (`metadata={"registered": "protocols"}`): a
+list of their names, or a mapping from name to that component's own settings, built
+from its config_class. Both are checked against `schemas[kind]` (the registry's).
 """
 
 import os
@@ -129,7 +133,7 @@ def parse_config(text: str, path: str, schemas, env=None) -> AgentConfig:
         if k.value == "agent":
             agent = build(AgentSettings, v, "agent", path, env, line=_line(k))
         elif k.value in SECTIONS:
-            sections[k.value] = _components(k.value, v, schemas.get(k.value, {}), path, env)
+            sections[k.value] = _components(k.value, v, schemas, path, env)
         elif k.value == "pipelines":
             pipelines = (v, _line(k))
         else:
@@ -138,11 +142,13 @@ def parse_config(text: str, path: str, schemas, env=None) -> AgentConfig:
                        _pipelines(*pipelines, sections, path, env))
 
 
-def build(cls: type, node, keypath: str, path: str, env, *, line: int | None = None) -> object:
+def build(cls: type, node, keypath: str, path: str, env, *, line: int | None = None,
+          schemas=None) -> object:
     """Build one attrs instance from a mapping node (null/None means all defaults).
 
     `line` is where "missing key" and whole-object errors point: callers pass
-    the parent key's line, which reads better than the first child's.
+    the parent key's line, which reads better than the first child's. `schemas`
+    (config classes by kind and name) checks fields that name registered components.
     """
     line = line if line is not None else (_line(node) if node is not None else None)
     if _is_null(node):
@@ -157,7 +163,10 @@ def build(cls: type, node, keypath: str, path: str, env, *, line: int | None = N
         a = fields.get(k.value)
         if a is None:
             raise ConfigError(path, _line(k), sub, f"unknown key {k.value!r}", sorted(fields))
-        if a.metadata.get("unit") == "seconds":
+        kind = a.metadata.get("registered")
+        if kind is not None and schemas is not None and kind in schemas:
+            value = _registered(v, a.type, schemas[kind], kind, sub, path, env)
+        elif a.metadata.get("unit") == "seconds":
             value = _duration(v, a.type, sub, path, env)
         else:
             value = _convert(v, a.type, sub, path, env)
@@ -213,7 +222,33 @@ def _message(e):
     return e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
 
 
-def _components(kind, node, known, path, env):
+def _registered(node, tp, known, kind, keypath, path, env):
+    """Names of registered `kind` components: a list of names, or a mapping from name to
+    the settings of that component's config_class."""
+    what = kind[:-1]
+    origin = typing.get_origin(tp)
+    if tp is list or origin is list:
+        names = _convert(node, tp, keypath, path, env)
+        for i, (name, item) in enumerate(zip(names, node.value)):
+            if name not in known:
+                raise ConfigError(path, _line(item), f"{keypath}[{i}]",
+                                  f"unknown {what} {name!r}", sorted(known))
+        return names
+    if tp is dict or origin is dict:
+        if not isinstance(node, yaml.MappingNode):
+            raise _mismatch(node, f"a mapping of {what} names", keypath, path, env)
+        out = {}
+        for k, v in _items(node, keypath, path):
+            sub = _join(keypath, k.value)
+            if k.value not in known:
+                raise ConfigError(path, _line(k), sub, f"unknown {what} {k.value!r}", sorted(known))
+            out[k.value] = build(known[k.value], v, sub, path, env, line=_line(k))
+        return out
+    raise TypeError(f"{keypath}: a registered field must be a list or a dict, not {tp!r}")
+
+
+def _components(kind, node, schemas, path, env):
+    known = schemas.get(kind, {})
     out = {}
     if _is_null(node):
         return out
@@ -226,7 +261,7 @@ def _components(kind, node, known, path, env):
             raise ConfigError(path, _line(k), keypath, f"unknown {kind[:-1]} type {ctype!r}", sorted(known))
         if slash and not cname:
             raise ConfigError(path, _line(k), keypath, "empty name after '/' (use type or type/name)")
-        config = build(known[ctype], v, keypath, path, env, line=_line(k))
+        config = build(known[ctype], v, keypath, path, env, line=_line(k), schemas=schemas)
         out[k.value] = Component(kind, ctype, k.value, config, _line(k))
     return out
 

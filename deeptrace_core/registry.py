@@ -94,7 +94,7 @@ class Registry:
     def schemas(self):
         """Config classes by section and type name, as the config loader wants them."""
         return {kind: {n: e.cls.config_class for n, e in getattr(self, kind).items()}
-                for kind in ("probes", "processors", "exporters")}
+                for kind in ("probes", "protocols", "processors", "exporters")}
 
     def __repr__(self):
         # Short: DEEPTRACE_TRACE_HOOKS prints it for every register hook call.

@@ -12,32 +12,13 @@ import time
 
 import pytest
 
+# One rule for every suite, the plugin distributions' too (deeptrace_core.testing).
+from deeptrace_core.testing import bpf_unavailable_reason, require_bpf  # noqa: F401
+
 CI = os.environ.get("CI") == "true"
 HERE = os.path.dirname(__file__)
 PEERS = os.path.join(HERE, "peers.py")
 NO_SUCH_PID = 0x3FFFFFFF  # compiles the pid filter in; tests add their children at run time
-
-
-def bpf_unavailable_reason():
-    if os.geteuid() != 0:
-        return "not running as root"
-    if not os.path.exists("/sys/kernel/btf/vmlinux"):
-        return "no /sys/kernel/btf/vmlinux"
-    if not os.path.isdir("/sys/kernel/tracing/events"):
-        return "tracefs not mounted at /sys/kernel/tracing (run scripts/setup.sh)"
-    try:
-        import bcc  # noqa: F401
-    except Exception as exc:
-        return f"cannot import bcc: {exc} (run scripts/setup.sh)"
-    return None
-
-
-def require_bpf():
-    reason = bpf_unavailable_reason()
-    if reason:
-        if CI:
-            pytest.fail(f"BPF tests cannot run under CI: {reason}")
-        pytest.skip(f"BPF cannot load here: {reason}")
 
 
 @pytest.fixture(scope="session")

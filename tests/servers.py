@@ -7,51 +7,19 @@ The Debian packages are installed by scripts/setup.sh; these start private insta
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
-import time
+
+from deeptrace_core import testing
+from deeptrace_core.testing import free_port, wait_port  # noqa: F401 (tests and bench use them)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Server(testing.Server):
+    """A named server (the name is in its errors)."""
 
-
-def wait_port(port, proc, timeout=30.0, what="server"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{what} did not listen on {port} within {timeout}s")
-
-
-class Server:
     def __init__(self, name, argv, port, cwd=None, user=None, env=None):
-        self.name, self.port = name, port
-        self.proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, env=env,
-                                     user=user)
-        wait_port(port, self.proc, what=name)
-
-    @property
-    def pid(self):
-        return self.proc.pid
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self.name = name
+        super().__init__(argv, port, what=name, cwd=cwd, user=user, env=env)
 
 
 def redis():

@@ -409,3 +409,145 @@ def test_config_error_str_and_pickle():
     assert str(err) == "f.yaml:3: a.b: bad (allowed: x, y)"
     copy = pickle.loads(pickle.dumps(err))
     assert (copy.line, copy.key, copy.allowed, str(copy)) == (3, "a.b", ["x", "y"], str(err))
+
+
+# -- protocols: names checked against the registry, each protocol's own settings ---------
+def l7_registry():
+    from deeptrace_core.registry import Registry
+    from deeptrace_plugins.protocols.http1 import plugin as http1
+    from deeptrace_plugins.protocols.mysql import plugin as mysql
+    reg = Registry()
+    for module in (http1, mysql):
+        module.deeptrace_register_protocols(reg)
+    return reg
+
+
+def l7_schemas(reg):
+    from deeptrace_plugins.protocols.stage import SpansConfig
+    from deeptrace_plugins.trace.probe import TraceConfig as RealTraceConfig
+    return {"probes": {"trace": RealTraceConfig}, "processors": {"spans": SpansConfig},
+            "exporters": {"console": FileExporterConfig},
+            "protocols": {n: e.cls.config_class for n, e in reg.protocols.items()}}
+
+
+def l7_parse(body, schemas=None):
+    text = dedent(body) + dedent("""\
+        pipelines:
+          main: {probes: [trace], processors: [spans], exporters: [console]}
+        exporters: {console: {}}
+        """)
+    return parse_config(text, "agent.yaml", schemas or l7_schemas(l7_registry()), {})
+
+
+def l7_error(body) -> ConfigError:
+    with pytest.raises(ConfigError) as e:
+        l7_parse(body)
+    return e.value
+
+
+def test_protocol_config_from_yaml_reaches_the_parser():
+    import time
+    import types
+
+    from deeptrace_plugins.protocols.mysql.plugin import MySQLConfig
+    from deeptrace_plugins.protocols.stage import SpanStage
+    from deeptrace_plugins.trace.decoder import SocketRecord
+    reg = l7_registry()
+    cfg = l7_parse("""\
+        probes: {trace: {protocols: [mysql]}}
+        processors:
+          spans:
+            protocols: [mysql, http1]
+            protocol_config:
+              mysql: {max_statements: 2}
+              http1:
+        """)
+    spans_config = cfg.processors["spans"].config
+    assert spans_config.protocol_config == {"mysql": MySQLConfig(max_statements=2),
+                                            "http1": reg.protocols["http1"].cls.config_class()}
+    stage = SpanStage(spans_config, types.SimpleNamespace(registry=reg))
+
+    def rec(payload, direction, t):
+        t += now    # recent: older requests would time out
+        return SocketRecord(
+            ts_enter_ns=t, ts_exit_ns=t + 1, pid=1, tid=1, comm="c", fd=3, syscall="x",
+            direction=direction, l4="tcp", family="ipv4", local_addr="127.0.0.1",
+            local_port=40000, remote_addr="127.0.0.1", remote_port=3306, bytes=len(payload),
+            payload=payload, conn_id=1, protocol="mysql", role="client", tcp_seq_start=None,
+            tcp_seq_end=None)
+
+    def pkt(seq, payload):
+        return len(payload).to_bytes(3, "little") + bytes([seq]) + payload
+
+    now = time.time_ns()
+
+    records = []
+    for sid in (1, 2, 3):   # COM_STMT_PREPARE, then a prepare-OK without columns/params
+        records += [rec(pkt(0, b"\x16SELECT %d" % sid), "egress", 10 * sid),
+                    rec(pkt(1, b"\x00" + sid.to_bytes(4, "little") + bytes(6)), "ingress",
+                        10 * sid + 5)]
+    assert len(stage.process(records)) == 3
+    parser = stage.conns[(1, 1)].parser
+    assert dict(parser.statements) == {2: "SELECT 2", 3: "SELECT 3"}   # only 2 kept
+
+
+def test_bad_protocol_config_key_names_file_line_and_allowed_keys():
+    err = l7_error("""\
+        processors:
+          spans:
+            protocol_config:
+              mysql:
+                max_statement: 2
+        """)
+    assert (err.file, err.line, err.key, err.allowed) == (
+        "agent.yaml", 5, "processors.spans.protocol_config.mysql.max_statement",
+        ["max_statements"])
+    assert str(err).startswith("agent.yaml:5: processors.spans.protocol_config.mysql."
+                               "max_statement: unknown key 'max_statement'")
+    err = l7_error("""\
+        processors:
+          spans:
+            protocol_config:
+              mysql: {max_statements: 0}
+        """)
+    assert (err.line, err.key) == (4, "processors.spans.protocol_config.mysql.max_statements")
+    assert "must be >= 1" in err.message
+
+
+def test_unknown_protocols_are_config_errors_with_the_registered_names():
+    for body, line, key in (
+            ("processors:\n  spans:\n    protocols: [http1, redis]\n", 3,
+             "processors.spans.protocols[1]"),
+            ("probes:\n  trace:\n    protocols:\n      - mysql\n      - nope\n", 5,
+             "probes.trace.protocols[1]"),
+            ("processors:\n  spans:\n    protocol_config:\n      pg: {}\n", 4,
+             "processors.spans.protocol_config.pg")):
+        err = l7_error(body)
+        assert (err.line, err.key, err.allowed) == (line, key, ["http1", "mysql"])
+        assert err.message.startswith("unknown protocol")
+
+
+def test_protocol_config_of_a_protocol_not_enabled_is_an_error():
+    err = l7_error("""\
+        processors:
+          spans:
+            protocols: [http1]
+            protocol_config:
+              mysql: {max_statements: 5}
+        """)
+    assert (err.line, err.key) == (5, "processors.spans.protocol_config")
+    assert "'mysql' is not enabled" in err.message and "http1" in err.message
+    err = l7_error("""\
+        processors:
+          spans:
+            protocol_config: [mysql]
+        """)
+    assert (err.line, err.message) == (3, "expected a mapping of protocol names, got a list")
+
+
+def test_registered_names_are_left_to_the_component_without_a_registry_schema():
+    schemas = l7_schemas(l7_registry())
+    del schemas["protocols"]
+    cfg = l7_parse("probes: {trace: {}}\nprocessors:\n  spans:\n    protocols: [nope]\n"
+                   "    protocol_config: {nope: {x: 1}}\n", schemas)
+    assert cfg.processors["spans"].config.protocol_config == {"nope": {"x": 1}}

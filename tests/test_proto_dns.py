@@ -3,7 +3,6 @@ dnspython queries over UDP and TCP to an in-test server), one per datagram, leng
 prefixed over TCP (split, coalesced), cut by the capture, garbage; property tests; the
 detector in Python and in the kernel."""
 
-import random
 import socket
 import threading
 
@@ -11,13 +10,11 @@ import dns.message
 import dns.query
 import dns.rcode
 import dns.rrset
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import detect_harness
-
-from deeptrace_plugins.protocols.base import REQ, REQUEST, RESP, RESPONSE
+from deeptrace_core import testing as kit
+from deeptrace_core.l7 import REQ, REQUEST, RESP, RESPONSE
 from deeptrace_plugins.protocols.dns.parser import DnsParser
 from deeptrace_plugins.protocols.dns.plugin import DnsProtocol, detect
 
@@ -54,27 +51,17 @@ def parser(l4):
 
 def run(l4, chunks, cap=None):
     p = parser(l4)
-    out = []
-    for i, (side, data) in enumerate(chunks):
-        out += p.feed(side, data[:cap] if cap else data, len(data), i * 10, i * 10 + 1)
-    return p, out
+    return p, kit.feed(p, chunks, cap=cap)
 
 
 def view(msgs):
-    return [(m.is_request, m.operation, m.status, m.error, m.key, dict(m.attributes))
-            for m in msgs]
+    """What UDP and TCP framings of the same messages agree on (not their sizes)."""
+    return kit.view(msgs, ("is_request", "operation", "status", "error", "key", "attributes"))
 
 
 def pairs(msgs):
-    keyed, out = {}, []
-    for m in msgs:
-        if m.is_request:
-            keyed[m.key] = m
-        else:
-            q = keyed.pop(m.key)
-            out.append((q.operation, m.status, m.error, m.attributes["dns.answer.count"]))
-    assert not keyed
-    return out
+    return [(q.operation, r.status, r.error, r.attributes["dns.answer.count"])
+            for q, r in kit.pairs(msgs)]
 
 
 def test_udp_queries_and_answers():
@@ -86,9 +73,9 @@ def test_udp_queries_and_answers():
               (RESP, answer(q1, n=3).to_wire())]
     p, msgs = run("udp", chunks)
     assert p.errors == 0
-    assert pairs(msgs) == [("AAAA missing.example.", "NXDOMAIN", True, 0),
-                           ("MX mx.example.", "SERVFAIL", True, 0),
-                           ("A known.example.", "NOERROR", False, 3)]
+    assert pairs(msgs) == [("A known.example.", "NOERROR", False, 3),
+                           ("AAAA missing.example.", "NXDOMAIN", True, 0),
+                           ("MX mx.example.", "SERVFAIL", True, 0)]
     assert msgs[0].attributes == {"dns.question.name": "known.example",
                                   "dns.question.type": "A"}
     assert msgs[0].key == (q1.id, "known.example.", "A")
@@ -267,29 +254,18 @@ def test_property_tcp_any_split_gives_the_same_messages(specs, cuts):
     ref = view(run("tcp", [(REQ, req), (RESP, resp)])[1])
     assert len(ref) == 2 * len(specs)
     assert view(run("udp", [(REQ, w) for w in reqs] + [(RESP, w) for w in resps])[1]) == ref
-
-    def split(data):
-        pts = sorted({c % (len(data) + 1) for c in cuts})
-        return [data[a:b] for a, b in zip([0] + pts, pts + [len(data)]) if b > a]
-
-    chunks = [(REQ, c) for c in split(req)] + [(RESP, c) for c in split(resp)]
+    chunks = [(REQ, c) for c in kit.split(req, cuts)] + [(RESP, c) for c in kit.split(resp, cuts)]
     assert view(run("tcp", chunks)[1]) == ref
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(st.sampled_from(["udp", "tcp"]),
-       st.lists(st.tuples(st.sampled_from([REQ, RESP]),
-                          st.one_of(st.binary(max_size=80),
-                                    msgs_st.map(lambda s: s[0].to_wire()),
-                                    msgs_st.map(lambda s: tcp(s[0])),
-                                    st.just(b"\xff\xff")),
-                          st.integers(0, 3000)), max_size=20))
+       kit.syscalls(st.one_of(st.binary(max_size=80), msgs_st.map(lambda s: s[0].to_wire()),
+                              msgs_st.map(lambda s: tcp(s[0])), st.just(b"\xff\xff"))))
 def test_property_random_bytes_never_raise_and_stay_bounded(l4, feeds):
     p = parser(l4)
     p.streams[REQ].cap = p.streams[RESP].cap = 4096
-    for side, data, extra in feeds:
-        p.feed(side, data, len(data) + extra, 1, 2)
-        assert len(p.streams[side]) <= max(4096, len(data) + extra)
+    list(kit.feed_each(p, feeds))   # checks the streams' bounds after each feed
 
 
 # -- detector ---------------------------------------------------------------------------
@@ -323,34 +299,12 @@ NEGATIVE = [(R, 9999, 40000, "udp", 0),                                   # a re
              1, 27017, "tcp", 0)]                                          # MongoDB-like
 
 
-@pytest.mark.parametrize("data,lport,rport,l4,want", POSITIVE + NEGATIVE)
-def test_detect_python(data, lport, rport, l4, want):
-    assert detect(data, lport, rport, l4) == want
+# Found by tests/test_detectors.py, which runs the kit's DetectorSuite on it.
+detect_cases = kit.DetectCases(DnsProtocol, [(d, lp, rp, w, l4) for d, lp, rp, l4, w in POSITIVE],
+                               [(d, lp, rp, w, l4) for d, lp, rp, l4, w in NEGATIVE],
+                               ports=(53,))
 
 
 def test_protocol_class():
-    proto = DnsProtocol(DnsProtocol.config_class())
-    p = proto.parser()
-    assert proto.name == "dns" and isinstance(p, DnsParser) and p.protocol == "dns"
-    assert p.l4 == "udp" and proto.parser() is not p
-
-
-kernel_detector = detect_harness.detector_fixture(DnsProtocol)
-
-
-def test_detect_kernel_matches_python(kernel_detector):
-    detect_harness.assert_table_matches(kernel_detector, detect, POSITIVE + NEGATIVE)
-
-
-@settings(max_examples=1, deadline=None)
-@given(st.lists(st.tuples(
-    st.one_of(st.binary(max_size=40),
-              st.tuples(st.sampled_from([Q, QE, R, NX, tcp(query()), tcp(answer(query()))]),
-                        st.integers(0, 31), st.integers(0, 255)).map(
-                  lambda t: t[0][:t[1]] + bytes([t[2]]) + t[0][t[1] + 1:])),
-    st.sampled_from([53, 5555]), st.sampled_from([53, 80]), st.sampled_from([1, 2])),
-    min_size=200, max_size=200))
-def test_detect_kernel_matches_python_on_random_inputs(kernel_detector, inputs):
-    rnd = random.Random(0)
-    rnd.shuffle(inputs)
-    detect_harness.assert_kernel_matches(kernel_detector, detect, inputs)
+    p = DnsProtocol(DnsProtocol.config_class()).parser()
+    assert isinstance(p, DnsParser) and p.l4 == "udp"

@@ -3,95 +3,33 @@ recording proxy) and on hand-written edge cases, holes, property tests, detector
 
 import http.client
 import http.server
-import importlib.resources
-import select
-import socket
 import threading
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deeptrace_plugins.protocols.base import REQ, REQUEST, RESP, RESPONSE
+from deeptrace_core import testing as kit
+from deeptrace_core.l7 import REQ, REQUEST, RESP, RESPONSE
 from deeptrace_plugins.protocols.http1 import parser as h1
 from deeptrace_plugins.protocols.http1.plugin import Http1Protocol
-
-PKG = "deeptrace_plugins.protocols.http1"
 
 
 # -- helpers -------------------------------------------------------------------------------
 
-class Recorder:
-    """A TCP proxy recording every recv of both directions: conns[i] = [(side, bytes)]."""
-
-    def __init__(self, target):
-        self.target = target
-        self.lsock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.lsock.getsockname()[1]
-        self.conns = []
-        self.threads = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                client, _ = self.lsock.accept()
-            except OSError:
-                return
-            server = socket.create_connection(self.target)
-            rec = []
-            self.conns.append(rec)
-            t = threading.Thread(target=self._pump, args=(client, server, rec), daemon=True)
-            t.start()
-            self.threads.append(t)
-
-    @staticmethod
-    def _pump(client, server, rec):
-        peer = {client: (server, REQ), server: (client, RESP)}
-        with client, server:
-            while True:
-                for sock in select.select([client, server], [], [], 5)[0]:
-                    data = sock.recv(65536)
-                    if not data:
-                        return
-                    dst, side = peer[sock]
-                    rec.append((side, data))
-                    dst.sendall(data)
-
-    def close(self):
-        self.lsock.close()
-        for t in self.threads:
-            t.join(5)
-
-
-def feed(records, cap=None, parser=None):
+def feed(records, cap=None):
     """Feed (side, bytes) records, each captured up to `cap` bytes; returns (parser, msgs)."""
-    p = parser or Http1Protocol().parser()
-    out = []
-    for i, (side, data) in enumerate(records):
-        out += p.feed(side, data[:cap] if cap else data, len(data), i * 10, i * 10 + 1, None)
-    return p, out
-
-
-def put(p, side, data, ts_start=0, ts_end=0):
-    """One fully captured syscall."""
-    return p.feed(side, data, len(data), ts_start, ts_end)
+    p = Http1Protocol().parser()
+    return p, kit.feed(p, records, cap=cap)
 
 
 def summary(msgs):
-    return [(m.is_request, m.operation, m.status, m.error, m.size,
-             sorted(m.attributes.items())) for m in msgs]
+    return kit.view(msgs, ("is_request", "operation", "status", "error", "size", "attributes"))
 
 
 def pairs(msgs):
-    """FIFO pairing as the stage does it: [(request operation, response status)]."""
-    reqs = [m for m in msgs if m.is_request]
-    resps = [m for m in msgs if not m.is_request]
-    return [(q.operation, r.status) for q, r in zip(reqs, resps)]
-
-
-def side_bytes(records, side):
-    return b"".join(d for s, d in records if s == side)
+    """Paired as the stage pairs them: [(request operation, response status)]."""
+    return [(q.operation, r.status) for q, r in kit.pairs(msgs)]
 
 
 # -- real bytes: http.client against http.server -------------------------------------------
@@ -156,7 +94,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 def capture():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    rec = Recorder(server.server_address)
+    rec = kit.Recorder(server.server_address)
     conn = http.client.HTTPConnection("127.0.0.1", rec.port, timeout=5)
     calls = []
 
@@ -193,8 +131,9 @@ def test_real_keepalive_connection(capture):
     assert len(msgs) == 2 * len(calls)
     # Every byte of each side belongs to exactly one message (1xx interim excluded).
     interim = len(b"HTTP/1.1 100 Continue\r\n\r\n")   # http.server's answer to the Expect
-    assert sum(m.size for m in msgs if m.is_request) == len(side_bytes(records, REQ))
-    assert sum(m.size for m in msgs if not m.is_request) == len(side_bytes(records, RESP)) - interim
+    assert sum(m.size for m in msgs if m.is_request) == len(kit.side_bytes(records, REQ))
+    assert sum(m.size for m in msgs if not m.is_request) == \
+        len(kit.side_bytes(records, RESP)) - interim
     first = msgs[0]
     assert first.attributes["url.path"] == "/hello"
     assert first.attributes["url.query"] == "name=x&token=REDACTED"
@@ -230,8 +169,7 @@ def test_real_bytes_with_capture_holes(capture):
 def test_real_bytes_coalesced_and_split(capture):
     """All of one side in one feed, then all of the other; and split every 3 bytes."""
     records, calls = capture
-    whole = [(REQ, side_bytes(records, REQ)), (RESP, side_bytes(records, RESP))]
-    assert pairs(feed(whole)[1]) == calls
+    assert pairs(feed(kit.coalesce(records))[1]) == calls
     tiny = [(s, d[i:i + 3]) for s, d in records for i in range(0, len(d), 3)]
     assert summary(feed(tiny)[1]) == summary(feed(records)[1])
 
@@ -339,8 +277,8 @@ def test_big_body_hole_then_next_message():
     body_call = b"POST /up HTTP/1.1\r\nContent-Length: 100000\r\n\r\n" + b"z" * 100000
     p = Http1Protocol().parser()
     msgs = p.feed(REQ, body_call[:64], len(body_call), 1, 2)
-    msgs += put(p, REQ, b"GET /after HTTP/1.1\r\n\r\n", 3, 4)
-    msgs += put(p, RESP, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n" * 2, 5, 6)
+    msgs += kit.put(p, REQ, b"GET /after HTTP/1.1\r\n\r\n", 3, 4)
+    msgs += kit.put(p, RESP, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n" * 2, 5, 6)
     assert pairs(msgs) == [("POST /up", "200"), ("GET /after", "200")]
     assert msgs[0].size == len(body_call)
 
@@ -351,8 +289,8 @@ def test_head_cut_by_capture_is_incomplete_and_resyncs():
            b"\r\n\r\n")
     p = Http1Protocol().parser()
     msgs = p.feed(REQ, big[:1024], len(big), 1, 2)
-    msgs += put(p, REQ, b"GET /next HTTP/1.1\r\n\r\n", 3, 4)
-    msgs += put(p, RESP, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    msgs += kit.put(p, REQ, b"GET /next HTTP/1.1\r\n\r\n", 3, 4)
+    msgs += kit.put(p, RESP, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
                          b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", 5, 6)
     assert pairs(msgs) == [("GET /cookie", "200"), ("GET /next", "404")]
     assert msgs[0].attributes["deeptrace.incomplete"] is True
@@ -364,9 +302,9 @@ def test_chunk_size_in_hole_is_incomplete_and_resyncs():
     body = b"".join(b"%x\r\n%s\r\n" % (500, b"q" * 500) for _ in range(6)) + b"0\r\n\r\n"
     call = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body
     p = Http1Protocol().parser()
-    msgs = put(p, REQ, b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n", 0, 0)
+    msgs = kit.put(p, REQ, b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n", 0, 0)
     msgs += p.feed(RESP, call[:1024], len(call), 1, 2)       # 2nd chunk size in the hole
-    msgs += put(p, RESP, b"HTTP/1.1 204 No Content\r\n\r\n", 3, 4)
+    msgs += kit.put(p, RESP, b"HTTP/1.1 204 No Content\r\n\r\n", 3, 4)
     assert pairs(msgs) == [("GET /a", "200"), ("GET /b", "204")]
     assert msgs[2].attributes["deeptrace.incomplete"] is True
     assert p.errors == 0
@@ -374,22 +312,22 @@ def test_chunk_size_in_hole_is_incomplete_and_resyncs():
 
 def test_garbage_then_valid():
     p = Http1Protocol().parser()
-    msgs = put(p, REQ, b"\x00\x01garbage\r\n\r\n", 0, 0)
-    msgs += put(p, REQ, b"BOGUS\x00 / HTTP/1.1\r\n\r\n", 0, 0)
-    msgs += put(p, REQ, b"\r\nDELETE /item/7?force=1 HTTP/1.1\r\n\r\n", 1, 1)
-    msgs += put(p, RESP, b"HTTP/1.1 garbage\r\n\r\n", 2, 2)
-    msgs += put(p, RESP, b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n", 3, 3)
+    msgs = kit.put(p, REQ, b"\x00\x01garbage\r\n\r\n", 0, 0)
+    msgs += kit.put(p, REQ, b"BOGUS\x00 / HTTP/1.1\r\n\r\n", 0, 0)
+    msgs += kit.put(p, REQ, b"\r\nDELETE /item/7?force=1 HTTP/1.1\r\n\r\n", 1, 1)
+    msgs += kit.put(p, RESP, b"HTTP/1.1 garbage\r\n\r\n", 2, 2)
+    msgs += kit.put(p, RESP, b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n", 3, 3)
     assert pairs(msgs) == [("DELETE /item/7", "500")]
     assert msgs[1].error and p.errors == 3
 
 
 def test_truncated_stream_emits_nothing_and_stays_bounded():
     p = Http1Protocol().parser()
-    assert put(p, REQ, b"GET /a HTTP/1.1\r\nHost: ", 0, 0) == []
+    assert kit.put(p, REQ, b"GET /a HTTP/1.1\r\nHost: ", 0, 0) == []
     assert len(p.streams[REQ]) == 23
     # A head that never ends: dropped once past the head limit, never kept whole.
     for _ in range(200):
-        put(p, REQ, b"X-Long: " + b"v" * 1000 + b"\r\n", 0, 0)
+        kit.put(p, REQ, b"X-Long: " + b"v" * 1000 + b"\r\n", 0, 0)
         assert len(p.streams[REQ]) <= h1.MAX_HEAD + 1010
     assert p.errors >= 1
 
@@ -397,7 +335,7 @@ def test_truncated_stream_emits_nothing_and_stays_bounded():
 def test_pending_methods_bounded():
     p = Http1Protocol().parser()
     for _ in range(3 * h1.MAX_PENDING):
-        put(p, REQ, b"GET / HTTP/1.1\r\n\r\n", 0, 0)
+        kit.put(p, REQ, b"GET / HTTP/1.1\r\n\r\n", 0, 0)
     assert len(p.pending) == h1.MAX_PENDING
 
 
@@ -468,43 +406,22 @@ NEGATIVE = [b"", b"GET", b"GET ", b"GET  /", b"get / HTTP/1.1", b"GETX / HTTP/1.
             b"SELECT 1", b"POST\t/ HTTP/1.1", b"HEADER / x", b"PUTS / x"]
 
 
-def test_python_detector():
-    for data, want in POSITIVE:
-        assert Http1Protocol.detect(data, 5000, 80, "tcp") == want, data
-        assert Http1Protocol.detect(data, 5000, 80, "udp") == 0
-    for data in NEGATIVE:
-        assert Http1Protocol.detect(data, 5000, 80, "tcp") == 0, data
+# Found by tests/test_detectors.py, which runs the kit's DetectorSuite on it.
+detect_cases = kit.DetectCases(
+    Http1Protocol, [(d, 5000, 80, want) for d, want in POSITIVE],
+    [(d, 5000, 80, 0) for d in NEGATIVE] + [(d, 5000, 80, 0, "udp") for d, _ in POSITIVE],
+    ports=(80,),
+    inputs=st.one_of(
+        st.builds(lambda m, b: m + b, st.sampled_from([m for m, _ in POSITIVE]),
+                  st.binary(max_size=20)),
+        st.builds(lambda m, b: m[:9] + b, st.sampled_from([b"HTTP/1.1 ", b"HTTP/1.0 "]),
+                  st.binary(max_size=4))))
 
 
-@pytest.fixture(scope="module")
-def kernel_detector():
-    from conftest import require_bpf
-    require_bpf()
-    from detect_harness import Detector
-    src = importlib.resources.files(PKG).joinpath("detect.bpf.c").read_text()
-    det = Detector("http1", src)
-    yield det
-    det.close()
-
-
-def test_kernel_detector_matches_python(kernel_detector, capture):
-    samples = [d for d, _ in POSITIVE] + NEGATIVE + [d[:32] for _, d in capture[0]]
-    samples += [d[:n] for d, _ in POSITIVE for n in range(len(d))]
-    for data in samples:
-        for l4, name in ((1, "tcp"), (2, "udp")):
-            assert kernel_detector(data, 1234, 80, l4) == \
-                Http1Protocol.detect(data, 1234, 80, name), (data, name)
-
-
-@settings(max_examples=200, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.one_of(st.binary(max_size=40),
-                 st.builds(lambda m, b: m + b, st.sampled_from([m for m, _ in POSITIVE]),
-                           st.binary(max_size=20)),
-                 st.builds(lambda m, b: m[:9] + b, st.sampled_from([b"HTTP/1.1 ", b"HTTP/1.0 "]),
-                           st.binary(max_size=4))))
-def test_kernel_detector_random(kernel_detector, data):
-    assert kernel_detector(data, 1, 2, 1) == Http1Protocol.detect(data, 1, 2, "tcp")
+def test_kernel_detector_matches_python_on_real_bytes(capture):
+    kit.assert_kernel_matches(kit.kernel_detector(Http1Protocol), Http1Protocol.detect,
+                              [(d[:32], 1234, 80, l4) for _, d in capture[0]
+                               for l4 in ("tcp", "udp")])
 
 
 def test_whole_message_fast_path_matches_general_path(monkeypatch):

@@ -2,7 +2,6 @@
 recording proxy), on hand-built frames (hpack.Encoder), with holes, a missed connection
 start, property tests, and the detectors (Python and in-kernel)."""
 
-import importlib.resources
 import time
 from concurrent import futures
 
@@ -12,13 +11,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deeptrace_plugins.protocols.base import REQ, REQUEST, RESP, RESPONSE
+from deeptrace_core import testing as kit
+from deeptrace_core.l7 import REQ, REQUEST, RESP, RESPONSE
 from deeptrace_plugins.protocols.http1.plugin import Http1Protocol
 from deeptrace_plugins.protocols.http2 import parser as h2
 from deeptrace_plugins.protocols.http2.plugin import Http2Protocol
-from test_proto_http1 import Recorder
 
-PKG = "deeptrace_plugins.protocols.http2"
 PREFACE = h2.PREFACE
 MISSED = h2.PLACEHOLDER_MISSED
 LOST = h2.PLACEHOLDER_LOST
@@ -26,21 +24,18 @@ LOST = h2.PLACEHOLDER_LOST
 
 # -- helpers -------------------------------------------------------------------------------
 
-def feed(records, cap=None, parser=None):
-    p = parser or Http2Protocol().parser()
-    out = []
-    for i, (side, data) in enumerate(records):
-        out += p.feed(side, data[:cap] if cap else data, len(data), i * 10, i * 10 + 1, None)
-    return p, out
+def feed(records, cap=None):
+    p = Http2Protocol().parser()
+    return p, kit.feed(p, records, cap=cap)
 
 
 def put(p, side, data, ts=0):
-    return p.feed(side, data, len(data), ts, ts)
+    return kit.put(p, side, data, ts, ts)
 
 
 def summary(msgs):
-    return [(m.is_request, m.key, m.operation, m.status, m.error, m.size, m.protocol,
-             sorted(m.attributes.items())) for m in msgs]
+    return kit.view(msgs, ("is_request", "key", "operation", "status", "error", "size",
+                           "protocol", "attributes"))
 
 
 def by_key(msgs):
@@ -97,7 +92,7 @@ def grpc_capture():
         "Stream": grpc.unary_stream_rpc_method_handler(_stream)})])
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    rec = Recorder(("127.0.0.1", port))
+    rec = kit.Recorder(port)
     channel = grpc.insecure_channel(f"127.0.0.1:{rec.port}",
                                     options=[("grpc.enable_http_proxy", 0)])
     method = {m: channel.unary_unary(f"/{SVC}/{m}") for m in ("SayHello", "Fail", "Nope", "Slow")}
@@ -565,12 +560,15 @@ NEGATIVE = [b"", PREFACE[:23], b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n",
             b"\x4a\x00\x00\x00\x0a\x38\x2e\x30\x2e\x33\x32\x00"]  # MySQL greeting
 
 
-def test_python_detector():
-    for data, want in POSITIVE:
-        assert Http2Protocol.detect(data, 5000, 443, "tcp") == want, data
-        assert Http2Protocol.detect(data, 5000, 443, "udp") == 0
-    for data in NEGATIVE:
-        assert Http2Protocol.detect(data, 5000, 443, "tcp") == 0, data
+# Found by tests/test_detectors.py, which runs the kit's DetectorSuite on it.
+detect_cases = kit.DetectCases(
+    Http2Protocol, [(d, 5000, 443, want) for d, want in POSITIVE],
+    [(d, 5000, 443, 0) for d in NEGATIVE] + [(d, 5000, 443, 0, "udp") for d, _ in POSITIVE],
+    ports=(443,),
+    inputs=st.builds(lambda ln, t, f, s, rest: ln.to_bytes(3, "big") + bytes([t, f]) +
+                     s.to_bytes(4, "big") + rest,
+                     st.integers(0, 20000), st.sampled_from([1, 4, 0, 6]), st.integers(0, 255),
+                     st.integers(0, 2 ** 32 - 1), st.binary(max_size=24)))
 
 
 def test_detectors_do_not_overlap(grpc_capture):
@@ -586,33 +584,7 @@ def test_detectors_do_not_overlap(grpc_capture):
         assert Http2Protocol.detect(data, 1, 2, "tcp") == 0
 
 
-@pytest.fixture(scope="module")
-def kernel_detector():
-    from conftest import require_bpf
-    require_bpf()
-    from detect_harness import Detector
-    src = importlib.resources.files(PKG).joinpath("detect.bpf.c").read_text()
-    det = Detector("http2", src)
-    yield det
-    det.close()
-
-
-def test_kernel_detector_matches_python(kernel_detector, grpc_capture):
-    samples = [d for d, _ in POSITIVE] + NEGATIVE + [d[:40] for _, d in grpc_capture[0]]
-    samples += [d[:n] for d, _ in POSITIVE for n in range(min(len(d), 34))]
-    for data in samples:
-        for l4, name in ((1, "tcp"), (2, "udp")):
-            assert kernel_detector(data, 1234, 443, l4) == \
-                Http2Protocol.detect(data, 1234, 443, name), (data, name)
-
-
-@settings(max_examples=200, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.one_of(
-    st.binary(max_size=40),
-    st.builds(lambda ln, t, f, s, rest: ln.to_bytes(3, "big") + bytes([t, f]) +
-              s.to_bytes(4, "big") + rest,
-              st.integers(0, 20000), st.sampled_from([1, 4, 0, 6]), st.integers(0, 255),
-              st.integers(0, 2 ** 32 - 1), st.binary(max_size=24))))
-def test_kernel_detector_random(kernel_detector, data):
-    assert kernel_detector(data, 1, 2, 1) == Http2Protocol.detect(data, 1, 2, "tcp")
+def test_kernel_detector_matches_python_on_real_bytes(grpc_capture):
+    kit.assert_kernel_matches(kit.kernel_detector(Http2Protocol), Http2Protocol.detect,
+                              [(d[:40], 1234, 443, l4) for _, d in grpc_capture[0]
+                               for l4 in ("tcp", "udp")])

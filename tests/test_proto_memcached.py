@@ -6,69 +6,19 @@ kernel."""
 import random
 import socket
 import struct
-import threading
 import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import detect_harness
 import servers
-from deeptrace_plugins.protocols.base import REQ, REQUEST, RESP, RESPONSE
+from deeptrace_core import testing as kit
+from deeptrace_core.l7 import REQ, REQUEST, RESP, RESPONSE
 from deeptrace_plugins.protocols.memcached.parser import MemcachedParser
-from deeptrace_plugins.protocols.memcached.plugin import MemcachedProtocol, detect
+from deeptrace_plugins.protocols.memcached.plugin import MemcachedProtocol
 
 CAP = 1024
-
-
-class Recorder:
-    """A TCP proxy in front of a real server that records what each side sent, one chunk
-    per recv(), in time order (as the probe records one payload per syscall)."""
-
-    def __init__(self, port):
-        self.target = port
-        self.chunks = []
-        self.lock = threading.Lock()
-        self.ls = socket.create_server(("127.0.0.1", 0))
-        self.port = self.ls.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                c, _ = self.ls.accept()
-            except OSError:
-                return
-            s = socket.create_connection(("127.0.0.1", self.target))
-            threading.Thread(target=self._pump, args=(c, s, REQ), daemon=True).start()
-            threading.Thread(target=self._pump, args=(s, c, RESP), daemon=True).start()
-
-    def _pump(self, src, dst, side):
-        while True:
-            try:
-                data = src.recv(1 << 20)
-            except OSError:
-                data = b""
-            if not data:
-                for s in (src, dst):
-                    try:
-                        s.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
-                return
-            with self.lock:
-                self.chunks.append((side, data))
-            dst.sendall(data)
-
-    def take(self, settle=0.1):
-        time.sleep(settle)
-        with self.lock:
-            out, self.chunks = self.chunks, []
-        return out
-
-    def close(self):
-        self.ls.close()
 
 
 @pytest.fixture(scope="module")
@@ -80,53 +30,14 @@ def server():
 
 @pytest.fixture
 def rec(server):
-    r = Recorder(server.port)
+    r = kit.Recorder(server.port, bufsize=1 << 20)
     yield r
     r.close()
 
 
-def run(chunks, cap=None, parser=None):
-    p = parser or MemcachedParser()
-    out = []
-    for i, (side, data) in enumerate(chunks):
-        out += p.feed(side, data[:cap] if cap else data, len(data), i * 10, i * 10 + 1)
-    return p, out
-
-
-def view(msgs):
-    return [(m.is_request, m.operation, m.status, m.error, m.key, m.expects_response,
-             dict(m.attributes)) for m in msgs]
-
-
-def pairs(msgs):
-    """Pairing as the stage does it (by key when set, else first-in-first-out): the
-    (operation, status, error) of each request, in request order."""
-    fifo, keyed, out = [], {}, []
-    for m in msgs:
-        if m.is_request:
-            out.append([m.operation, None, False])
-            if not m.expects_response:
-                continue
-            if m.key is not None:
-                keyed[m.key] = out[-1]
-            else:
-                fifo.append(out[-1])
-        else:
-            q = keyed.pop(m.key) if m.key is not None else fifo.pop(0)
-            q[1:] = [m.status, m.error]
-    assert not fifo and not keyed, "requests left without a response"
-    return [tuple(x) for x in out]
-
-
-def resplit(chunks, rnd):
-    out = []
-    for side, data in chunks:
-        i = 0
-        while i < len(data):
-            k = rnd.randint(1, 9)
-            out.append((side, data[i:i + k]))
-            i += k
-    return out
+def run(chunks, cap=None):
+    p = MemcachedParser()
+    return p, kit.feed(p, chunks, cap=cap)
 
 
 def test_real_text_commands(rec):
@@ -154,7 +65,7 @@ def test_real_text_commands(rec):
     chunks = rec.take()
     p, msgs = run(chunks)
     assert p.errors == 0
-    got = pairs(msgs)
+    got = kit.outcomes(msgs)
     assert got[:15] == [
         ("set", "STORED", False), ("get", "OK", False), ("get", "OK", False),
         ("delete", "NOT_FOUND", False), ("set", None, False), ("get", "OK", False),
@@ -172,20 +83,18 @@ def test_real_text_commands(rec):
     assert reqs[5].attributes["db.operation.batch.size"] == 3
     assert sum(m.size for m in msgs) == sum(len(d) for _, d in chunks)
     for seed in range(5):
-        assert view(run(resplit(chunks, random.Random(seed)))[1]) == view(msgs)
+        assert kit.view(run(kit.resplit(chunks, random.Random(seed), most=9))[1]) == kit.view(msgs)
     # Coalesced: all requests in one feed, all replies in one feed.
-    joined = [(REQ, b"".join(d for s, d in chunks if s == REQ)),
-              (RESP, b"".join(d for s, d in chunks if s == RESP))]
-    assert pairs(run(joined)[1]) == got
+    assert kit.outcomes(run(kit.coalesce(chunks))[1]) == got
 
 
 def test_text_errors_and_pipelining():
     reqs = b"".join(b"get k%d\r\n" % i for i in range(50))
     resps = b"".join(b"VALUE k%d 0 1\r\n%d\r\nEND\r\n" % (i, i % 10) for i in range(50))
     p, msgs = run([(REQ, reqs), (RESP, resps)])
-    assert pairs(msgs) == [("get", "OK", False)] * 50 and p.errors == 0
+    assert kit.outcomes(msgs) == [("get", "OK", False)] * 50 and p.errors == 0
     assert [m.attributes["db.query.text"] for m in msgs[:50]] == [f"get k{i}" for i in range(50)]
-    got = pairs(run([(REQ, b"bogus\r\nversion\r\nset k 0 0 x\r\n"),
+    got = kit.outcomes(run([(REQ, b"bogus\r\nversion\r\nset k 0 0 x\r\n"),
                      (RESP, b"ERROR\r\nSERVER_ERROR out of memory\r\n")])[1])
     assert got == [("bogus", "ERROR", True), ("version", "SERVER_ERROR", True)]
 
@@ -203,7 +112,7 @@ def test_real_big_value_with_holes(rec):
     chunks = rec.take()
     p, msgs = run(chunks, cap=CAP)
     assert p.errors == 0
-    assert pairs(msgs) == [("set", "STORED", False), ("get", "OK", False),
+    assert kit.outcomes(msgs) == [("set", "STORED", False), ("get", "OK", False),
                            ("set", "STORED", False), ("get", "OK", False),
                            ("get", "OK", False), ("quit", None, False)]
     resp = [m for m in msgs if not m.is_request]
@@ -254,7 +163,7 @@ def test_meta_commands():
     resps = b"VA 3\r\nbar\r\nHD\r\nMN\r\n"
     p, msgs = run([(REQ, reqs), (RESP, resps)])
     assert p.errors == 0
-    assert pairs(msgs) == [("mg", "VA", False), ("ms", "HD", False), ("md", None, False),
+    assert kit.outcomes(msgs) == [("mg", "VA", False), ("ms", "HD", False), ("md", None, False),
                            ("mn", "MN", False)]
 
 
@@ -295,7 +204,7 @@ def test_real_binary_with_quiet_commands(rec):
     chunks = rec.take()
     p, msgs = run(chunks)
     assert p.errors == 0
-    assert pairs(msgs) == [
+    assert kit.outcomes(msgs) == [
         ("set", "OK", False), ("get", "OK", False), ("get", "NOT_FOUND", False),
         ("getq", "NOT_FOUND", False), ("getq", "OK", False), ("getkq", "NOT_FOUND", False),
         ("setq", "OK", False), ("noop", "OK", False), ("increment", "DELTA_BADVAL", True),
@@ -309,7 +218,7 @@ def test_real_binary_with_quiet_commands(rec):
     stat = [m for m in msgs if not m.is_request][-2]
     assert stat.size > 24 * 10                             # all the stat responses
     for seed in range(3):
-        assert view(run(resplit(chunks, random.Random(seed)))[1]) == view(msgs)
+        assert kit.view(run(kit.resplit(chunks, random.Random(seed), most=9))[1]) == kit.view(msgs)
 
 
 def test_binary_big_value_with_hole_and_orphan():
@@ -322,7 +231,7 @@ def test_binary_big_value_with_hole_and_orphan():
         b"\0\0\0\0" + value
     setr = struct.pack(">BBHBBHIIQ", 0x81, 1, 0, 0, 0, 0, 0, 7, 1)
     out += p.feed(RESP, setr + resp[:CAP - 24], len(resp) + 24, 5, 6)
-    assert pairs(out) == [("set", "OK", False), ("get", "OK", False)]
+    assert kit.outcomes(out) == [("set", "OK", False), ("get", "OK", False)]
     assert out[0].size == len(req) and out[3].size == len(resp)
     # A response whose request was never seen does not pair with anything.
     orphan = p.feed(RESP, struct.pack(">BBHBBHIIQ", 0x81, 0x0A, 0, 0, 0, 0, 0, 99, 0), 24, 7, 8)
@@ -346,35 +255,27 @@ bin_msg = st.tuples(st.sampled_from([0x00, 0x01, 0x09, 0x0A, 0x11]), st.binary(m
     lambda t: breq(t[0], t[1], b"\0" * 8 if t[0] in (0x01, 0x11) else b"", t[2], t[3]))
 
 
-def split(data, cuts):
-    pts = sorted({c % (len(data) + 1) for c in cuts})
-    return [data[a:b] for a, b in zip([0] + pts, pts + [len(data)]) if b > a]
-
-
 @settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(st.lists(st.one_of(text_cmd, bin_msg), min_size=1, max_size=6),
        st.lists(text_reply, max_size=6), st.lists(st.integers(0, 400), max_size=12))
 def test_property_any_split_gives_the_same_messages(cmds, replies, cuts):
     reqs, resps = b"".join(cmds), b"".join(replies)
-    ref = view(run([(REQ, reqs), (RESP, resps)])[1])
+    ref = kit.view(run([(REQ, reqs), (RESP, resps)])[1])
     assert len([m for m in ref if m[0]]) == len(cmds)
     assert len([m for m in ref if not m[0]]) == len(replies)
-    chunks = [(REQ, c) for c in split(reqs, cuts)] + [(RESP, c) for c in split(resps, cuts)]
-    assert view(run(chunks)[1]) == ref
+    chunks = [(REQ, c) for c in kit.split(reqs, cuts)] + \
+        [(RESP, c) for c in kit.split(resps, cuts)]
+    assert kit.view(run(chunks)[1]) == ref
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
-@given(st.lists(st.tuples(st.sampled_from([REQ, RESP]),
-                          st.one_of(st.binary(max_size=64), text_cmd, text_reply, bin_msg,
-                                    st.sampled_from([b"VALUE k 0 99999\r\n", b"\x80", b"\r\n",
-                                                     b"set k 0 0 99999999\r\n"])),
-                          st.integers(0, 3000)), max_size=20))
+@given(kit.syscalls(st.one_of(st.binary(max_size=64), text_cmd, text_reply, bin_msg,
+                              st.sampled_from([b"VALUE k 0 99999\r\n", b"\x80", b"\r\n",
+                                               b"set k 0 0 99999999\r\n"]))))
 def test_property_random_bytes_never_raise_and_stay_bounded(feeds):
     p = MemcachedParser()
     p.streams[REQ].cap = p.streams[RESP].cap = 4096
-    for side, data, extra in feeds:
-        p.feed(side, data, len(data) + extra, 1, 2)
-        assert len(p.streams[side]) <= max(4096, len(data) + extra)
+    list(kit.feed_each(p, feeds))   # checks the streams' bounds after each feed
 
 
 def test_pending_table_is_bounded():
@@ -436,39 +337,16 @@ NEGATIVE = [
 ]
 
 
-def cases():
-    return detect_harness.cases(POSITIVE, NEGATIVE)
-
-
-@pytest.mark.parametrize("data,lport,rport,l4,want", list(cases()))
-def test_detect_python(data, lport, rport, l4, want):
-    assert detect(data, lport, rport, l4) == want
+words = [b"get ", b"set ", b"delete ", b"version\r", b"STORED\r\n", b"VALUE ", b"END\r\n",
+         b"HD ", b"k", b" ", b"\r\n", b"\x80", b"\x81", b"\x00", b"mn\r\n", b"flush_al"]
+# Found by tests/test_detectors.py, which runs the kit's DetectorSuite on it.
+detect_cases = kit.DetectCases(
+    MemcachedProtocol, POSITIVE, NEGATIVE, ports=(11211,),
+    inputs=st.one_of(st.lists(st.sampled_from(words), max_size=6).map(b"".join), bin_msg,
+                     st.builds(lambda o, s, x: bresp(o, s, value=x), st.integers(0, 0x30),
+                               st.sampled_from([0, 1, 0x81, 0x99]), st.binary(max_size=8))))
 
 
 def test_protocol_class():
     proto = MemcachedProtocol(MemcachedProtocol.config_class())
     assert proto.name == "memcached" and isinstance(proto.parser(), MemcachedParser)
-    assert proto.parser() is not proto.parser() and proto.parser().protocol == "memcached"
-
-
-kernel_detector = detect_harness.detector_fixture(MemcachedProtocol)
-
-
-def test_detect_kernel_matches_python(kernel_detector):
-    detect_harness.assert_table_matches(kernel_detector, detect, cases())
-
-
-words = [b"get ", b"set ", b"delete ", b"version\r", b"STORED\r\n", b"VALUE ", b"END\r\n",
-         b"HD ", b"k", b" ", b"\r\n", b"\x80", b"\x81", b"\x00", b"mn\r\n", b"flush_al"]
-
-
-@settings(max_examples=1, deadline=None)
-@given(st.lists(st.tuples(
-    st.one_of(st.binary(max_size=40), st.lists(st.sampled_from(words), max_size=6).map(b"".join),
-              bin_msg, st.builds(lambda o, s, x: bresp(o, s, value=x),
-                                 st.integers(0, 0x30), st.sampled_from([0, 1, 0x81, 0x99]),
-                                 st.binary(max_size=8))),
-    st.sampled_from([11211, 5555]), st.sampled_from([11211, 80]), st.sampled_from([1, 2])),
-    min_size=200, max_size=200))
-def test_detect_kernel_matches_python_on_random_inputs(kernel_detector, inputs):
-    detect_harness.assert_kernel_matches(kernel_detector, detect, inputs)

@@ -11,7 +11,6 @@ them.
 """
 
 import datetime
-import importlib.resources
 import socket
 import struct
 import threading
@@ -24,11 +23,8 @@ from bson.int64 import Int64
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import detect_harness
-
-from deeptrace_core.registry import Registry
-from deeptrace_plugins.protocols.base import REQ, REQUEST, RESP, RESPONSE
-from deeptrace_plugins.protocols.mongodb import plugin as mongo_plugin
+from deeptrace_core import testing as kit
+from deeptrace_core.l7 import REQ, REQUEST, RESP, RESPONSE
 from deeptrace_plugins.protocols.mongodb.parser import MongoDBParser, decode_doc, render
 from deeptrace_plugins.protocols.mongodb.plugin import MongoDBProtocol, detect
 
@@ -189,33 +185,13 @@ def capture():
 
 
 def feed_all(parser, items):
-    out = []
-    for ts, item in enumerate(items):
-        side, data = item[0], item[1]
-        nbytes = item[2] if len(item) > 2 else len(data)
-        out += parser.feed(side, data, nbytes, ts, ts)
-        for s in parser.streams.values():
-            assert len(s) <= s.cap
-    return out
-
-
-def pairs(msgs):
-    """Pairing by key as the stage does it: (request, reply or None) in request order."""
-    waiting, out = {}, []
-    for m in msgs:
-        if m.is_request:
-            out.append([m, None])
-            if m.expects_response:
-                waiting[m.key] = out[-1]
-        else:
-            waiting.pop(m.key)[1] = m
-    assert not waiting
-    return [tuple(x) for x in out]
+    """Feed (side, data[, nbytes]) items with ts = index; all messages emitted."""
+    return kit.feed(parser, items, tick=1, span=0)
 
 
 def view(m):
-    return (m.is_request, m.key, m.operation, m.status, m.error, m.expects_response,
-            tuple(sorted(m.attributes.items())), m.size, m.ts_start, m.ts_end)
+    return kit.view([m], ("is_request", "key", "operation", "status", "error", "expects_response",
+                          "attributes", "size", "ts_start", "ts_end"))[0]
 
 
 def op_msg(doc, rid=7, to=0, flags=0, seqs=(), checksum=False):
@@ -244,7 +220,7 @@ def test_pymongo_session(capture):
     got = []
     for log in capture:
         p = MongoDBProtocol().parser()
-        got += pairs(feed_all(p, log))
+        got += kit.pairs(feed_all(p, log))
         assert p.errors == 0
     ops = [(q.operation, r and r.status) for q, r in got]
     assert ops.count(("ismaster", "OK")) >= 2           # handshakes: OP_QUERY / OP_REPLY
@@ -305,7 +281,7 @@ def test_pymongo_session_split_anywhere_and_coalesced(capture):
     msgs = p.feed(REQ, reqs, len(reqs), 1, 1) + p.feed(RESP, reps, len(reps), 2, 2)
     assert [(m.key, m.operation) for m in msgs if m.is_request] == \
         [(v[1], v[2]) for v in whole if v[0]]
-    assert len(pairs(msgs)) == len([v for v in whole if v[0]])
+    assert len(kit.pairs(msgs)) == len([v for v in whole if v[0]])
 
 
 # -- built per the spec -------------------------------------------------------------------
@@ -318,7 +294,7 @@ def test_document_sequences_checksum_and_more_to_come():
                   seqs=[("deletes", [{"q": {"a": 1}, "limit": 0}])])
     reply = op_msg({"n": 12, "ok": 1.0}, rid=50, to=11)
     msgs = feed_all(MongoDBParser(), [(REQ, req + fire), (RESP, reply)])
-    (q1, r1), (q2, r2) = pairs(msgs)
+    (q1, r1), (q2, r2) = kit.pairs(msgs)
     text = q1.attributes["db.query.text"]
     assert text.startswith('{"insert": "c", "ordered": false, '
                            '"documents": [{"_id": 0, "v": "yyyyyyyyyy"}')
@@ -386,7 +362,7 @@ def test_legacy_op_query_op_reply_and_other_opcodes():
              (RESP, op_reply([], to=8)),
              (REQ, struct.pack("<iiii", 24, 9, 0, 2007) + struct.pack("<ii", 0, 0))]
     got = [(q.operation, q.attributes.get("db.namespace"), r and r.status,
-            r and r.attributes) for q, r in pairs(feed_all(MongoDBParser(), items))]
+            r and r.attributes) for q, r in kit.pairs(feed_all(MongoDBParser(), items))]
     assert got == [
         ("isMaster", "admin", "OK", {}),
         ("find", "shop", "OK", {"db.response.returned_rows": 2}),
@@ -422,7 +398,7 @@ def test_hole_in_big_insert_then_next_message():
     p = MongoDBParser()
     msgs = feed_all(p, [(REQ, big[:1024], len(big)), (REQ, small),
                         (RESP, op_msg({"n": 200, "ok": 1}, to=1) + op_msg({"ok": 1}, to=2))])
-    (q1, r1), (q2, r2) = pairs(msgs)
+    (q1, r1), (q2, r2) = kit.pairs(msgs)
     assert q1.operation == "insert" and q1.size == len(big)
     assert q1.attributes["db.query.text"].startswith(
         '{"insert": "c", "documents": [{"_id": 0, "blob": "' + "b" * 64 + '..."}')
@@ -492,14 +468,7 @@ BUILT = [(REQ, op_msg({"insert": "c", "$db": "d"}, rid=1, seqs=[("documents", [{
 @given(st.lists(st.integers(0, 10_000), max_size=30))
 def test_property_any_split_gives_the_same_messages(cuts):
     whole = [view(m) for m in feed_all(MongoDBParser(), BUILT)]
-    p = MongoDBParser()
-    out = []
-    for ts, (side, data) in enumerate(BUILT):
-        points = sorted({c % (len(data) + 1) for c in cuts})
-        for a, b in zip([0] + points, points + [len(data)]):
-            if b > a:
-                out += p.feed(side, data[a:b], b - a, ts, ts)
-    assert [view(m) for m in out] == whole
+    assert [view(m) for m in kit.feed_split(MongoDBParser(), BUILT, cuts, tick=1, span=0)] == whole
 
 
 def _damaged(d):
@@ -510,15 +479,12 @@ def _damaged(d):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from([REQ, RESP]),
-                          st.one_of(st.binary(max_size=300),
-                                    st.sampled_from([d for _, d in BUILT]).flatmap(_damaged)),
-                          st.integers(0, 3000)), max_size=30))
+@given(kit.syscalls(st.one_of(st.binary(max_size=300),
+                              st.sampled_from([d for _, d in BUILT]).flatmap(_damaged)),
+                    max_size=30))
 def test_property_random_bytes_never_raise_and_stay_bounded(feeds):
     p = MongoDBParser()
-    for ts, (side, data, extra) in enumerate(feeds):
-        p.feed(side, data, len(data) + extra, ts, ts)
-        assert all(len(s) <= s.cap for s in p.streams.values())
+    list(kit.feed_each(p, feeds))   # checks the streams' bounds after each feed
 
 
 def test_huge_feeds_stay_bounded():
@@ -557,21 +523,12 @@ NEGATIVE = [
 ]
 
 
-def cases():
-    return detect_harness.cases(POSITIVE, NEGATIVE)
-
-
-@pytest.mark.parametrize("data,lport,rport,l4,want", list(cases()))
-def test_detect_python(data, lport, rport, l4, want):
-    assert detect(data, lport, rport, l4) == want
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.one_of(st.binary(max_size=80),
-                 detect_harness.prefixes([c[0] for c in POSITIVE])),
-       st.sampled_from(["tcp", "udp"]))
-def test_detect_python_never_raises_on_any_prefix(data, l4):
-    assert detect(data, 1, 2, l4) in (0, REQUEST, RESPONSE)
+# Found by tests/test_detectors.py, which runs the kit's DetectorSuite on it.
+detect_cases = kit.DetectCases(
+    MongoDBProtocol, POSITIVE, NEGATIVE, ports=(27017,),
+    inputs=st.builds(lambda n, to, op, rest: struct.pack("<iiii", n, 1, to, op) + rest,
+                     st.integers(0, 200), st.sampled_from([0, 5]),
+                     st.sampled_from([1, 2004, 2013, 2012]), st.binary(max_size=48)))
 
 
 def test_detect_on_what_pymongo_sent(capture):
@@ -581,37 +538,11 @@ def test_detect_on_what_pymongo_sent(capture):
             (REQUEST, RESPONSE)
 
 
-def test_protocol_class_and_registration():
-    reg = Registry()
-    mongo_plugin.deeptrace_register_protocols(reg)
-    cls = reg.protocols["mongodb"].cls
-    proto = cls(cls.config_class())
-    assert proto.name == "mongodb" and isinstance(proto.parser(), MongoDBParser)
-    assert proto.parser() is not proto.parser() and proto.parser().protocol == "mongodb"
-    src = importlib.resources.files(proto.detect_c[0]).joinpath(proto.detect_c[1])
-    assert "detect_mongodb" in src.read_text()
+def test_protocol_class():
+    # (registration through the entry point: tests/test_detectors.py)
+    assert isinstance(MongoDBProtocol().parser(), MongoDBParser)
 
 
-kernel_detector = detect_harness.detector_fixture(MongoDBProtocol)
-
-
-def test_detect_kernel_matches_python(kernel_detector, capture):
-    extra = [(m, 1, 2, "tcp", None) for log in capture for _, m in log[:4]]
-    for data, lport, rport, l4, want in list(cases()) + extra:
-        data = data[:64]                       # the harness passes at most 64 bytes
-        py = detect(data, lport, rport, l4)
-        assert want is None or py == want
-        assert kernel_detector(data, lport, rport, 1 if l4 == "tcp" else 2) == py, data
-
-
-@settings(max_examples=1, deadline=None)
-@given(st.lists(st.tuples(
-    st.one_of(st.binary(max_size=64),
-              st.sampled_from([c[0][:64] for c in POSITIVE]).flatmap(detect_harness.mutants),
-              st.builds(lambda n, to, op, rest: struct.pack("<iiii", n, 1, to, op) + rest,
-                        st.integers(0, 200), st.sampled_from([0, 5]),
-                        st.sampled_from([1, 2004, 2013, 2012]), st.binary(max_size=48))),
-    st.sampled_from([27017, 5555]), st.sampled_from([27017, 80]),
-    st.sampled_from([1, 2])), min_size=200, max_size=200))
-def test_detect_kernel_matches_python_on_random_inputs(kernel_detector, inputs):
-    detect_harness.assert_kernel_matches(kernel_detector, detect, inputs)
+def test_detect_kernel_matches_python_on_what_pymongo_sent(capture):
+    kit.assert_kernel_matches(kit.kernel_detector(MongoDBProtocol), detect,
+                              [(m, 1, 2, "tcp") for log in capture for _, m in log[:4]])

@@ -11,21 +11,17 @@ written as raw packets on its socket after the handshake. In the hex, "*" stands
 bytes of "x" (0x78), the value of the one big row.
 """
 
-import importlib.resources
 import struct
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import detect_harness
-
-from deeptrace_core.registry import Registry
-from deeptrace_plugins.protocols.base import REQ, REQUEST, RESP, RESPONSE
-from deeptrace_plugins.protocols.mysql import plugin as mysql_plugin
+from deeptrace_core import testing as kit
+from deeptrace_core.l7 import REQ, REQUEST, RESP, RESPONSE
 from deeptrace_plugins.protocols.mysql.parser import MySQLParser
-from deeptrace_plugins.protocols.mysql.plugin import MySQLProtocol, detect
-from deeptrace_plugins.protocols.mysql.sql import first_keyword, redact
+from deeptrace_plugins.protocols.mysql.plugin import MySQLProtocol
+from deeptrace_plugins.protocols.sql import first_keyword, redact
 
 MYSQL = {
     "a_handshake": [
@@ -215,39 +211,18 @@ def chunks(names):
 
 def feed_all(parser, items):
     """Feed (side, data[, nbytes]) items with ts = index; all messages emitted."""
-    out = []
-    for ts, item in enumerate(items):
-        side, data = item[0], item[1]
-        nbytes = item[2] if len(item) > 2 else len(data)
-        out += parser.feed(side, data, nbytes, ts, ts)
-        for s in parser.streams.values():
-            assert len(s) <= s.cap
-    return out
+    return kit.feed(parser, items, tick=1, span=0)
 
 
 def view(m):
-    return (m.is_request, m.operation, m.status, m.error, m.expects_response,
-            tuple(sorted(m.attributes.items())), m.size, m.ts_start, m.ts_end)
+    return kit.view([m], ("is_request", "operation", "status", "error", "expects_response",
+                          "attributes", "size", "ts_start", "ts_end"))[0]
 
 
 def pkt(seq, payload):
     return struct.pack("<I", len(payload))[:3] + bytes([seq]) + payload
 
 
-def pairs(msgs):
-    """FIFO pairing as the stage does it: (request, response or None)."""
-    out, waiting = [], []
-    for m in msgs:
-        if m.is_request:
-            if m.expects_response:
-                waiting.append(m)
-            else:
-                out.append((m, None))
-        else:
-            assert waiting, f"response without a request: {m}"
-            out.append((waiting.pop(0), m))
-    assert not waiting
-    return out
 
 
 # -- real captures ------------------------------------------------------------------------
@@ -255,7 +230,7 @@ def pairs(msgs):
 def test_legacy_eof_capture_every_command():
     p = MySQLProtocol().parser()
     got = [(q.operation, q.attributes.get("db.mysql.command"), r and r.status)
-           for q, r in pairs(feed_all(p, chunks(A)))]
+           for q, r in kit.pairs(feed_all(p, chunks(A)))]
     assert got == [
         ("SET", "QUERY", "OK"), ("SET", "QUERY", "OK"),       # PyMySQL's set-up after auth
         ("CREATE", "QUERY", "OK"), ("TRUNCATE", "QUERY", "OK"), ("INSERT", "QUERY", "OK"),
@@ -273,7 +248,7 @@ def test_legacy_eof_capture_every_command():
 def test_legacy_eof_capture_details():
     msgs = feed_all(MySQLProtocol().parser(), chunks(A))
     by = {}
-    for q, r in pairs(msgs):
+    for q, r in kit.pairs(msgs):
         by.setdefault(q.attributes.get("db.query.text", q.operation), []).append((q, r))
     q, r = by["SELECT id, name, price FROM items ORDER BY id"][0]
     assert q.attributes["db.system"] == "mysql" and q.attributes["db.namespace"] == "shop"
@@ -319,7 +294,7 @@ def test_deprecate_eof_capture():
     p = MySQLProtocol().parser()
     got = [(q.operation, q.attributes.get("db.mysql.command"), r and r.status,
             r and r.attributes.get("db.response.returned_rows"), r and r.size)
-           for q, r in pairs(feed_all(p, chunks(B)))]
+           for q, r in kit.pairs(feed_all(p, chunks(B)))]
     assert got == [("SET", "QUERY", "OK", None, 11), ("SET", "QUERY", "OK", None, 11),
                    ("SELECT", "QUERY", "OK", 3, 138), ("SELECT", "QUERY", "OK", 0, 60),
                    ("SELECT", "QUERY", "OK", 2, 98), ("SELECT", "STMT_PREPARE", "OK", None, 91),
@@ -381,7 +356,7 @@ def test_coalesced_and_pipelined():
     p = MySQLParser()
     msgs = p.feed(REQ, b"".join(cmds), sum(map(len, cmds)), 1, 1)
     msgs += p.feed(RESP, replies, len(replies), 2, 2)
-    got = [(q.operation, r.status, r.attributes) for q, r in pairs(msgs)]
+    got = [(q.operation, r.status, r.attributes) for q, r in kit.pairs(msgs)]
     assert got == [("SELECT", "OK", {"db.response.returned_rows": 1}), ("PING", "OK", {}),
                    ("DELETE", "OK", {"db.response.affected_rows": 5})]
 
@@ -395,7 +370,7 @@ def test_hole_over_big_row_emits_incomplete_then_resyncs():
     items = [(s1, q), (s2, big[:1024], len(big))] + chunks(["a_ping"])
     p = MySQLParser()
     msgs = feed_all(p, items)
-    (q1, r1), (q2, r2) = pairs(msgs)
+    (q1, r1), (q2, r2) = kit.pairs(msgs)
     assert q1.operation == "SELECT" and r1.attributes["deeptrace.incomplete"] is True
     assert r1.attributes["db.response.returned_rows"] == 1 and r1.status is None
     assert r1.size == len(big) and r1.ts_start == r1.ts_end == 1  # to the end of the read
@@ -409,7 +384,7 @@ def test_hole_inside_row_that_ends_with_the_syscall():
     (s1, q), (s2, big) = chunks(["a_big"])
     cut = len(big) - 9                         # everything but the final EOF packet
     items = [(s1, q), (s2, big[:600], cut), (s2, big[cut:])]
-    (q1, r1), = pairs(feed_all(MySQLParser(), items))
+    (q1, r1), = kit.pairs(feed_all(MySQLParser(), items))
     assert r1.status == "OK" and "deeptrace.incomplete" not in r1.attributes
     assert r1.size == len(big) and r1.attributes["db.response.returned_rows"] == 1
 
@@ -420,7 +395,7 @@ def test_hole_in_long_query_keeps_its_prefix():
     ok = pkt(1, b"\x00\xfc\x90\x01\x00\x02\x00\x00\x00")
     p = MySQLParser()
     msgs = feed_all(p, [(REQ, q[:1024], len(q)), (RESP, ok)])
-    (req, resp), = pairs(msgs)
+    (req, resp), = kit.pairs(msgs)
     assert req.operation == "INSERT" and req.size == len(q)
     assert req.attributes["db.query.text"].startswith("INSERT INTO t VALUES (0, ")
     assert resp.attributes["db.response.affected_rows"] == 400
@@ -435,7 +410,7 @@ def test_multi_packet_command_over_16_mib():
     ok = pkt(1, b"\x00\x01\x00\x02\x00\x00\x00")
     p = MySQLParser()
     msgs = feed_all(p, [(REQ, first, 4 + 0xffffff), (REQ, tail), (RESP, ok)])
-    (req, resp), = pairs(msgs)
+    (req, resp), = kit.pairs(msgs)
     assert req.operation == "INSERT" and resp.status == "OK" and p.errors == 0
 
 
@@ -445,7 +420,7 @@ def test_local_infile_round_trip():
     data = pkt(2, b"1,a\n2,b\n") + pkt(3, b"")
     ok = pkt(4, b"\x00\x02\x00\x02\x00\x00\x00")
     msgs = feed_all(MySQLParser(), [(REQ, q), (RESP, want), (REQ, data), (RESP, ok)])
-    (req, resp), = pairs(msgs)
+    (req, resp), = kit.pairs(msgs)
     assert req.operation == "LOAD" and resp.attributes["db.response.affected_rows"] == 2
 
 
@@ -461,7 +436,7 @@ def test_field_list_statistics_change_user_and_progress_report():
              (RESP, pkt(1, b"\xff\xff\xff\x01\x01\x02\0\x10\0\x05stage")),   # progress
              (RESP, pkt(2, b"\x00\0\0\x02\0\0\0"))]
     msgs = feed_all(p, items)
-    got = [(q.operation, r.status) for q, r in pairs(msgs)]
+    got = [(q.operation, r.status) for q, r in kit.pairs(msgs)]
     assert got == [("FIELD_LIST", "OK"), ("STATISTICS", "OK"), ("CHANGE_USER", "OK"),
                    ("ALTER", "OK")]
     assert not any("S" * 20 in str(m.attributes) or "P" * 20 in str(m.attributes) for m in msgs)
@@ -476,7 +451,8 @@ def test_execute_with_cursor_then_fetch():
              (REQ, pkt(0, b"\x1c" + struct.pack("<II", 3, 2))),
              (RESP, pkt(1, b"\x00\x00\x01\0\0\0") + pkt(2, b"\x00\x00\x02\0\0\0") +
               pkt(3, b"\xfe\0\0\x42\0"))]
-    got = [(q.operation, r.status, r.attributes) for q, r in pairs(feed_all(MySQLParser(), items))]
+    msgs = feed_all(MySQLParser(), items)
+    got = [(q.operation, r.status, r.attributes) for q, r in kit.pairs(msgs)]
     assert got == [("STMT_EXECUTE", "OK", {"db.response.returned_rows": 0}),
                    ("STMT_FETCH", "OK", {"db.response.returned_rows": 2})]
 
@@ -556,29 +532,15 @@ VALID = chunks(A + B)
 @given(st.lists(st.integers(0, 10_000), max_size=40))
 def test_property_any_split_gives_the_same_messages(cuts):
     whole = [view(m) for m in feed_all(MySQLParser(), VALID)]
-    items = []
-    for ts, (side, data) in enumerate(VALID):
-        points = sorted({c % (len(data) + 1) for c in cuts})
-        parts = [data[a:b] for a, b in zip([0] + points, points + [len(data)])]
-        items += [(side, part, ts) for part in parts if part]
-    p = MySQLParser()
-    out = []
-    for side, part, ts in items:
-        out += p.feed(side, part, len(part), ts, ts)
-    assert [view(m) for m in out] == whole
+    assert [view(m) for m in kit.feed_split(MySQLParser(), VALID, cuts, tick=1, span=0)] == whole
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from([REQ, RESP]),
-                          st.one_of(st.binary(max_size=300),
-                                    st.sampled_from([d for _, d in VALID]).flatmap(
-                                        lambda d: st.integers(0, len(d)).map(lambda i: d[i:]))),
-                          st.integers(0, 3000)), max_size=30))
+@given(kit.syscalls(st.one_of(st.binary(max_size=300), kit.suffixes([d for _, d in VALID])),
+                    max_size=30))
 def test_property_random_bytes_never_raise_and_stay_bounded(feeds):
     p = MySQLParser(max_statements=20)
-    for ts, (side, data, extra) in enumerate(feeds):
-        p.feed(side, data, len(data) + extra, ts, ts)
-        assert all(len(s) <= s.cap for s in p.streams.values())
+    for _ in kit.feed_each(p, feeds):
         assert len(p.statements) <= 20 and len(p.pending) <= 1024
 
 
@@ -627,51 +589,17 @@ NEGATIVE = [
 ]
 
 
-def cases():
-    return detect_harness.cases(POSITIVE, NEGATIVE)
+# Found by tests/test_detectors.py, which runs the kit's DetectorSuite on it.
+detect_cases = kit.DetectCases(
+    MySQLProtocol, POSITIVE, NEGATIVE, ports=(3306,),
+    inputs=st.builds(lambda n, s, c, rest: bytes([n, 0, 0, s, c]) + rest,
+                     st.integers(0, 70), st.sampled_from([0, 1]),
+                     st.sampled_from([0x01, 0x02, 0x03, 0x0a, 0x0e, 0x16, 0x17, 0x19]),
+                     st.binary(max_size=59)))
 
 
-@pytest.mark.parametrize("data,lport,rport,l4,want", list(cases()))
-def test_detect_python(data, lport, rport, l4, want):
-    assert detect(data, lport, rport, l4) == want
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.one_of(st.binary(max_size=80),
-                 detect_harness.prefixes([c[0] for c in POSITIVE])),
-       st.sampled_from(["tcp", "udp"]))
-def test_detect_python_never_raises_on_any_prefix(data, l4):
-    assert detect(data, 1, 2, l4) in (0, REQUEST, RESPONSE)
-
-
-def test_protocol_class_and_registration():
-    reg = Registry()
-    mysql_plugin.deeptrace_register_protocols(reg)
-    cls = reg.protocols["mysql"].cls
-    proto = cls(cls.config_class())
-    assert proto.name == "mysql" and isinstance(proto.parser(), MySQLParser)
-    assert proto.parser() is not proto.parser() and proto.parser().protocol == "mysql"
-    assert cls(cls.config_class(max_statements=7)).parser().max_statements == 7
-    src = importlib.resources.files(proto.detect_c[0]).joinpath(proto.detect_c[1])
-    assert "detect_mysql" in src.read_text()
-
-
-kernel_detector = detect_harness.detector_fixture(MySQLProtocol)
-
-
-def test_detect_kernel_matches_python(kernel_detector):
-    detect_harness.assert_table_matches(kernel_detector, detect, cases())
-
-
-@settings(max_examples=1, deadline=None)
-@given(st.lists(st.tuples(
-    st.one_of(st.binary(max_size=64),
-              st.sampled_from([c[0][:64] for c in POSITIVE]).flatmap(detect_harness.mutants),
-              st.builds(lambda n, s, c, rest: bytes([n, 0, 0, s, c]) + rest,
-                        st.integers(0, 70), st.sampled_from([0, 1]),
-                        st.sampled_from([0x01, 0x02, 0x03, 0x0a, 0x0e, 0x16, 0x17, 0x19]),
-                        st.binary(max_size=59))),
-    st.sampled_from([3306, 5555]), st.sampled_from([3306, 80]),
-    st.sampled_from([1, 2])), min_size=200, max_size=200))
-def test_detect_kernel_matches_python_on_random_inputs(kernel_detector, inputs):
-    detect_harness.assert_kernel_matches(kernel_detector, detect, inputs)
+def test_protocol_class():
+    # (registration through the entry point: tests/test_detectors.py)
+    assert isinstance(MySQLProtocol().parser(), MySQLParser)
+    config = MySQLProtocol.config_class(max_statements=7)
+    assert MySQLProtocol(config).parser().max_statements == 7

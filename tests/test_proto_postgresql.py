@@ -10,20 +10,16 @@ several Syncs (one failing), COPY FROM STDIN, LISTEN/NOTIFY, a NOTICE, a 3000-by
 an empty query and Terminate. In the hex, "*" stands for 3000 bytes of "x" (0x78).
 """
 
-import importlib.resources
 import struct
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import detect_harness
-
-from deeptrace_core.registry import Registry
-from deeptrace_plugins.protocols.base import REQ, REQUEST, RESP, RESPONSE
-from deeptrace_plugins.protocols.postgresql import plugin as pg_plugin
+from deeptrace_core import testing as kit
+from deeptrace_core.l7 import REQ, REQUEST, RESP, RESPONSE
 from deeptrace_plugins.protocols.postgresql.parser import PostgreSQLParser
-from deeptrace_plugins.protocols.postgresql.plugin import PostgreSQLProtocol, detect
+from deeptrace_plugins.protocols.postgresql.plugin import PostgreSQLProtocol
 
 PG = {
     "handshake": [
@@ -194,35 +190,15 @@ def chunks(names=None):
 
 
 def feed_all(parser, items):
-    out = []
-    for ts, item in enumerate(items):
-        side, data = item[0], item[1]
-        nbytes = item[2] if len(item) > 2 else len(data)
-        out += parser.feed(side, data, nbytes, ts, ts)
-        for s in parser.streams.values():
-            assert len(s) <= s.cap
-    return out
+    """Feed (side, data[, nbytes]) items with ts = index; all messages emitted."""
+    return kit.feed(parser, items, tick=1, span=0)
 
 
 def view(m):
-    return (m.is_request, m.operation, m.status, m.error, m.expects_response,
-            tuple(sorted(m.attributes.items())), m.size, m.ts_start, m.ts_end)
+    return kit.view([m], ("is_request", "operation", "status", "error", "expects_response",
+                          "attributes", "size", "ts_start", "ts_end"))[0]
 
 
-def pairs(msgs):
-    """FIFO pairing as the stage does it: (request, response or None)."""
-    out, waiting = [], []
-    for m in msgs:
-        if m.is_request:
-            if m.expects_response:
-                waiting.append(m)
-            else:
-                out.append((m, None))
-        else:
-            assert waiting, f"response without a request: {m}"
-            out.append((waiting.pop(0), m))
-    assert not waiting
-    return out
 
 
 def msg(kind, body=b""):
@@ -260,13 +236,13 @@ EXPECTED = [
 def test_capture_every_message():
     p = PostgreSQLProtocol().parser()
     msgs = feed_all(p, chunks())
-    assert [(q.operation, r and r.status) for q, r in pairs(msgs)] == EXPECTED
+    assert [(q.operation, r and r.status) for q, r in kit.pairs(msgs)] == EXPECTED
     assert p.errors == 0 and not p.pending and p.group is None
 
 
 def test_capture_details():
     msgs = feed_all(PostgreSQLParser(), chunks())
-    got = pairs(msgs)
+    got = kit.pairs(msgs)
     # nothing of the SCRAM exchange (PasswordMessage / SASL) is ever recorded
     assert not any(s in str(m.attributes) for m in msgs for s in ("SCRAM", "n,,n=", "c=biws"))
     for q, r in got:
@@ -308,7 +284,7 @@ def test_joined_mid_connection():
     before the agent started is reported as EXECUTE."""
     names = [n for n in PG if n not in ("handshake", "prepare1")]
     msgs = feed_all(PostgreSQLParser(), chunks(names))
-    ops = [(q.operation, r and r.status) for q, r in pairs(msgs)]
+    ops = [(q.operation, r and r.status) for q, r in kit.pairs(msgs)]
     want = [e for i, e in enumerate(EXPECTED) if i not in (7, 8)]
     want[7] = ("EXECUTE", "OK")
     assert ops == want
@@ -339,7 +315,7 @@ def test_pipelined_groups_before_any_reply():
     msgs = p.feed(REQ, b"".join(groups), sum(map(len, groups)), 1, 1)
     msgs += p.feed(RESP, b"".join(replies), sum(map(len, replies)), 2, 2)
     got = [(q.operation, q.attributes.get("db.query.text"), r.status,
-            r.attributes.get("db.response.affected_rows")) for q, r in pairs(msgs)]
+            r.attributes.get("db.response.affected_rows")) for q, r in kit.pairs(msgs)]
     assert got == [("INSERT", "INSERT INTO t VALUES ($1)", "OK", 1),
                    ("UPDATE", "UPDATE t SET a = $1", "OK", 4),
                    ("UPDATE", "UPDATE t SET a = $1", "OK", 2),
@@ -356,7 +332,7 @@ def test_flush_then_sync_is_one_request_with_one_reply():
     msgs = feed_all(p, [(REQ, first), (RESP, early), (REQ, bind(b"q") + EXECUTE + SYNC),
                         (RESP, msg(b"2") + msg(b"D", b"\0\x01\0\0\0\x011") +
                          complete(b"SELECT 1") + READY)])
-    (q, r), = pairs(msgs)
+    (q, r), = kit.pairs(msgs)
     assert (q.operation, q.ts_start, q.ts_end) == ("SELECT", 0, 2)
     assert (r.status, r.ts_start, r.ts_end) == ("OK", 1, 3)
     assert r.attributes == {"db.response.returned_rows": 1}
@@ -368,7 +344,7 @@ def test_function_call_and_lone_sync_and_close():
                         (RESP, msg(b"V", b"\0\0\0\x01t") + READY),
                         (REQ, SYNC + FLUSH), (RESP, READY),
                         (REQ, msg(b"C", b"Ss1\0") + SYNC), (RESP, msg(b"3") + READY)])
-    assert [(q.operation, r.status) for q, r in pairs(msgs)] == [
+    assert [(q.operation, r.status) for q, r in kit.pairs(msgs)] == [
         ("FUNCTION_CALL", "OK"), ("SYNC", "OK"), ("SYNC", "OK")]
 
 
@@ -378,7 +354,7 @@ def test_notification_and_parameter_status_between_replies_are_skipped():
     msgs = feed_all(p, [(RESP, note), (REQ, msg(b"Q", b"SELECT 1\0")),
                         (RESP, msg(b"T", b"\0\0") + complete(b"SELECT 1") + READY),
                         (RESP, note)])
-    assert [(q.operation, r.status, r.size) for q, r in pairs(msgs)] == [("SELECT", "OK", 27)]
+    assert [(q.operation, r.status, r.size) for q, r in kit.pairs(msgs)] == [("SELECT", "OK", 27)]
 
 
 def test_ssl_request_refused_then_plain_startup():
@@ -386,7 +362,7 @@ def test_ssl_request_refused_then_plain_startup():
     ssl = struct.pack(">II", 8, 80877103)
     p = PostgreSQLParser()
     msgs = feed_all(p, [(REQ, ssl), (RESP, b"N"), (REQ, startup)] + chunks()[1:])
-    assert [(q.operation, r and r.status) for q, r in pairs(msgs)] == EXPECTED
+    assert [(q.operation, r and r.status) for q, r in kit.pairs(msgs)] == EXPECTED
     p = PostgreSQLParser()
     msgs = feed_all(p, [(REQ, ssl), (RESP, b"S"), (REQ, b"\x16\x03\x01\x02\x00\x01" * 9),
                         (RESP, b"\x16\x03\x03\x00\x7a\x02" * 9), (REQ, msg(b"Q", b"SELECT 1\0"))])
@@ -398,7 +374,7 @@ def test_ssl_request_refused_then_plain_startup():
 def test_hole_over_big_row_emits_incomplete_then_resyncs():
     (s1, q), (s2, big) = chunks(["big"])
     items = [(s1, q), (s2, big[:1024], len(big))] + chunks(["empty", "close"])
-    (q1, r1), (q2, r2), (q3, _) = pairs(feed_all(PostgreSQLParser(), items))
+    (q1, r1), (q2, r2), (q3, _) = kit.pairs(feed_all(PostgreSQLParser(), items))
     assert q1.operation == "SELECT" and r1.attributes == {"deeptrace.incomplete": True}
     assert r1.status is None and r1.size == len(big)      # to the end of the cut read
     assert (q2.operation, r2.status, q3.operation) == ("QUERY", "OK", "TERMINATE")
@@ -408,7 +384,7 @@ def test_hole_inside_row_that_ends_with_the_syscall():
     (s1, q), (s2, big) = chunks(["big"])
     cut = len(big) - 20                       # CommandComplete + ReadyForQuery come later
     items = [(s1, q), (s2, big[:700], cut), (s2, big[cut:])]
-    (q1, r1), = pairs(feed_all(PostgreSQLParser(), items))
+    (q1, r1), = kit.pairs(feed_all(PostgreSQLParser(), items))
     assert r1.status == "OK" and r1.attributes == {"db.response.returned_rows": 1}
     assert r1.size == len(big)
 
@@ -422,7 +398,7 @@ def test_hole_in_a_pipelined_write_closes_the_group():
     p = PostgreSQLParser()
     msgs = feed_all(p, [(REQ, write[:1024], len(write)), (RESP, reply),
                         (REQ, msg(b"Q", b"SELECT 2\0")), (RESP, complete(b"SELECT 1") + READY)])
-    (q1, r1), (q2, r2) = pairs(msgs)
+    (q1, r1), (q2, r2) = kit.pairs(msgs)
     assert q1.operation == "SELECT" and q1.attributes["deeptrace.incomplete"] is True
     assert q1.attributes["db.query.text"].startswith("SELECT 0, 1, 2")
     assert q1.size == len(write) and r1.status == "OK" and r2.status == "OK"
@@ -431,7 +407,7 @@ def test_hole_in_a_pipelined_write_closes_the_group():
 def test_hole_in_long_simple_query_keeps_its_prefix():
     text = b"INSERT INTO t VALUES " + b",".join(b"(%d)" % i for i in range(900))
     q = msg(b"Q", text + b"\0")
-    (req, resp), = pairs(feed_all(PostgreSQLParser(), [(REQ, q[:1024], len(q)),
+    (req, resp), = kit.pairs(feed_all(PostgreSQLParser(), [(REQ, q[:1024], len(q)),
                                                       (RESP, complete(b"INSERT 0 900") + READY)]))
     assert req.operation == "INSERT" and req.size == len(q)
     assert resp.attributes == {"db.response.affected_rows": 900}
@@ -477,27 +453,16 @@ VALID = chunks()
 @given(st.lists(st.integers(0, 10_000), max_size=40))
 def test_property_any_split_gives_the_same_messages(cuts):
     whole = [view(m) for m in feed_all(PostgreSQLParser(), VALID)]
-    p = PostgreSQLParser()
-    out = []
-    for ts, (side, data) in enumerate(VALID):
-        points = sorted({c % (len(data) + 1) for c in cuts})
-        for a, b in zip([0] + points, points + [len(data)]):
-            if b > a:
-                out += p.feed(side, data[a:b], b - a, ts, ts)
-    assert [view(m) for m in out] == whole
+    split = kit.feed_split(PostgreSQLParser(), VALID, cuts, tick=1, span=0)
+    assert [view(m) for m in split] == whole
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from([REQ, RESP]),
-                          st.one_of(st.binary(max_size=300),
-                                    st.sampled_from([d for _, d in VALID]).flatmap(
-                                        lambda d: st.integers(0, len(d)).map(lambda i: d[i:]))),
-                          st.integers(0, 3000)), max_size=30))
+@given(kit.syscalls(st.one_of(st.binary(max_size=300), kit.suffixes([d for _, d in VALID])),
+                    max_size=30))
 def test_property_random_bytes_never_raise_and_stay_bounded(feeds):
     p = PostgreSQLParser(max_statements=20)
-    for ts, (side, data, extra) in enumerate(feeds):
-        p.feed(side, data, len(data) + extra, ts, ts)
-        assert all(len(s) <= s.cap for s in p.streams.values())
+    for _ in kit.feed_each(p, feeds):
         assert len(p.statements) <= 20 and len(p.pending) <= 1024 and len(p.portals) <= 65
 
 
@@ -550,50 +515,16 @@ NEGATIVE = [
 ]
 
 
-def cases():
-    return detect_harness.cases(POSITIVE, NEGATIVE)
+# Found by tests/test_detectors.py, which runs the kit's DetectorSuite on it.
+detect_cases = kit.DetectCases(
+    PostgreSQLProtocol, POSITIVE, NEGATIVE, ports=(5432,),
+    inputs=st.builds(lambda t, n, rest: t + struct.pack(">I", n) + rest,
+                     st.sampled_from([b"Q", b"P", b"R", b"Z", b"E", b"1", b"\0"]),
+                     st.integers(0, 70), st.binary(max_size=59)))
 
 
-@pytest.mark.parametrize("data,lport,rport,l4,want", list(cases()))
-def test_detect_python(data, lport, rport, l4, want):
-    assert detect(data, lport, rport, l4) == want
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.one_of(st.binary(max_size=80),
-                 detect_harness.prefixes([c[0] for c in POSITIVE])),
-       st.sampled_from(["tcp", "udp"]))
-def test_detect_python_never_raises_on_any_prefix(data, l4):
-    assert detect(data, 1, 2, l4) in (0, REQUEST, RESPONSE)
-
-
-def test_protocol_class_and_registration():
-    reg = Registry()
-    pg_plugin.deeptrace_register_protocols(reg)
-    cls = reg.protocols["postgresql"].cls
-    proto = cls(cls.config_class())
-    assert proto.name == "postgresql" and isinstance(proto.parser(), PostgreSQLParser)
-    assert proto.parser() is not proto.parser() and proto.parser().protocol == "postgresql"
-    assert cls(cls.config_class(max_statements=9)).parser().max_statements == 9
-    src = importlib.resources.files(proto.detect_c[0]).joinpath(proto.detect_c[1])
-    assert "detect_postgresql" in src.read_text()
-
-
-kernel_detector = detect_harness.detector_fixture(PostgreSQLProtocol)
-
-
-def test_detect_kernel_matches_python(kernel_detector):
-    detect_harness.assert_table_matches(kernel_detector, detect, cases())
-
-
-@settings(max_examples=1, deadline=None)
-@given(st.lists(st.tuples(
-    st.one_of(st.binary(max_size=64),
-              st.sampled_from([c[0][:64] for c in POSITIVE]).flatmap(detect_harness.mutants),
-              st.builds(lambda t, n, rest: t + struct.pack(">I", n) + rest,
-                        st.sampled_from([b"Q", b"P", b"R", b"Z", b"E", b"1", b"\0"]),
-                        st.integers(0, 70), st.binary(max_size=59))),
-    st.sampled_from([5432, 5555]), st.sampled_from([5432, 80]),
-    st.sampled_from([1, 2])), min_size=200, max_size=200))
-def test_detect_kernel_matches_python_on_random_inputs(kernel_detector, inputs):
-    detect_harness.assert_kernel_matches(kernel_detector, detect, inputs)
+def test_protocol_class():
+    # (registration through the entry point: tests/test_detectors.py)
+    assert isinstance(PostgreSQLProtocol().parser(), PostgreSQLParser)
+    config = PostgreSQLProtocol.config_class(max_statements=9)
+    assert PostgreSQLProtocol(config).parser().max_statements == 9

@@ -49,3 +49,16 @@ def test_redis_plugin_install_and_uninstall():
     finally:
         pip("install", "-q", "--no-deps", "--no-build-isolation", "-e", DIST)
     assert "deeptrace-plugin-redis" in run("-m", "deeptrace_core.cli", "plugins").stdout
+
+
+def test_redis_plugin_builds_only_on_the_core():
+    """A third-party protocol needs deeptrace_core (its L7 kit), never our built-in
+    plugins' package."""
+    pkg = os.path.join(DIST, "deeptrace_redis")
+    for name in sorted(os.listdir(pkg)):
+        if name.endswith(".py"):
+            with open(os.path.join(pkg, name), encoding="utf-8") as f:
+                assert "deeptrace_plugins" not in f.read(), name
+    out = run("-c", "import deeptrace_redis.plugin, sys; "
+                    "print(sorted(m for m in sys.modules if m.startswith('deeptrace_plugins')))")
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr + out.stdout

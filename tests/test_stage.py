@@ -7,16 +7,29 @@ import types
 import attrs
 import pytest
 
-from deeptrace_plugins.protocols.base import (REQ, REQUEST, RESP, RESPONSE, Message, ParseError,
-                                              Parser, Stream)
+from deeptrace_core.l7 import (REQ, REQUEST, RESP, RESPONSE, Message, ParseError, Parser,
+                                ProtocolBase, Stream)
+from deeptrace_core.registry import Registry
 from deeptrace_plugins.protocols.stage import SpanStage, SpansConfig
 from deeptrace_plugins.trace.decoder import SocketRecord
-from deeptrace_core.registry import Registry
 
 
 class LineParser(Parser):
-    """Toy protocol: 'ASK <id> <word>\\n' -> 'ANS <id> <status>\\n'; id '-' means FIFO."""
+    """Toy protocol: 'ASK <id> <word>\\n' -> 'ANS <id> <status>\\n'; id '-' means FIFO.
+    Its own error rule: a 'denied' answer is an error for the client only."""
     protocol = "toy"
+
+    def __init__(self, max_words=100):
+        super().__init__()
+        self.max_words = max_words
+        self.resets = []
+
+    def reset(self, side):
+        self.resets.append(side)
+        super().reset(side)
+
+    def span_error(self, status, role, protocol):
+        return status == "denied" and role == "client"
 
     def parse(self, side, stream):
         data = stream.peek()
@@ -30,6 +43,8 @@ class LineParser(Parser):
         if len(parts) != 3 or parts[0] not in ("ASK", "ANS", "TELL"):
             raise ParseError(parts[0])
         word, mid, rest = parts
+        if rest == "crash":
+            raise RuntimeError("a parser bug")
         stream.consume(end + 1)
         key = None if mid == "-" else mid
         if word == "ANS":
@@ -40,15 +55,14 @@ class LineParser(Parser):
 
 @attrs.define
 class ToyConfig:
-    pass
+    max_words: int = attrs.field(default=100, validator=attrs.validators.ge(1))
 
 
-class Toy:
+class Toy(ProtocolBase):
     name = "toy"
     config_class = ToyConfig
-
-    def __init__(self, config):
-        pass
+    detect_c = ("tests", "toy.bpf.c")     # never compiled here
+    parser_class = LineParser
 
     @staticmethod
     def detect(data, lport, rport, l4):
@@ -56,14 +70,28 @@ class Toy:
             RESPONSE if data.startswith(b"ANS") else 0
 
     def parser(self):
-        return LineParser()
+        return LineParser(max_words=self.config.max_words)
 
 
-def stage(**cfg):
+class Other(Toy):
+    name = "other"
+    config_class = attrs.make_class("OtherConfig", [])
+
+    @staticmethod
+    def detect(data, lport, rport, l4):
+        return 0
+
+
+def registry():
     reg = Registry()
     reg.current_plugin = "toy"
     reg.add_protocol(Toy)
-    return SpanStage(SpansConfig(**cfg), types.SimpleNamespace(registry=reg))
+    reg.add_protocol(Other)
+    return reg
+
+
+def stage(**cfg):
+    return SpanStage(SpansConfig(**cfg), types.SimpleNamespace(registry=registry()))
 
 
 T0 = time.time_ns()
@@ -169,8 +197,52 @@ def test_unknown_traffic_is_left_alone():
 
 
 def test_unknown_protocol_name_is_rejected():
-    with pytest.raises(ValueError, match="allowed: toy"):
+    with pytest.raises(ValueError, match="unknown protocol 'nope' .allowed: other, toy"):
         stage(protocols=["nope"])
+    with pytest.raises(ValueError, match="unknown protocol 'nope'"):
+        stage(protocol_config={"nope": {}})
+
+
+def test_protocol_config_reaches_the_parser():
+    st = stage(protocol_config={"toy": ToyConfig(max_words=3)})
+    assert st.protocols["toy"].parser().max_words == 3
+    assert stage(protocol_config={"toy": {"max_words": 4}}).protocols["toy"].parser().max_words == 4
+    assert stage().protocols["toy"].parser().max_words == 100      # defaults otherwise
+    assert isinstance(stage().protocols["other"].config, Other.config_class)
+    with pytest.raises(ValueError, match="protocol_config.toy: unknown key 'words' .allowed: max_words"):
+        stage(protocol_config={"toy": {"words": 4}})
+    with pytest.raises(ValueError, match="'toy' is not enabled .allowed: .* other"):
+        stage(protocols=["other"], protocol_config={"toy": {}})
+
+
+def test_the_protocols_own_error_rule_decides_span_errors():
+    st = stage()
+    client = st.process([rec(b"ASK - a\n"), rec(b"ANS - denied\n", "ingress", t=100),
+                         rec(b"ASK - b\n", t=200), rec(b"ANS - fine\n", "ingress", t=300)])
+    server = st.process([rec(b"ASK - a\n", "ingress", conn=2),
+                         rec(b"ANS - denied\n", "egress", t=100, conn=2)])
+    assert [(s.role, s.status, s.error) for s in client + server] == [
+        ("client", "denied", True), ("client", "fine", False), ("server", "denied", False)]
+
+
+def test_a_parser_crash_resets_that_side_of_the_parser():
+    st = stage()
+    st.process([rec(b"ASK - crash\n")])
+    parser = st.conns[(100, 1)].parser
+    assert parser.resets == [REQ] and len(parser.streams[REQ]) == 0
+    assert st.counts["toy"]["parser_crashes"] == 1
+    spans = st.process([rec(b"ASK - q\n", t=10), rec(b"ANS - ok\n", "ingress", t=20)])
+    assert [(s.operation, s.status) for s in spans] == [("q", "ok")]
+
+
+def test_the_stage_tells_the_parser_its_transport():
+    st = stage()
+    st.process([rec(b"ASK - q\n")])
+    assert st.conns[(100, 1)].parser.l4 == "tcp"
+    udp = rec(b"ASK - q\n", conn=3)
+    udp.l4 = "udp"
+    st.process([udp])
+    assert next(c for k, c in st.conns.items() if k[1] == 3).parser.l4 == "udp"
 
 
 def test_stream_holes_and_need():
@@ -186,6 +258,36 @@ def test_stream_holes_and_need():
     assert s.peek() == b"XYZ" and s.need(3) == b"XYZ" and s.need(4) is None
     s.consume(3)
     assert s.take_span() == (3, 4, 10, 13, 3) and len(s) == 0
+
+
+def test_stream_segment_operations():
+    s = Stream(cap=1000)
+    s.append(b"abcdef", 10, 1, 2, seq=0)       # 4 uncaptured bytes end the first syscall
+    s.append(b"XYZ", 3, 3, 4, seq=10)
+    s.consume(2)
+    assert not s.at_segment_start()
+    assert s.segment_data() == (b"cdef", True) and s.segment_left() == 8
+    s.take_span()
+    assert s.skip_hole() == 8 and s.at_segment_start() and s.segment_data() == (b"XYZ", False)
+    assert s.skip_segment() == 3 and len(s) == 0 and s.segment_data() == (b"", False)
+    assert s.skip_hole() == 0 and s.segment_left() == 0
+    # skip_hole without a hole takes everything; with one later, through its syscall
+    s.append(b"ab", 2, 5, 6, seq=20)
+    s.append(b"cd", 9, 7, 8, seq=22)
+    s.append(b"ef", 2, 9, 10, seq=31)
+    assert s.skip_hole() == 11 and s.peek() == b"ef"
+
+
+def test_stream_lose_segment_spans_what_was_taken_and_dropped():
+    s = Stream(cap=1000)
+    s.append(b"abcdef", 10, 1, 2, seq=100)
+    s.append(b"XYZ", 3, 3, 4, seq=110)
+    s.consume(2)                                # part of a message, then its framing is lost
+    assert s.lose_segment() == (1, 2, 100, 110, 10)
+    assert s.peek() == b"XYZ" and s.take_span() == (0, 0, None, None, 0)
+    s.consume(1)
+    s.take_span()                               # nothing pending: the span starts here
+    assert s.lose_segment() == (3, 4, 111, 113, 2) and len(s) == 0
 
 
 def test_stream_is_capped():

@@ -10,17 +10,16 @@ requestID) or, without one, first-in-first-out (HTTP/1 pipelining, Redis, SQL).
 import logging
 import time
 from collections import Counter, OrderedDict, defaultdict, deque
+from collections.abc import Mapping
 
 import attrs
 from attrs import validators as v
 
 from deeptrace_core.hookspecs import hookimpl
+from deeptrace_core.l7 import REQ, REQUEST, RESP, check_protocols
 from deeptrace_core.span import Span
 
-from .base import REQ, REQUEST, RESP
-
 log = logging.getLogger("deeptrace.spans")
-HTTP = ("http1", "http2")
 NOT_YET = None          # no protocol recognised yet on this connection
 # SpanStage._span passes these Span fields by position.
 _SPAN_ARGS = ("start_ns", "end_ns", "protocol", "role", "pid", "tid", "comm", "cmdline", "l4",
@@ -33,9 +32,25 @@ if tuple(a.name for a in attrs.fields(Span))[:len(_SPAN_ARGS)] != _SPAN_ARGS:
 DETECT_TRIES = 4        # records looked at before a connection is left alone
 
 
+def _enabled(inst, attribute, value):
+    for name in value:
+        if inst.protocols and name not in inst.protocols:
+            raise ValueError(f"{name!r} is not enabled (allowed: the protocols listed in "
+                             f"`protocols`: {', '.join(inst.protocols)})")
+
+
 @attrs.define
 class SpansConfig:
-    protocols: list[str] = attrs.field(factory=list)   # empty: every registered protocol
+    """``processors.spans`` in the YAML config."""
+
+    # Parsed protocols; empty: every registered one. Names are checked against the
+    # registry when the file is loaded ("registered" metadata, config.py).
+    protocols: list[str] = attrs.field(factory=list, metadata={"registered": "protocols"})
+    # Each protocol's own settings, by name (e.g. mysql: {max_statements: 100}): built as
+    # its config_class when the file is loaded. A separate key, as the trace probe's
+    # protocol_payload_bytes, so configuring one protocol does not disable the others.
+    protocol_config: dict[str, object] = attrs.field(
+        factory=dict, validator=_enabled, metadata={"registered": "protocols"})
     max_connections: int = attrs.field(default=20000, validator=v.ge(1))
     max_pending: int = attrs.field(default=1000, validator=v.ge(1))  # per connection
     request_timeout: float = attrs.field(default=60.0, validator=v.gt(0),
@@ -69,11 +84,10 @@ class SpanStage:
         registry = getattr(context, "registry", None)
         known = registry.protocols if registry is not None else {}
         names = config.protocols or sorted(known)
-        unknown = [n for n in names if n not in known]
-        if unknown:
-            raise ValueError(f"protocols: unknown protocol {unknown[0]!r} "
-                             f"(allowed: {', '.join(sorted(known)) or 'none registered'})")
-        self.protocols = {n: known[n].cls(known[n].cls.config_class()) for n in names}
+        check_protocols(names, known)
+        check_protocols(config.protocol_config, known)
+        self.protocols = {n: known[n].cls(self._protocol_config(n, known[n].cls))
+                          for n in names}
         self.conns: OrderedDict = OrderedDict()
         self.counts = defaultdict(Counter)
         self._cmdlines: dict = {}
@@ -83,6 +97,24 @@ class SpanStage:
         # be attributed by thread, and its spans say so (deeptrace.thread_concurrent).
         self.open_server = defaultdict(int)
         self.concurrent_threads: OrderedDict = OrderedDict()
+
+    def _protocol_config(self, name, cls):
+        """The protocol's config_class instance: as loaded from YAML, or built from a
+        mapping (a config built in code, or a registry that gave the loader no protocol
+        schemas), or the defaults."""
+        given = self.config.protocol_config.get(name)
+        if given is None:
+            return cls.config_class()
+        if isinstance(given, cls.config_class):
+            return given
+        if not isinstance(given, Mapping):
+            raise ValueError(f"protocol_config.{name}: expected a mapping, got {given!r}")
+        fields = sorted(a.name for a in attrs.fields(cls.config_class) if a.init)
+        unknown = [k for k in given if k not in fields]
+        if unknown:
+            raise ValueError(f"protocol_config.{name}: unknown key {unknown[0]!r} "
+                             f"(allowed: {', '.join(fields) or 'none'})")
+        return cls.config_class(**given)
 
     # -- the hot path ---------------------------------------------------------------------
     def process(self, batch):
@@ -130,7 +162,7 @@ class SpanStage:
         except Exception as exc:  # a parser bug must never stop the agent
             self.counts[conn.name]["parser_crashes"] += 1
             log.debug("%s parser failed: %r", conn.name, exc)
-            parser.streams[side].clear()
+            parser.reset(side)
             return
         if parser.errors != conn.errors:
             self.counts[conn.name]["parse_errors"] += parser.errors - conn.errors
@@ -158,8 +190,7 @@ class SpanStage:
         conn.proto = self.protocols[name]
         conn.name, conn.role = name, role
         conn.parser = conn.proto.parser()
-        if hasattr(conn.parser, "l4"):
-            conn.parser.l4 = rec.l4
+        conn.parser.set_l4(rec.l4)
         self.counts[name]["connections"] += 1
         return True
 
@@ -209,7 +240,8 @@ class SpanStage:
         if resp is not None:
             protocol = resp.protocol or req.protocol or conn.name
             status, end, operation = resp.status, resp.ts_end, req.operation or resp.operation
-            error = bool(req.error or resp.error)
+            # Beyond the messages' own flags, the protocol's rule (HTTP: 4xx for clients).
+            error = bool(req.error or resp.error) or conn.parser.span_error(status, role, protocol)
             attributes = {**req.attributes, **resp.attributes}
             response_seq = ((resp.seq_start, resp.seq_end)
                             if resp.seq_start is not None else None)
@@ -219,9 +251,6 @@ class SpanStage:
             error = bool(req.error or missing not in (None, ""))
             attributes = dict(req.attributes)
             response_seq = None
-        if protocol in HTTP and role == "client" and status and status.isdigit() \
-                and 400 <= int(status) < 500:
-            error = True  # OpenTelemetry: 4xx is an error for the client only
         if missing:
             attributes["deeptrace.no_response"] = missing
         if (pid, tid) in self.concurrent_threads:

@@ -8,6 +8,7 @@ import attrs
 from attrs import validators as v
 
 from deeptrace_core import bpf, btf
+from deeptrace_core.l7 import check_protocols
 from deeptrace_core.ringbuf import RingBuffer
 
 from .decoder import LOSS_STATS, STAT_NAMES, make_decoder
@@ -56,7 +57,8 @@ class TraceConfig:
     poll_ms: int = attrs.field(default=100, validator=[v.ge(1), v.le(10000)])
     max_connections: int = attrs.field(default=65536, validator=v.ge(16))
     # L7 protocols to detect in the kernel; when set, only their connections are sent.
-    protocols: list[str] = attrs.field(factory=list)
+    # Names are checked against the registry when the file is loaded (config.py).
+    protocols: list[str] = attrs.field(factory=list, metadata={"registered": "protocols"})
     # Bytes kept per call on a connection of a detected protocol, instead of payload_bytes:
     # less for protocols whose bodies say nothing (http1: 512), more where frames that
     # matter follow large ones (http2: 4096; else they fall in uncaptured holes).
@@ -105,10 +107,7 @@ class TraceProbe:
             return []
         registry = getattr(self.context, "registry", None)
         known = registry.protocols if registry is not None else {}
-        unknown = [n for n in names if n not in known]
-        if unknown:
-            raise ValueError(f"protocols: unknown protocol {unknown[0]!r} "
-                             f"(allowed: {', '.join(sorted(known)) or 'none registered'})")
+        check_protocols(names, known)
         if len(names) > 250:
             raise ValueError("protocols: at most 250")
         return [known[n].cls for n in names]

@@ -40,6 +40,7 @@ SUITES = {
     ],
     "full": [
         "tests/test_cli.py::test_doctor_and_render",
+        "tests/test_features.py",
         "tests/test_cli.py::test_example_config_end_to_end_and_sigterm_detaches",
         "tests/test_trace_syscalls.py",
         "tests/test_btf.py",
@@ -59,11 +60,23 @@ SUITES = {
         "tests/test_network_probe.py",
     ],
 }
+# Left out under emulation: it compares two CPU hogs' shares of one core, and TCG's vCPU
+# threads share the host's cores with everything else (it runs on the host).
+DESELECT = ["tests/test_cpu_probe.py::test_two_hogs_pinned_to_one_core_share_it"]
 # Software emulation runs BPF compiles ~15x slower than the host: sized for that.
 TIMEOUTS = {"smoke": 900, "full": 3600}
-# Modules the initramfs loads to reach the 9p shares and build the overlay (with their
-# dependencies from modules.dep); on a kernel that has one built in, it is skipped.
-INIT_MODULES = ["virtio_pci", "9pnet_virtio", "9p", "overlay"]
+# How the guest reaches this machine's files: 9p where the kernel has it, else virtiofs
+# (Debian's cloud flavour has no 9p) served by qemu's virtiofsd. Per transport, the
+# modules the initramfs loads (with their dependencies from modules.dep; a built-in one is
+# skipped) and the mount.
+_9P = "mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000"
+TRANSPORTS = {   # modules, mount of the (read-only) root, mount of the results
+    "9p": (["virtio_pci", "9pnet_virtio", "9p", "overlay"], f"{_9P},ro,cache=loose", _9P),
+    "virtiofs": (["virtio_pci", "virtiofs", "overlay"], "mount -t virtiofs -o ro",
+                 "mount -t virtiofs"),
+}
+VIRTIOFSD = "/usr/lib/qemu/virtiofsd"   # from qemu-system-common
+DISK_MB = 512   # an ext4 disk on virtio-blk at /var/tmp: the disk probe needs a real one
 
 
 def log(msg):
@@ -141,8 +154,20 @@ def fetch(spec):
     return version, root
 
 
-def module_files(root, version):
-    """The .ko files INIT_MODULES need, dependencies first; built-ins are skipped."""
+def transport(root, version):
+    """9p if the kernel was built with it, else virtiofs."""
+    with open(os.path.join(root, "boot", f"config-{version}")) as f:
+        config = f.read()
+    if re.search(r"^CONFIG_9P_FS=[ym]", config, re.M) and \
+            re.search(r"^CONFIG_NET_9P_VIRTIO=[ym]", config, re.M):
+        return "9p"
+    if re.search(r"^CONFIG_VIRTIO_FS=[ym]", config, re.M):
+        return "virtiofs"
+    raise SystemExit(f"kernels: {version} has neither 9p nor virtiofs: cannot share files")
+
+
+def module_files(root, version, wanted):
+    """The .ko files the modules `wanted` need, dependencies first; built-ins skipped."""
     moddir = os.path.join(root, "lib/modules", version)
     deps = {}
     with open(os.path.join(moddir, "modules.dep")) as f:
@@ -160,7 +185,7 @@ def module_files(root, version):
             add(by_path[dep])
         if path not in order:
             order.append(path)
-    for name in INIT_MODULES:
+    for name in wanted:
         add(name.replace("-", "_"))
     return [os.path.join(moddir, p) for p in order]
 
@@ -185,27 +210,28 @@ export PATH=/bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 for m in /modules/*.ko; do insmod "$m" || echo "kernels: insmod $m failed"; done
 mkdir -p /lower /upper /newroot
-opts=trans=virtio,version=9p2000.L,msize=512000
-mount -t 9p -o $opts,ro,cache=loose hostroot /lower || { echo "kernels: no 9p root"; poweroff -f; }
+@ROOT_MOUNT@ hostroot /lower || { echo "kernels: cannot mount the host's /"; poweroff -f; }
 mount -t tmpfs -o size=3g tmpfs /upper
 mkdir -p /upper/u /upper/w
 mount -t overlay overlay -o lowerdir=/lower,upperdir=/upper/u,workdir=/upper/w /newroot
 mkdir -p /newroot/dt-results
-mount -t 9p -o $opts results /newroot/dt-results
+@RESULTS_MOUNT@ results /newroot/dt-results
 chroot /newroot /bin/bash @REPO@/tests/kernels/inside.sh @REPO@ @KROOT@ @SUITE@
 sync
 poweroff -f
 """
 
 
-def initramfs(path, root, version, suite):
+def initramfs(path, root, version, suite, how):
+    modules, root_mount, results_mount = TRANSPORTS[how]
     entries = [("bin", 0o40755, b""), ("proc", 0o40755, b""), ("sys", 0o40755, b""),
                ("dev", 0o40755, b""), ("modules", 0o40755, b"")]
     with open(BUSYBOX, "rb") as f:
         entries.append(("bin/busybox", 0o100755, f.read()))
-    init = INIT.replace("@REPO@", REPO).replace("@KROOT@", root).replace("@SUITE@", suite)
+    init = (INIT.replace("@REPO@", REPO).replace("@KROOT@", root).replace("@SUITE@", suite)
+            .replace("@ROOT_MOUNT@", root_mount).replace("@RESULTS_MOUNT@", results_mount))
     entries.append(("init", 0o100755, init.encode()))
-    for i, ko in enumerate(module_files(root, version)):
+    for i, ko in enumerate(module_files(root, version, modules)):
         with open(ko, "rb") as f:
             data = f.read()
         if ko.endswith(".xz"):
@@ -239,32 +265,61 @@ def boot(spec, suite, timeout):
     out = os.path.join(REPO, "build", "kernels", version)
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
+    how = transport(root, version)
     initrd = os.path.join(out, "initramfs.cpio")
-    initramfs(initrd, root, version, suite)
+    initramfs(initrd, root, version, suite, how)
+    disk = os.path.join(out, "disk.img")
+    with open(disk, "wb") as f:
+        f.truncate(DISK_MB << 20)
+    sh("mkfs.ext4", "-q", "-F", disk)
     argv = ["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-cpu", "max",
             "-smp", "2", "-m", "4G", "-nographic", "-no-reboot", "-nic", "none",
             "-kernel", os.path.join(root, "boot", f"vmlinuz-{version}"), "-initrd", initrd,
             "-append", "console=ttyS0 panic=-1 quiet loglevel=3 mitigations=off",
-            "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,"
-            "multidevs=remap",
-            "-virtfs", f"local,path={out},mount_tag=results,security_model=none"]
-    log(f"{version}: booting ({suite} suite, timeout {timeout} s)")
+            "-drive", f"file={disk},if=virtio,format=raw"]
+    daemons = []
+    if how == "9p":
+        argv += ["-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,"
+                 "readonly=on,multidevs=remap",
+                 "-virtfs", f"local,path={out},mount_tag=results,security_model=none"]
+    else:
+        # vhost-user devices need the guest's memory shared with the daemons.
+        argv += ["-object", "memory-backend-memfd,id=mem,size=4G,share=on",
+                 "-numa", "node,memdev=mem"]
+        for tag, source in (("hostroot", "/"), ("results", out)):
+            sock = os.path.join(out, f"{tag}.sock")
+            daemons.append(subprocess.Popen(
+                [VIRTIOFSD, f"--socket-path={sock}", "-o", f"source={source}",
+                 "-o", "cache=always", "-o", "sandbox=chroot"],
+                stdout=subprocess.DEVNULL, stderr=open(os.path.join(out, f"{tag}.vfsd.log"), "w")))
+            deadline = time.monotonic() + 10
+            while not os.path.exists(sock) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            argv += ["-chardev", f"socket,id={tag},path={sock}",
+                     "-device", f"vhost-user-fs-pci,chardev={tag},tag={tag}"]
+    log(f"{version}: booting ({suite} suite over {how}, timeout {timeout} s)")
     start = time.monotonic()
-    with open(os.path.join(out, "console.log"), "w") as console:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, errors="replace")
-        try:
-            for line in proc.stdout:
-                console.write(line)
-                print(f"[{version}] {line.rstrip()}", flush=True)
-                if time.monotonic() - start > timeout:
-                    raise TimeoutError
-            proc.wait(30)
-        except (TimeoutError, subprocess.TimeoutExpired):
-            proc.kill()
-            proc.wait()
-            return False, junit_counts("")[0], (f"{version}: timed out after {timeout} s "
-                                                 f"(console: {out}/console.log)")
+    try:
+        with open(os.path.join(out, "console.log"), "w") as console:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, errors="replace")
+            try:
+                for line in proc.stdout:
+                    console.write(line)
+                    print(f"[{version}] {line.rstrip()}", flush=True)
+                    if time.monotonic() - start > timeout:
+                        raise TimeoutError
+                proc.wait(30)
+            except (TimeoutError, subprocess.TimeoutExpired):
+                proc.kill()
+                proc.wait()
+                return False, junit_counts("")[0], (f"{version}: timed out after {timeout} s "
+                                                     f"(console: {out}/console.log)")
+    finally:
+        for d in daemons:
+            d.terminate()
+            d.wait()
+        os.remove(disk)
     took = time.monotonic() - start
     counts, failed = junit_counts(os.path.join(out, "junit.xml"))
     rc = open(os.path.join(out, "rc")).read().strip() if os.path.exists(
@@ -291,7 +346,8 @@ def main(argv=None):
     if not kernels:
         log("no kernels chosen (DEEPTRACE_KERNELS=none): nothing run")
         return 0
-    for tool in ("qemu-system-x86_64", BUSYBOX, "apt-get", "dpkg-deb", "depmod"):
+    for tool in ("qemu-system-x86_64", BUSYBOX, VIRTIOFSD, "apt-get", "dpkg-deb", "depmod",
+                 "mkfs.ext4"):
         if not shutil.which(tool):
             print(f"kernels: {tool} not found (scripts/setup.sh installs it)", file=sys.stderr)
             return 1

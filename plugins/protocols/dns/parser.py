@@ -6,7 +6,7 @@ message (a big response), the header and question, which come first, are still r
 
 The parser must know the transport, which the stage sets before the first feed:
 
-    p = proto.parser(); p.l4 = "udp"     # or "tcp"; "udp" by default
+    p = proto.parser(); p.set_l4("tcp")     # "udp" by default
 
 Requests and responses pair by ``key`` = (transaction id, question name, question type):
 over UDP one socket may carry many outstanding queries, answered in any order.
@@ -20,7 +20,7 @@ import dns.opcode
 import dns.rcode
 import dns.rdatatype
 
-from deeptrace_plugins.protocols.base import Message, ParseError, Parser
+from deeptrace_core.l7 import Message, ParseError, Parser
 
 HEADER = struct.Struct(">HHHHHH")
 
@@ -80,7 +80,7 @@ class DnsParser(Parser):
 
     def __init__(self, l4: str = "udp"):
         super().__init__()
-        self.l4 = l4   # "udp" or "tcp"; the stage sets it before the first feed
+        self.l4 = l4   # "udp" or "tcp"; the stage calls set_l4 before the first feed
         self._seen = {"req": False, "resp": False}
 
     def parse(self, side, stream):
@@ -94,22 +94,19 @@ class DnsParser(Parser):
             if stream.need(14) is None:       # (no DNS message is shorter)
                 return []
             self._seen[side] = True
-            seg = stream.segments[0]
-            data = seg.data[stream.offset:]
-            total = len(data) + seg.hole
+            data, cut = stream.segment_data()
             n = int.from_bytes(data[:2], "big")
-            prefixed = 12 <= n <= total - 2 and _decodes(data[2:2 + n], len(data) < n + 2)
-            if not prefixed and _decodes(data, seg.hole > 0):
+            prefixed = 12 <= n <= stream.segment_left() - 2 and \
+                _decodes(data[2:2 + n], len(data) < n + 2)
+            if not prefixed and _decodes(data, cut):
                 return self._datagram(stream)
         return self._tcp(stream)
 
     @staticmethod
     def _datagram(stream):
         """The rest of one syscall's bytes is one message (UDP: a datagram)."""
-        seg = stream.segments[0]
-        data = seg.data[stream.offset:]
-        msg = decode(data, seg.hole > 0)        # ParseError: base drops this syscall
-        stream.consume(len(seg.data) + seg.hole - stream.offset)
+        msg = decode(*stream.segment_data())    # ParseError: base drops this syscall
+        stream.skip_segment()
         return [stream.stamp(msg)]
 
     @staticmethod

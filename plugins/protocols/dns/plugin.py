@@ -1,18 +1,11 @@
 """The DNS protocol plugin (UDP and TCP): detector and parser factory."""
 
-import attrs
-
 from deeptrace_core.hookspecs import hookimpl
+from deeptrace_core.l7 import REQUEST, RESPONSE, ProtocolBase
 
-from ..base import REQUEST, RESPONSE
 from .parser import DnsParser
 
 PORT = 53
-
-
-@attrs.define
-class DnsConfig:
-    pass
 
 
 def header(p: bytes, o: int, port53: bool) -> int:
@@ -48,18 +41,11 @@ def detect(data: bytes, lport: int, rport: int, l4: str) -> int:
     return header(p, 0, port53)   # the length prefix went in a syscall of its own
 
 
-class DnsProtocol:
+class DnsProtocol(ProtocolBase):
     name = "dns"
-    config_class = DnsConfig
     detect_c = ("deeptrace_plugins.protocols.dns", "detect.bpf.c")
     detect = staticmethod(detect)
-
-    def __init__(self, config=None):
-        self.config = config or DnsConfig()
-
-    def parser(self):
-        """A parser for one connection; set ``.l4 = "tcp"`` before feeding TCP bytes."""
-        return DnsParser()
+    parser_class = DnsParser     # UDP until the stage calls set_l4("tcp")
 
 
 @hookimpl

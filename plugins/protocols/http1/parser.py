@@ -18,73 +18,17 @@ from collections import deque
 
 import httptools
 
-from deeptrace_plugins.protocols.base import REQ, RESP, Message, ParseError, Parser
+from deeptrace_core.l7 import REQ, RESP, Message, ParseError, Parser
+from deeptrace_plugins.protocols.http_attributes import (HEADER_ALLOW, HttpErrorRule,
+                                                         header_attributes, request_attributes)
 
 MAX_HEAD = 64 * 1024
 MAX_PENDING = 1024           # requests awaiting a response (pipelining depth), capped
 _METHOD = re.compile(rb"[A-Z_-]*")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
 
-# Headers recorded as http.{request,response}.header.<name>; values of the sensitive
-# ones are never recorded.
-HEADER_ALLOW = frozenset({"content-type", "content-length", "accept", "x-request-id",
-                          "x-forwarded-for", "traceparent", "tracestate", "b3", "x-b3-traceid",
-                          "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled",
-                          "authorization", "cookie", "set-cookie", "proxy-authorization"})
-HEADER_REDACT = frozenset({"authorization", "cookie", "set-cookie", "proxy-authorization"})
 # Every header the parser reads: framing, attributes, and the allow-list.
 _USED = HEADER_ALLOW | {"host", "user-agent", "transfer-encoding", "expect"}
-# Query parameters whose values are credentials (OpenTelemetry url.query guidance).
-_QUERY_SECRET = re.compile(r"(?i)((?:^|&)(?:AWSAccessKeyId|Signature|sig|X-Goog-Signature"
-                           r"|access_token|token|api_key|apikey|password)=)[^&]*")
-
-
-def header_attributes(headers: dict, prefix: str) -> dict:
-    """The allow-listed headers (lower-case names) as ``<prefix>.<name>`` attributes."""
-    return {f"{prefix}.{k}": ("[REDACTED]" if k in HEADER_REDACT else v)
-            for k, v in headers.items() if k in HEADER_ALLOW}
-
-
-def split_target(target: str):
-    """(path, query) of a request target: origin-form, absolute-form, authority or '*'."""
-    if "://" in target:
-        try:
-            url = httptools.parse_url(target.encode("latin-1"))
-        except (httptools.HttpParserInvalidURLError, UnicodeEncodeError):
-            return target.split("?", 1)[0], ""
-        return (url.path or b"/").decode("latin-1"), (url.query or b"").decode("latin-1")
-    path, _, query = target.partition("?")
-    return path.partition("#")[0], query
-
-
-def server_attributes(authority: str) -> dict:
-    """server.address / server.port from a Host header or :authority."""
-    if not authority:
-        return {}
-    host, port = authority, None
-    if authority.startswith("["):           # [v6]:port
-        host, _, rest = authority[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else None
-    elif authority.count(":") == 1:
-        host, port = authority.split(":")
-    out = {"server.address": host}
-    if port and port.isdigit():
-        out["server.port"] = int(port)
-    return out
-
-
-def request_attributes(method: str, target: str, headers: dict, version: str) -> tuple:
-    """(operation, attributes) of an HTTP request, shared with the HTTP/2 parser."""
-    path, query = split_target(target)
-    attrs = {"http.request.method": method, "url.path": path,
-             "network.protocol.version": version}
-    if query:
-        attrs["url.query"] = _QUERY_SECRET.sub(r"\1REDACTED", query)
-    attrs.update(server_attributes(headers.get("host") or headers.get(":authority", "")))
-    if "user-agent" in headers:
-        attrs["user_agent.original"] = headers["user-agent"]
-    attrs.update(header_attributes(headers, "http.request.header"))
-    return f"{method} {path}", attrs
 
 
 def content_length(headers: dict):
@@ -160,7 +104,7 @@ class _Side:
         self.expect_continue = False
 
 
-class Http1Parser(Parser):
+class Http1Parser(HttpErrorRule, Parser):
     protocol = "http1"
 
     def __init__(self):
@@ -224,7 +168,7 @@ class Http1Parser(Parser):
         if st.msg is not None:
             return self._body(st, stream)
         if st.resync:
-            verdict = self._verdict(side, stream) if stream.offset == 0 else False
+            verdict = self._verdict(side, stream) if stream.at_segment_start() else False
             if verdict is None:
                 return []
             if not verdict:
@@ -422,9 +366,7 @@ class Http1Parser(Parser):
     def _incomplete(self, st, stream, msg):
         """Body framing lost (in a hole or malformed): emit the message, resync."""
         msg.attributes["deeptrace.incomplete"] = True
-        if stream.segments:  # the rest of this syscall's bytes are the message's too
-            seg = stream.segments[0]
-            stream.consume(len(seg.data) + seg.hole - stream.offset)
+        stream.skip_segment()   # the rest of this syscall's bytes are the message's too
         stream.stamp(msg)
         st.reset()
         st.resync = True

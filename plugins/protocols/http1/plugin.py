@@ -1,27 +1,17 @@
 """HTTP/1.x protocol plugin: registration and the user-space twin of detect.bpf.c."""
 
-import attrs
-
 from deeptrace_core.hookspecs import hookimpl
-from deeptrace_plugins.protocols.base import REQUEST, RESPONSE
+from deeptrace_core.l7 import REQUEST, RESPONSE, ProtocolBase
 from deeptrace_plugins.protocols.http1.parser import Http1Parser
 
 METHODS = (b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"OPTIONS ", b"PATCH ",
            b"CONNECT ", b"TRACE ")
 
 
-@attrs.define
-class Http1Config:
-    pass
-
-
-class Http1Protocol:
+class Http1Protocol(ProtocolBase):
     name = "http1"
-    config_class = Http1Config
     detect_c = ("deeptrace_plugins.protocols.http1", "detect.bpf.c")
-
-    def __init__(self, config=None):
-        self.config = config or Http1Config()
+    parser_class = Http1Parser
 
     @staticmethod
     def detect(data: bytes, lport: int = 0, rport: int = 0, l4: str = "tcp") -> int:
@@ -36,9 +26,6 @@ class Http1Protocol:
         if data[:9] in (b"HTTP/1.0 ", b"HTTP/1.1 ") and len(data) > 9 and 0x30 <= data[9] <= 0x39:
             return RESPONSE
         return 0
-
-    def parser(self):
-        return Http1Parser()
 
 
 @hookimpl

@@ -26,9 +26,9 @@ from collections import OrderedDict, deque
 
 import hpack
 
-from deeptrace_plugins.protocols.base import REQ, RESP, Message, ParseError, Parser
-from deeptrace_plugins.protocols.http1.parser import (header_attributes, request_attributes,
-                                                      server_attributes)
+from deeptrace_core.l7 import REQ, RESP, Message, ParseError, Parser
+from deeptrace_plugins.protocols.http_attributes import (HttpErrorRule, header_attributes, number,
+                                                         request_attributes, server_attributes)
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 (DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY,
@@ -103,11 +103,6 @@ class _Block:
         self.frag = bytearray(frag or b"")
 
 
-def _number(text: str):
-    """An ASCII decimal header value as an int, else None."""
-    return int(text) if text.isascii() and text.isdigit() else None
-
-
 def _fragment(ftype, flags, payload):
     """The header block fragment of a HEADERS/PUSH_PROMISE/CONTINUATION payload."""
     if payload is None:
@@ -126,7 +121,7 @@ def _fragment(ftype, flags, payload):
     return payload[off:len(payload) - pad]
 
 
-class Http2Parser(Parser):
+class Http2Parser(HttpErrorRule, Parser):
     protocol = "http2"
 
     def __init__(self):
@@ -459,7 +454,7 @@ class Http2Parser(Parser):
         h, t = half.headers or {}, half.trailers
         if half.lost and not h:
             self._placeholder(msg)
-        http = _number(h.get(":status", ""))
+        http = number(h.get(":status", ""))
         if http is not None:
             msg.attributes["http.response.status_code"] = http
         if half.reset is not None and half.reset >= 0:
@@ -474,8 +469,8 @@ class Http2Parser(Parser):
             if code is not None:
                 msg.status = code
                 msg.error = code != "0"
-                if _number(code) is not None:
-                    msg.attributes["rpc.grpc.status_code"] = _number(code)
+                if number(code) is not None:
+                    msg.attributes["rpc.grpc.status_code"] = number(code)
         else:
             msg.status = str(http) if http is not None else None
             msg.error = (http or 0) >= 500 or (half.reset is not None and half.reset != 0)

@@ -1,26 +1,16 @@
 """HTTP/2 (+gRPC) protocol plugin: registration and the user-space twin of detect.bpf.c."""
 
-import attrs
-
 from deeptrace_core.hookspecs import hookimpl
-from deeptrace_plugins.protocols.base import REQUEST, RESPONSE
+from deeptrace_core.l7 import REQUEST, RESPONSE, ProtocolBase
 from deeptrace_plugins.protocols.http2.parser import PREFACE, Http2Parser
 
 _SETTINGS_MAX = 96   # 16 parameters: more in a first SETTINGS frame is implausible
 
 
-@attrs.define
-class Http2Config:
-    pass
-
-
-class Http2Protocol:
+class Http2Protocol(ProtocolBase):
     name = "http2"
-    config_class = Http2Config
     detect_c = ("deeptrace_plugins.protocols.http2", "detect.bpf.c")
-
-    def __init__(self, config=None):
-        self.config = config or Http2Config()
+    parser_class = Http2Parser
 
     @staticmethod
     def detect(data: bytes, lport: int = 0, rport: int = 0, l4: str = "tcp") -> int:
@@ -54,9 +44,6 @@ class Http2Protocol:
             if data[off] in (0x82, 0x83):
                 return REQUEST
         return 0
-
-    def parser(self):
-        return Http2Parser()
 
 
 @hookimpl

@@ -17,7 +17,7 @@ found; setq: stored), so every request still gets exactly one response.
 import struct
 from collections import OrderedDict
 
-from deeptrace_plugins.protocols.base import Cursor, CursorParser, Message, ParseError
+from deeptrace_core.l7 import Cursor, CursorParser, Message, ParseError
 
 MAX_LINE = 64 * 1024
 MAX_VALUE = 1 << 32
@@ -28,8 +28,6 @@ STORAGE = {b"set", b"add", b"replace", b"append", b"prepend", b"cas"}
 NOREPLY_OK = STORAGE | {b"delete", b"incr", b"decr", b"touch", b"flush_all", b"verbosity"}
 GETS = {b"get": 1, b"gets": 1, b"gat": 2, b"gats": 2}   # command -> index of the first key
 META = {b"mg", b"ms", b"md", b"ma", b"mn", b"me"}
-TERMINAL = {b"STORED", b"NOT_STORED", b"EXISTS", b"NOT_FOUND", b"DELETED", b"TOUCHED",
-            b"OK", b"VERSION", b"RESET", b"HD", b"NF", b"NS", b"EX", b"EN", b"MN", b"ME"}
 ERRORS = {b"ERROR", b"CLIENT_ERROR", b"SERVER_ERROR"}
 LISTS = {b"STAT", b"ITEM", b"PREFIX"}    # lines of a multi-line reply ended by END
 
@@ -51,16 +49,6 @@ STATUS = {0x00: "OK", 0x01: "NOT_FOUND", 0x02: "EXISTS", 0x03: "E2BIG", 0x04: "E
           0x08: "AUTH_ERROR", 0x09: "AUTH_CONTINUE", 0x20: "AUTH_ERROR",
           0x81: "UNKNOWN_COMMAND", 0x82: "ENOMEM", 0x83: "NOT_SUPPORTED",
           0x84: "EINTERNAL", 0x85: "EBUSY", 0x86: "ETMPFAIL"}
-
-
-def hole_run(stream) -> int:
-    """Bytes from the read position to the end of the syscall whose capture was cut."""
-    n = 0
-    for k, seg in enumerate(stream.segments):
-        n += len(seg.data) + seg.hole - (stream.offset if k == 0 else 0)
-        if seg.hole:
-            break
-    return n
 
 
 class _Cursor(Cursor):
@@ -243,8 +231,7 @@ class MemcachedParser(CursorParser):
     def _cut(self, req, st, c, out):
         """A hole where a line should be: end the message here (incomplete), resync."""
         c.commit()
-        n = hole_run(c.s)
-        c.s.consume(n)
+        n = c.s.skip_hole()
         # A retrieval reply whose last value ran into the hole: 5 uncaptured bytes after
         # it can only be its "END\r\n".
         if req or not st.values or n != 5 or st.msg.error:

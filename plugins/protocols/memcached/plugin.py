@@ -1,10 +1,8 @@
 """The memcached protocol plugin (text and binary): detector and parser factory."""
 
-import attrs
-
 from deeptrace_core.hookspecs import hookimpl
+from deeptrace_core.l7 import REQUEST, RESPONSE, ProtocolBase
 
-from ..base import REQUEST, RESPONSE
 from .parser import MemcachedParser
 
 PORT = 11211
@@ -29,11 +27,6 @@ EXTRAS = {**{op: 0 for op in (0x00, 0x04, 0x07, 0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x
           0x08: -1, 0x18: -1}
 STATUSES = {0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x20, 0x81, 0x82,
             0x83, 0x84, 0x85, 0x86}
-
-
-@attrs.define
-class MemcachedConfig:
-    pass
 
 
 def _word(p: bytes) -> int:
@@ -88,17 +81,11 @@ def detect(data: bytes, lport: int, rport: int, l4: str) -> int:
     return 0
 
 
-class MemcachedProtocol:
+class MemcachedProtocol(ProtocolBase):
     name = "memcached"
-    config_class = MemcachedConfig
     detect_c = ("deeptrace_plugins.protocols.memcached", "detect.bpf.c")
     detect = staticmethod(detect)
-
-    def __init__(self, config=None):
-        self.config = config or MemcachedConfig()
-
-    def parser(self):
-        return MemcachedParser()
+    parser_class = MemcachedParser
 
 
 @hookimpl

@@ -14,7 +14,7 @@ import zlib
 import bson
 from bson.codec_options import CodecOptions, DatetimeConversion
 
-from deeptrace_plugins.protocols.base import REQ, FramedParser, Message, ParseError
+from deeptrace_core.l7 import REQ, FramedParser, Message, ParseError
 
 OP_REPLY, OP_UPDATE, OP_INSERT, OP_QUERY = 1, 2001, 2002, 2004
 OP_GET_MORE, OP_DELETE, OP_KILL_CURSORS, OP_COMPRESSED, OP_MSG = 2005, 2006, 2007, 2012, 2013

@@ -1,16 +1,9 @@
 """The MongoDB protocol plugin: kernel detector, Python mirror, parser factory."""
 
-import attrs
-
 from deeptrace_core.hookspecs import hookimpl
-from deeptrace_plugins.protocols.base import REQUEST, RESPONSE
+from deeptrace_core.l7 import REQUEST, RESPONSE, ProtocolBase
 
 from .parser import MongoDBParser
-
-
-@attrs.define
-class MongoDBConfig:
-    pass
 
 
 def _name(c: int) -> bool:
@@ -51,17 +44,11 @@ def detect(data: bytes, lport: int, rport: int, l4: str) -> int:
     return 0
 
 
-class MongoDBProtocol:
+class MongoDBProtocol(ProtocolBase):
     name = "mongodb"
-    config_class = MongoDBConfig
     detect_c = ("deeptrace_plugins.protocols.mongodb", "detect.bpf.c")
     detect = staticmethod(detect)
-
-    def __init__(self, config: MongoDBConfig | None = None):
-        self.config = config if config is not None else MongoDBConfig()
-
-    def parser(self) -> MongoDBParser:
-        return MongoDBParser()
+    parser_class = MongoDBParser
 
 
 @hookimpl

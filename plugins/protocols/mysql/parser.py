@@ -13,11 +13,10 @@ pairing is first-in-first-out and messages carry no key.
 """
 
 import re
-from collections import OrderedDict, deque
+from collections import deque
 
-from deeptrace_plugins.protocols.base import REQ, RESP, FramedParser, Message, ParseError
-
-from .sql import QUERY_MAX, decode, first_keyword, redact
+from deeptrace_core.l7 import REQ, RESP, FramedParser, Message, ParseError
+from deeptrace_plugins.protocols.sql import QUERY_MAX, Statements, decode, first_keyword, redact
 
 COMMANDS = {
     0x00: "SLEEP", 0x01: "QUIT", 0x02: "INIT_DB", 0x03: "QUERY", 0x04: "FIELD_LIST",
@@ -90,7 +89,7 @@ class MySQLParser(FramedParser):
     def __init__(self, max_statements: int = 4096):
         super().__init__()
         self.max_statements = max_statements
-        self.statements = OrderedDict()   # prepared statement id -> text (LRU, capped)
+        self.statements = Statements(max_statements)   # prepared statement id -> text
         self.pending = deque()            # requests whose reply has not started
         self.reply = None                 # the reply being assembled
         self.db = None                    # current schema (handshake, INIT_DB, USE)
@@ -103,10 +102,7 @@ class MySQLParser(FramedParser):
     def frame(self, side, stream, out) -> bool:
         head = stream.peek(4)
         if len(head) < 4:
-            if len(stream) > len(head):    # the header is in bytes the capture cut
-                out += self._lost(side, stream)
-                return True
-            return False
+            return self.short_header(side, stream, head, out)
         size = int.from_bytes(head[:3], "little")
         want = TEXT_PEEK if side == REQ else HEAD_PEEK
         data = stream.peek(4 + min(size, want))
@@ -115,30 +111,14 @@ class MySQLParser(FramedParser):
         handler = self._request if side == REQ else self._response
         msg, keep = handler(head[3], size, data[4:], self.cont[side], stream)
         self.cont[side] = size == MAX_PAYLOAD
-        got = stream.consume(4 + size)
-        self.skip[side] = 4 + size - got
-        self.orphan[side] = msg is None and not keep
-        if msg is not None:
-            self.held[side] = msg
-        elif not keep:
-            stream.take_span()             # bytes that belong to no message
-        return True
+        return self.take(side, stream, 4 + size, msg, keep)
 
-    def _lost(self, side, stream):
-        """A packet header fell in uncaptured bytes: close what is open, resync at the
-        next syscall (replies: at the next request's reply)."""
-        seg = stream.segments[0]
-        rest = len(seg.data) + seg.hole - stream.offset     # what is dropped: it ends there
-        start, _, seq, _, size = stream.take_span()
-        if not size:
-            start, seq = seg.ts_start, (seg.seq + stream.offset if seg.seq is not None else None)
-        span = (start, seg.ts_end, seq, seg.seq + len(seg.data) + seg.hole
-                if seg.seq is not None else None, size + rest)
-        stream.drop_segment()
+    def lost_framing(self, side):
+        """A packet header fell in uncaptured bytes: close what is open (replies: resync
+        at the next request's reply)."""
         self.cont[side] = False
         if side == REQ:
-            self.errors += 1
-            return []
+            return super().lost_framing(side)
         self.lost = True
         out = []
         if self.reply is not None:
@@ -146,9 +126,11 @@ class MySQLParser(FramedParser):
             self.reply = None
         while self.pending:                   # their replies went by unseen too
             out.append(self._finish(_Reply(self.pending.popleft()[0], ""), incomplete=True))
-        for msg in out:
-            msg.ts_start, msg.ts_end, msg.seq_start, msg.seq_end, msg.size = span
         return out
+
+    def reset(self, side):
+        super().reset(side)
+        self.cont[side] = False
 
     # -- client side --------------------------------------------------------------------
     def _request(self, seq, size, p, cont, stream):
@@ -205,9 +187,7 @@ class MySQLParser(FramedParser):
         from them may swallow the reply to come."""
         self.lost = False
         if self.held[RESP] is None:
-            self.streams[RESP].clear()
-            self.skip[RESP] = 0
-            self.cont[RESP] = False
+            self.reset(RESP)
 
     def _handshake_response(self, size, p):
         """The client's HandshakeResponse41: capabilities and schema, never credentials."""
@@ -288,7 +268,7 @@ class MySQLParser(FramedParser):
                     return True
                 sid = int.from_bytes(p[1:5], "little")
                 if r.next is not None:
-                    self._remember(sid, r.next)
+                    self.statements.remember(sid, r.next)
                 r.req.attributes["db.mysql.statement_id"] = sid
                 r.next = int.from_bytes(p[5:7], "little")           # columns
                 params = int.from_bytes(p[7:9], "little")
@@ -382,12 +362,6 @@ class MySQLParser(FramedParser):
         if p[3:4] == b"#":
             return code, decode(p[4:9]), decode(p[9:])
         return code, None, decode(p[3:])
-
-    def _remember(self, sid, text):
-        self.statements[sid] = text
-        self.statements.move_to_end(sid)
-        while len(self.statements) > self.max_statements:
-            self.statements.popitem(last=False)
 
     def _finish(self, r, incomplete=False):
         attrs = {}

@@ -1,16 +1,20 @@
 """The MySQL / MariaDB protocol plugin: kernel detector, Python mirror, parser factory."""
 
 import attrs
+from attrs import validators as v
 
 from deeptrace_core.hookspecs import hookimpl
-from deeptrace_plugins.protocols.base import REQUEST, RESPONSE
+from deeptrace_core.l7 import REQUEST, RESPONSE, ProtocolBase
 
 from .parser import MySQLParser
 
 
 @attrs.define
 class MySQLConfig:
-    max_statements: int = 4096   # prepared statements remembered per connection
+    """``processors.spans.protocol_config.mysql`` in the YAML config."""
+
+    # Prepared statements remembered per connection (LRU).
+    max_statements: int = attrs.field(default=4096, validator=v.ge(1))
 
 
 SCAN = 20   # MYSQL_SCAN in detect.bpf.c: bytes of text checked
@@ -70,17 +74,12 @@ def detect(data: bytes, lport: int, rport: int, l4: str) -> int:
     return 0
 
 
-class MySQLProtocol:
+class MySQLProtocol(ProtocolBase):
     name = "mysql"
     config_class = MySQLConfig
     detect_c = ("deeptrace_plugins.protocols.mysql", "detect.bpf.c")
     detect = staticmethod(detect)
-
-    def __init__(self, config: MySQLConfig | None = None):
-        self.config = config if config is not None else MySQLConfig()
-
-    def parser(self) -> MySQLParser:
-        return MySQLParser(max_statements=self.config.max_statements)
+    parser_class = MySQLParser     # built with max_statements from the config
 
 
 @hookimpl

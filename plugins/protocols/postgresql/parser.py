@@ -14,15 +14,14 @@ skipped unread.
 """
 
 import re
-from collections import OrderedDict, deque
+from collections import deque
 
-from deeptrace_plugins.protocols.base import REQ, RESP, FramedParser, Message, ParseError
-from deeptrace_plugins.protocols.mysql.sql import QUERY_MAX, decode, first_keyword, redact
+from deeptrace_core.l7 import REQ, RESP, FramedParser, Message, ParseError
+from deeptrace_plugins.protocols.sql import QUERY_MAX, Statements, decode, first_keyword, redact
 
 FRONTEND = set(b"QPBDECHSXpFdcf")
 BACKEND = set(b"RSKZTDCEN123nsItAGHWdcVv")
 MAX_LEN = 1 << 30                  # the server refuses messages of 1 GiB or more
-PROTO_3 = 196608
 SSL_REQUEST, GSSENC_REQUEST, CANCEL_REQUEST = 80877103, 80877104, 80877102
 TEXT_PEEK = QUERY_MAX * 4          # body bytes looked at for Query / Parse text
 HEAD_PEEK = 512                    # body bytes looked at for any other message we read
@@ -59,7 +58,7 @@ class PostgreSQLParser(FramedParser):
     def __init__(self, max_statements: int = 4096):
         super().__init__()
         self.max_statements = max_statements
-        self.statements = OrderedDict()   # prepared statement name -> text (LRU, capped)
+        self.statements = Statements(max_statements)   # prepared statement name -> text
         self.portals = {}                 # portal name -> text (unnamed mostly; capped)
         self.group = None                 # the extended-protocol group not yet Synced
         self.pending = deque()            # requests awaiting ReadyForQuery, oldest first
@@ -73,8 +72,7 @@ class PostgreSQLParser(FramedParser):
         if side == RESP and self.ssl_reply:
             b = stream.peek(1)
             if not b:
-                out += self._lost(side, stream)
-                return True
+                return self.lose(side, stream, out)
             if b in (b"S", b"G", b"N"):
                 self.ssl_reply = False
                 self.encrypted = b != b"N"
@@ -86,10 +84,7 @@ class PostgreSQLParser(FramedParser):
         untyped = side == REQ and head[:1] == b"\0"
         need = 8 if untyped else 5
         if len(head) < need:
-            if len(stream) > len(head):   # the header is in bytes the capture cut
-                out += self._lost(side, stream)
-                return True
-            return False
+            return self.short_header(side, stream, head, out)
         if untyped:
             kind = None
             size = total = int.from_bytes(head[:4], "big")
@@ -100,8 +95,7 @@ class PostgreSQLParser(FramedParser):
             total = 1 + size
             if kind not in (FRONTEND if side == REQ else BACKEND) or not 4 <= size < MAX_LEN:
                 if side == RESP and self.pending and self.started:
-                    out += self._lost(side, stream)
-                    return True
+                    return self.lose(side, stream, out)
                 raise ParseError(f"postgresql: not a message start {head[:1]!r}")
         want = self._want(side, kind, total)
         data = stream.peek(want)
@@ -111,14 +105,7 @@ class PostgreSQLParser(FramedParser):
             msg, keep = self._frontend(kind, size, data, head)
         else:
             msg, keep = self._backend(kind, data)
-        got = stream.consume(total)
-        self.skip[side] = total - got
-        self.orphan[side] = msg is None and not keep
-        if msg is not None:
-            self.held[side] = msg
-        elif not keep:
-            stream.take_span()             # bytes that belong to no message
-        return True
+        return self.take(side, stream, total, msg, keep)
 
     @staticmethod
     def _want(side, kind, total):
@@ -132,30 +119,18 @@ class PostgreSQLParser(FramedParser):
             return min(total, HEAD_PEEK)
         return 5
 
-    def _lost(self, side, stream):
-        """A header fell in uncaptured bytes: close what is open and resync at the next
-        syscall (replies: after the next ReadyForQuery or the next request)."""
-        seg = stream.segments[0]
-        rest = len(seg.data) + seg.hole - stream.offset     # what is dropped: it ends there
-        start, _, seq, _, size = stream.take_span()
-        if not size:
-            start, seq = seg.ts_start, (seg.seq + stream.offset if seg.seq is not None else None)
-        span = (start, seg.ts_end, seq, seg.seq + len(seg.data) + seg.hole
-                if seg.seq is not None else None, size + rest)
-        stream.drop_segment()
-        out = []
+    def lost_framing(self, side):
+        """A header fell in uncaptured bytes (or a reply's framing broke): close what is
+        open (replies: resync after the next ReadyForQuery or the next request)."""
         if side == REQ:
             if self.group is not None:        # its Sync is in the hole, most likely
-                out.append(self._close_group(incomplete=True))
-            else:
-                self.errors += 1
-        elif self.pending and not self.lost:
+                return [self._close_group(incomplete=True)]
+            return super().lost_framing(side)
+        if self.pending and not self.lost:
             self.lost = True
-            out.append(self._reply(self.pending.popleft(), incomplete=True))
             self.started = False
-        for msg in out:
-            msg.ts_start, msg.ts_end, msg.seq_start, msg.seq_end, msg.size = span
-        return out
+            return [self._reply(self.pending.popleft(), incomplete=True)]
+        return []
 
     # -- frontend -----------------------------------------------------------------------
     def _frontend(self, kind, size, data, head):
@@ -185,7 +160,7 @@ class PostgreSQLParser(FramedParser):
         if kind == ord("P"):
             name, i = cstr(body, 0)
             text, _ = cstr(body, i)
-            self._remember(name, text)
+            self.statements.remember(name, text)
             if text not in g.texts:
                 g.texts.append(text)
         elif kind == ord("B"):
@@ -213,8 +188,7 @@ class PostgreSQLParser(FramedParser):
             # reply, async messages): no length read from them may swallow its reply.
             self.lost = self.started = False
             if self.held[RESP] is None:
-                self.streams[RESP].clear()
-                self.skip[RESP] = 0
+                self.reset(RESP)
         elif len(self.pending) >= PENDING_MAX:
             self.pending.popleft()
         self.pending.append(req)
@@ -254,12 +228,6 @@ class PostgreSQLParser(FramedParser):
             db = kv.get(b"database") or kv.get(b"user")
             if db:
                 self.db = decode(db)
-
-    def _remember(self, name, text):
-        self.statements[name] = text
-        self.statements.move_to_end(name)
-        while len(self.statements) > self.max_statements:
-            self.statements.popitem(last=False)
 
     # -- backend ------------------------------------------------------------------------
     def _backend(self, kind, data):

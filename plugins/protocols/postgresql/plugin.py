@@ -1,16 +1,20 @@
 """The PostgreSQL protocol plugin: kernel detector, Python mirror, parser factory."""
 
 import attrs
+from attrs import validators as v
 
 from deeptrace_core.hookspecs import hookimpl
-from deeptrace_plugins.protocols.base import REQUEST, RESPONSE
+from deeptrace_core.l7 import REQUEST, RESPONSE, ProtocolBase
 
 from .parser import PostgreSQLParser
 
 
 @attrs.define
 class PostgreSQLConfig:
-    max_statements: int = 4096   # named prepared statements remembered per connection
+    """``processors.spans.protocol_config.postgresql`` in the YAML config."""
+
+    # Named prepared statements remembered per connection (LRU).
+    max_statements: int = attrs.field(default=4096, validator=v.ge(1))
 
 
 SCAN = 24   # PG_SCAN in detect.bpf.c: bytes of text checked
@@ -82,17 +86,12 @@ def detect(data: bytes, lport: int, rport: int, l4: str) -> int:
     return 0
 
 
-class PostgreSQLProtocol:
+class PostgreSQLProtocol(ProtocolBase):
     name = "postgresql"
     config_class = PostgreSQLConfig
     detect_c = ("deeptrace_plugins.protocols.postgresql", "detect.bpf.c")
     detect = staticmethod(detect)
-
-    def __init__(self, config: PostgreSQLConfig | None = None):
-        self.config = config if config is not None else PostgreSQLConfig()
-
-    def parser(self) -> PostgreSQLParser:
-        return PostgreSQLParser(max_statements=self.config.max_statements)
+    parser_class = PostgreSQLParser     # built with max_statements from the config
 
 
 @hookimpl

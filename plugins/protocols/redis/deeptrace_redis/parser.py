@@ -15,7 +15,7 @@ the N confirmations of ``SUBSCRIBE a b ...`` are merged into one reply.
 
 from collections import deque
 
-from deeptrace_plugins.protocols.base import CursorParser, Message, ParseError
+from deeptrace_core.l7 import CursorParser, Message, ParseError
 
 MAX_LINE = 64 * 1024       # Redis' own inline limit; a longer "line" is not RESP
 MAX_DEPTH = 32
@@ -23,7 +23,6 @@ MAX_BULK = 1 << 40
 MAX_COUNT = 1 << 32
 ARG_BYTES = 64             # bytes of each argument kept for db.query.text
 MAX_ARGS = 32              # arguments shown in db.query.text
-REPLY_ELEMS = 4            # first elements of a reply kept (pub/sub needs 3)
 MAX_SUBS = 10000           # channels remembered per kind (for UNSUBSCRIBE with no args)
 
 CONTAINERS = {b"ACL", b"CLIENT", b"CLUSTER", b"COMMAND", b"CONFIG", b"DEBUG", b"FUNCTION",
@@ -59,17 +58,6 @@ class _State:
         self.want = None       # (length, type) of a bulk whose body comes next
         self.skip = 0          # bytes of a bulk body (and its CRLF) still to step over
         self.finished = False  # the message ends once `skip` is done
-
-
-def skip_through_hole(stream):
-    """Consume up to the end of the syscall whose capture was cut: the next one starts
-    where we can hope to find a message boundary again."""
-    n = 0
-    for k, seg in enumerate(stream.segments):
-        n += len(seg.data) + seg.hole - (stream.offset if k == 0 else 0)
-        if seg.hole:
-            break
-    stream.consume(n)
 
 
 def _int(b: bytes) -> int:
@@ -303,7 +291,7 @@ class RedisParser(CursorParser):
         if not args:                           # an empty line: Redis ignores it
             c.commit()
             if incomplete:
-                skip_through_hole(c.s)
+                c.s.skip_hole()
                 c.refresh()
             c.s.take_span()
             return True
@@ -323,7 +311,7 @@ class RedisParser(CursorParser):
 
     def _incomplete(self, req, st, c, out):
         c.commit()
-        skip_through_hole(c.s)
+        c.s.skip_hole()
         self._complete(req, st, c, out, incomplete=True)
         c.refresh()
 

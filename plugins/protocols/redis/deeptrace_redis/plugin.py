@@ -1,18 +1,11 @@
 """The Redis protocol plugin (RESP2/RESP3): detector and parser factory."""
 
-import attrs
-
 from deeptrace_core.hookspecs import hookimpl
-from deeptrace_plugins.protocols.base import REQUEST, RESPONSE
+from deeptrace_core.l7 import REQUEST, RESPONSE, ProtocolBase
 
 from .parser import RedisParser
 
 PORT = 6379
-
-
-@attrs.define
-class RedisConfig:
-    pass
 
 
 def _digit(c):
@@ -84,17 +77,11 @@ def detect(data: bytes, lport: int, rport: int, l4: str) -> int:
     return 0
 
 
-class RedisProtocol:
+class RedisProtocol(ProtocolBase):
     name = "redis"
-    config_class = RedisConfig
     detect_c = ("deeptrace_redis", "detect.bpf.c")
     detect = staticmethod(detect)
-
-    def __init__(self, config=None):
-        self.config = config or RedisConfig()
-
-    def parser(self):
-        return RedisParser()
+    parser_class = RedisParser
 
 
 @hookimpl

@@ -1,88 +1,19 @@
-"""Redis (RESP2/RESP3) protocol plugin: the parser on real bytes (redis-py against a real
-redis-server, recorded through a TCP proxy) and on hand-made RESP3, split, coalesced,
-pipelined, with holes and garbage; property tests; the detector in Python and in the
-kernel."""
+"""Redis (RESP2/RESP3) parser on real bytes (redis-py against a real redis-server,
+recorded through a TCP proxy) and on hand-made RESP3, split, coalesced, pipelined, with
+holes and garbage; property tests against hiredis."""
 
-import importlib.resources
 import random
-import socket
-import threading
 
 import hiredis
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import detect_harness
-import servers
-from deeptrace_plugins.protocols.base import REQ, REQUEST, RESP, RESPONSE
+from deeptrace_core import testing as kit
+from deeptrace_core.l7 import REQ, RESP
 from deeptrace_redis.parser import RedisParser
-from deeptrace_redis.plugin import RedisProtocol, detect
 
 CAP = 1024   # the probe's default capture per syscall
-
-
-# -- real bytes -------------------------------------------------------------------------
-class Recorder:
-    """A TCP proxy in front of a real server that records what each side sent, one chunk
-    per recv(), in time order (as the probe records one payload per syscall)."""
-
-    def __init__(self, port):
-        self.target = port
-        self.chunks = []
-        self.lock = threading.Lock()
-        self.ls = socket.create_server(("127.0.0.1", 0))
-        self.port = self.ls.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                c, _ = self.ls.accept()
-            except OSError:
-                return
-            s = socket.create_connection(("127.0.0.1", self.target))
-            threading.Thread(target=self._pump, args=(c, s, REQ), daemon=True).start()
-            threading.Thread(target=self._pump, args=(s, c, RESP), daemon=True).start()
-
-    def _pump(self, src, dst, side):
-        while True:
-            try:
-                data = src.recv(65536)
-            except OSError:
-                data = b""
-            if not data:
-                for s in (src, dst):
-                    try:
-                        s.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
-                return
-            with self.lock:
-                self.chunks.append((side, data))
-            dst.sendall(data)
-
-    def take(self):
-        with self.lock:
-            out, self.chunks = self.chunks, []
-        return out
-
-    def close(self):
-        self.ls.close()
-
-
-@pytest.fixture(scope="module")
-def server():
-    s = servers.redis()
-    yield s
-    s.stop()
-
-
-@pytest.fixture
-def rec(server):
-    r = Recorder(server.port)
-    yield r
-    r.close()
 
 
 def client(rec, **kw):
@@ -90,49 +21,13 @@ def client(rec, **kw):
     return redis.Redis(port=rec.port, single_connection_client=True, **kw)
 
 
-def run(chunks, cap=None, parser=None):
-    """Feed (side, bytes) chunks; cap cuts each chunk's capture like the probe does."""
-    p = parser or RedisParser()
-    out = []
-    for i, (side, data) in enumerate(chunks):
-        n = len(data)
-        out += p.feed(side, data[:cap] if cap else data, n, i * 10, i * 10 + 1)
-    return p, out
+def run(chunks, cap=None):
+    p = RedisParser()
+    return p, kit.feed(p, chunks, cap=cap)
 
 
-def view(msgs):
-    return [(m.is_request, m.operation, m.status, m.error,
-             m.attributes.get("db.query.text"), m.expects_response,
-             bool(m.attributes.get("deeptrace.incomplete"))) for m in msgs]
-
-
-def pairs(msgs):
-    """FIFO pairing as the stage does it: (operation, status, error) per request."""
-    fifo, out = [], []
-    for m in msgs:
-        if m.is_request:
-            if m.expects_response:
-                fifo.append(m)
-            else:
-                out.append((m.operation, None, False))
-        else:
-            assert fifo, "a reply without a command"
-            q = fifo.pop(0)
-            out.append((q.operation, m.status, m.error))
-    assert not fifo, f"commands left without a reply: {[q.operation for q in fifo]}"
-    return out
-
-
-def resplit(chunks, rnd):
-    """The same bytes, cut at random points within each side."""
-    out = []
-    for side, data in chunks:
-        i = 0
-        while i < len(data):
-            k = rnd.randint(1, 7)
-            out.append((side, data[i:i + k]))
-            i += k
-    return out
+def encode(args):
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
 
 
 @pytest.mark.parametrize("protocol", [2, 3])
@@ -162,7 +57,7 @@ def test_real_commands_replies_and_errors(rec, protocol):
     chunks = rec.take()
     p, msgs = run(chunks)
     assert p.errors == 0
-    got = pairs(msgs)
+    got = kit.outcomes(msgs)
     ops = [g[0] for g in got if not g[0].startswith(("CLIENT", "HELLO"))]
     assert ops == ["SET", "GET", "MSET", "MGET", "HSET", "HGETALL", "INCRBY", "RPUSH", "LRANGE",
                    "SADD", "SMEMBERS", "ZADD", "ZSCORE", "OBJECT ENCODING", "NOSUCHCMD", "LPUSH",
@@ -187,8 +82,8 @@ def test_real_commands_replies_and_errors(rec, protocol):
 
     # The same bytes cut at random points give the same messages.
     for seed in range(5):
-        _, again = run(resplit(chunks, random.Random(seed)))
-        assert view(again) == view(msgs)
+        _, again = run(kit.resplit(chunks, random.Random(seed)))
+        assert kit.view(again) == kit.view(msgs)
 
 
 def test_real_pipeline_of_50_and_transaction(rec):
@@ -203,16 +98,14 @@ def test_real_pipeline_of_50_and_transaction(rec):
     r.close()
     chunks = rec.take()
     parser, msgs = run(chunks)
-    got = [g for g in pairs(msgs) if not g[0].startswith(("CLIENT", "HELLO"))]
+    got = [g for g in kit.outcomes(msgs) if not g[0].startswith(("CLIENT", "HELLO"))]
     sets = [m for m in msgs if m.is_request and m.operation == "SET"]
     assert [m.attributes["db.query.text"].split()[1] for m in sets] == \
         [f"key{i}" for i in range(50)]
     assert got[:50] == [("SET", "OK", False)] * 50
     assert [g[0] for g in got[50:]] == ["MULTI", "INCRBY", "GET", "EXEC"]
     # Coalesced: every request in one feed, every reply in one feed.
-    joined = [(REQ, b"".join(d for s, d in chunks if s == REQ)),
-              (RESP, b"".join(d for s, d in chunks if s == RESP))]
-    _, again = run(joined)
+    _, again = run(kit.coalesce(chunks))
     assert [(m.operation, m.status) for m in again] == [(m.operation, m.status) for m in msgs
                                                        if m.is_request] + \
         [(m.operation, m.status) for m in msgs if not m.is_request]
@@ -231,7 +124,7 @@ def test_real_big_value_with_holes(rec):
     assert max(len(d) for _, d in chunks) > CAP
     p, msgs = run(chunks, cap=CAP)
     assert p.errors == 0
-    got = [g for g in pairs(msgs) if not g[0].startswith(("CLIENT", "HELLO"))]
+    got = [g for g in kit.outcomes(msgs) if not g[0].startswith(("CLIENT", "HELLO"))]
     assert got == [("SET", "OK", False), ("GET", "OK", False), ("SET", "OK", False),
                    ("GET", "OK", False), ("DEL", "OK", False)]
     req = next(m for m in msgs if m.operation == "SET")
@@ -267,7 +160,7 @@ def test_real_pubsub_confirmations_and_messages(rec, server):
         chunks = rec.take()
         p, msgs = run(chunks)
         assert p.errors == 0
-        got = [g for g in pairs(msgs) if not g[0].startswith(("CLIENT", "HELLO"))]
+        got = [g for g in kit.outcomes(msgs) if not g[0].startswith(("CLIENT", "HELLO"))]
         assert got == [("SUBSCRIBE", "OK", False), ("PSUBSCRIBE", "OK", False),
                        ("PING", "OK", False), ("UNSUBSCRIBE", "OK", False),
                        ("PUNSUBSCRIBE", "OK", False)], protocol
@@ -286,10 +179,6 @@ def test_auth_and_hello_auth_are_redacted():
                      "CONFIG SET requirepass ?", "ACL SETUSER bob on ?",
                      "MIGRATE h 1 k 0 5 AUTH2 ? ?", "AUTH ?"]
     assert all("s3cret" not in repr(m) for m in msgs)
-
-
-def encode(args):
-    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
 
 
 def test_inline_commands_and_values_truncated():
@@ -345,7 +234,7 @@ def test_resp3_all_types_and_pushes_are_skipped():
     # Byte by byte gives the same.
     one = [(RESP, replies[i:i + 1]) for i in range(len(replies))]
     _, again = run([(REQ, reqs)] + one)
-    assert view(again) == view(msgs)
+    assert kit.view(again) == kit.view(msgs)
 
 
 def test_subscribe_confirmations_fold_into_one_reply_and_messages_are_skipped():
@@ -362,12 +251,12 @@ def test_subscribe_confirmations_fold_into_one_reply_and_messages_are_skipped():
               (RESP, resps[2]), (RESP, resps[3]), (REQ, reqs[2]), (RESP, resps[4]),
               (REQ, encode([b"INCR", b"x"])), (RESP, resps[5])]
     p, msgs = run(chunks)
-    assert pairs(msgs) == [("SUBSCRIBE", "OK", False), ("PING", "OK", False),
+    assert kit.outcomes(msgs) == [("SUBSCRIBE", "OK", False), ("PING", "OK", False),
                            ("UNSUBSCRIBE", "OK", False), ("INCR", "OK", False)]
     # Out of subscribe mode an array starting with "message" is an ordinary reply.
     _, msgs = run([(REQ, encode([b"LRANGE", b"l", b"0", b"-1"])),
                    (RESP, encode([b"message", b"a", b"b"]))])
-    assert pairs(msgs) == [("LRANGE", "OK", False)]
+    assert kit.outcomes(msgs) == [("LRANGE", "OK", False)]
 
 
 def test_client_reply_off_skip_and_monitor():
@@ -380,8 +269,10 @@ def test_client_reply_off_skip_and_monitor():
     assert [(m.operation, m.expects_response) for m in msgs if m.is_request] == [
         ("CLIENT REPLY", False), ("SET", False), ("GET", True), ("CLIENT REPLY", False),
         ("SET", False), ("CLIENT REPLY", True), ("MONITOR", True)]
-    assert pairs(msgs)[-3:] == [("GET", "OK", False), ("CLIENT REPLY", "OK", False),
-                                ("MONITOR", "OK", False)]
+    assert kit.outcomes(msgs) == [
+        ("CLIENT REPLY", None, False), ("SET", None, False), ("GET", "OK", False),
+        ("CLIENT REPLY", None, False), ("SET", None, False), ("CLIENT REPLY", "OK", False),
+        ("MONITOR", "OK", False)]
 
 
 def test_select_sets_namespace():
@@ -475,29 +366,21 @@ def test_property_reply_count_matches_hiredis(values):
        st.lists(st.integers(0, 200), max_size=12))
 def test_property_any_split_gives_the_same_messages(cmds, values, cuts):
     reqs, resps = b"".join(cmds), b"".join(values)
-    ref = view(run([(REQ, reqs), (RESP, resps)])[1])
-
-    def split(data):
-        pts = sorted({c % (len(data) + 1) for c in cuts})
-        return [data[a:b] for a, b in zip([0] + pts, pts + [len(data)]) if b > a]
-
-    chunks = [(REQ, c) for c in split(reqs)] + [(RESP, c) for c in split(resps)]
-    assert view(run(chunks)[1]) == ref
+    ref = kit.view(run([(REQ, reqs), (RESP, resps)])[1])
+    chunks = [(REQ, c) for c in kit.split(reqs, cuts)] + \
+        [(RESP, c) for c in kit.split(resps, cuts)]
+    assert kit.view(run(chunks)[1]) == ref
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
-@given(st.lists(st.tuples(st.sampled_from([REQ, RESP]),
-                          st.one_of(st.binary(max_size=64),
-                                    st.sampled_from(RESP3 + [b"*3\r\n$3\r\nSET\r\n", b"\r\n",
-                                                             b"\r", b" ", b"GET k",
-                                                             b"$99999\r\n", b"*9\r\n"])),
-                          st.integers(0, 5000)), max_size=20))
+@given(kit.syscalls(st.one_of(st.binary(max_size=64),
+                              st.sampled_from(RESP3 + [b"*3\r\n$3\r\nSET\r\n", b"\r\n", b"\r",
+                                                       b" ", b"GET k", b"$99999\r\n", b"*9\r\n"])),
+                    extra=5000))
 def test_property_random_bytes_never_raise_and_stay_bounded(feeds):
     p = RedisParser()
     p.streams[REQ].cap = p.streams[RESP].cap = 4096
-    for side, data, extra in feeds:
-        p.feed(side, data, len(data) + extra, 1, 2)
-        assert len(p.streams[side]) <= max(4096, len(data) + extra)
+    list(kit.feed_each(p, feeds))   # checks the streams' bounds after each feed
     assert len(p.sub_expect) <= 1024
 
 
@@ -512,85 +395,3 @@ def test_unbounded_inputs_stay_bounded():
     for _ in range(3000):
         p.feed(REQ, encode([b"SUBSCRIBE", b"c"]), 26, 1, 2)
     assert len(p.sub_expect) <= 1024
-
-
-# -- detector ---------------------------------------------------------------------------
-POSITIVE = [
-    (encode([b"GET", b"k"]), 5555, 6379, REQUEST),
-    (encode([b"SET", b"k", b"v"]), 40000, 7000, REQUEST),
-    (encode([b"CLIENT", b"SETINFO", b"LIB-NAME", b"redis-py"]), 1, 2, REQUEST),
-    (encode([b"x"] * 12), 1, 2, REQUEST),
-    (b"*123\r\n$10\r\nMSETabcdef\r\n", 1, 2, REQUEST),
-    (b"*14\r\n$6\r\nserver\r\n$5\r\nredis\r\n", 1, 2, RESPONSE),
-    (b"%7\r\n$6\r\nserver\r\n$5\r\nredis\r\n", 1, 2, RESPONSE),
-    (b"+OK\r\n", 6379, 5555, RESPONSE),
-    (b"+PONG\r\n", 5555, 6379, RESPONSE),
-    (b"+QUEUED\r\n", 6379, 1, RESPONSE),
-    (b"-ERR unknown command\r\n", 6379, 5555, RESPONSE),
-    (b"-WRONGTYPE Operation\r\n", 6379, 5555, RESPONSE),
-    (b"$5\r\nhello\r\n", 6379, 5555, RESPONSE),
-    (b"$-1\r\n", 6379, 5555, RESPONSE),
-    (b":1\r\n", 6379, 5555, RESPONSE),
-    (b":-123456789012345\r\n", 6379, 5555, RESPONSE),
-    (b"*-1\r\n", 6379, 5555, RESPONSE),
-    (b"*2\r\n:1\r\n:2\r\n", 6379, 5555, RESPONSE),
-    (b"%1\r\n+a\r\n:1\r\n", 6379, 5555, RESPONSE),
-    (b"_\r\n", 6379, 5555, RESPONSE),
-    (b"#t\r\n", 6379, 5555, RESPONSE),
-    (b">3\r\n$7\r\nmessage\r\n", 6379, 5555, RESPONSE),
-]
-NEGATIVE = [
-    (b"+OK\r\n", 5555, 8080, 0),            # a reply alone, not on the Redis port
-    (b"-ERR nope\r\n", 110, 5555, 0),       # POP3
-    (b"$5\r\nhello\r\n", 1, 2, 0),
-    (b":1\r\n", 1, 2, 0),
-    (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 5555, 6379, 0),
-    (b"PING\r\n", 5555, 6379, 0),           # inline commands are left alone
-    (b"*3\r\n$3\r\n\x00\x01\x02", 1, 2, 0),
-    (b"*1234\r\n$1\r\nx\r\n", 1, 2, 0),      # too many digits for a plausible command
-    (b"*2\r\n$123\r\nx\r\n", 1, 2, 0),
-    (b"*2\r\n:1\r\n", 1, 2, 0),
-    (encode([b"GET", b"k"]), 5555, 6379, 0, "udp"),
-    (b"+OKAY\r\n", 6379, 1, 0),
-    (b"-err x\r\n", 6379, 1, 0),
-    (b":\r\n", 6379, 1, 0),
-    (b"", 6379, 1, 0),
-    (b"*", 6379, 1, 0),
-    (b"\x16\x03\x01\x00\xa5\x01\x00\x00", 6379, 1, 0),
-]
-
-
-def cases():
-    return detect_harness.cases(POSITIVE, NEGATIVE)
-
-
-@pytest.mark.parametrize("data,lport,rport,l4,want", list(cases()))
-def test_detect_python(data, lport, rport, l4, want):
-    assert detect(data, lport, rport, l4) == want
-
-
-def test_protocol_class():
-    proto = RedisProtocol(RedisProtocol.config_class())
-    assert proto.name == "redis" and isinstance(proto.parser(), RedisParser)
-    assert proto.parser() is not proto.parser() and proto.parser().protocol == "redis"
-    src = importlib.resources.files(proto.detect_c[0]).joinpath(proto.detect_c[1])
-    assert "detect_redis" in src.read_text()
-
-
-kernel_detector = detect_harness.detector_fixture(RedisProtocol)
-
-
-def test_detect_kernel_matches_python(kernel_detector):
-    detect_harness.assert_table_matches(kernel_detector, detect, cases())
-
-
-@settings(max_examples=1, deadline=None)
-@given(st.lists(st.tuples(
-    st.one_of(st.binary(max_size=40),
-              st.lists(st.sampled_from([b"*", b"$", b"%", b":", b"+", b"-", b"1", b"12", b"6",
-                                        b"\r\n", b"server", b"OK", b"SET", b"x", b"_", b"#t",
-                                        b"-1", b"PONG"]), max_size=10).map(b"".join)),
-    st.sampled_from([6379, 5555, 80]), st.sampled_from([6379, 5555, 80]),
-    st.sampled_from([1, 2])), min_size=200, max_size=200))
-def test_detect_kernel_matches_python_on_random_inputs(kernel_detector, inputs):
-    detect_harness.assert_kernel_matches(kernel_detector, detect, inputs)

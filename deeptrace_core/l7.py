@@ -1,15 +1,20 @@
-"""What every L7 protocol plugin builds on: the byte stream of one direction of a
-connection (with the syscall records it came from), the Message a parser produces, and
-the protocol class contract.
+"""The L7 protocol kit every protocol plugin builds on: the byte stream of one direction
+of a connection (with the syscall records it came from), the Message a parser produces,
+the parser bases, and the protocol class a plugin registers.
 
-A protocol plugin registers a class through ``deeptrace_register_protocols``:
+A protocol plugin registers a ``ProtocolBase`` subclass through
+``deeptrace_register_protocols``:
 
-    class RedisProtocol:
+    class RedisProtocol(ProtocolBase):
         name = "redis"                      # the name used in config
-        config_class = RedisConfig          # attrs class (may be empty)
+        config_class = NoConfig             # attrs class of its settings (the default)
         detect_c = ("deeptrace_redis", "detect.bpf.c")  # package, file: the kernel detector
-        def detect(data: bytes, lport: int, rport: int, l4: str) -> int   # Python mirror
-        def parser(self) -> Parser          # a fresh parser for one connection
+        parser_class = RedisParser          # parser() builds one per connection
+        detect = staticmethod(detect)       # (data, lport, rport, l4) -> 0/REQUEST/RESPONSE
+
+The stage builds the class with its config (``processors.spans.protocol_config.<name>``
+in YAML; defaults otherwise) and asks it for a parser per connection: ``parser()``
+builds ``parser_class`` with the config's fields as keyword arguments.
 
 ``detect`` (and ``detect_<name>`` in the C file) looks at the first bytes of one syscall's
 data and answers 0 (not this protocol), REQUEST (1: a request, so the sender is the
@@ -79,6 +84,8 @@ class Stream:
     what they parsed; ``consume`` steps over holes too, so a body of known length can be
     skipped without having been captured. ``take_span()`` returns the timing and
     stream positions of everything consumed since the previous call: one message's.
+    Where framing is lost, ``skip_segment``, ``skip_hole`` and ``lose_segment`` step to a
+    syscall boundary, the only place a message can be hoped to start again.
     """
 
     def __init__(self, cap: int = 256 * 1024):
@@ -146,6 +153,55 @@ class Stream:
         return bool(self.segments) and self.offset >= len(self.segments[0].data) \
             and self.segments[0].hole > 0
 
+    def at_segment_start(self) -> bool:
+        """True when the read position is where a syscall's bytes begin."""
+        return self.offset == 0
+
+    def segment_data(self):
+        """(captured bytes of the current syscall from the read position, whether the
+        capture cut its end)."""
+        if not self.segments:
+            return b"", False
+        seg = self.segments[0]
+        return seg.data[self.offset:], seg.hole > 0
+
+    def segment_left(self) -> int:
+        """Bytes (captured or not) from the read position to the current syscall's end."""
+        if not self.segments:
+            return 0
+        seg = self.segments[0]
+        return len(seg.data) + seg.hole - self.offset
+
+    def skip_segment(self) -> int:
+        """Consume the rest of the current syscall's bytes; returns how many."""
+        return self.consume(self.segment_left())
+
+    def skip_hole(self) -> int:
+        """Consume through the end of the first syscall whose capture was cut (all if
+        none was): the next syscall is where a message boundary can be found again.
+        Returns how many bytes were consumed."""
+        n = 0
+        for k, seg in enumerate(self.segments):
+            n += len(seg.data) + seg.hole - (self.offset if k == 0 else 0)
+            if seg.hole:
+                break
+        return self.consume(n)
+
+    def lose_segment(self):
+        """Drop the rest of the current syscall (its framing is lost) and return the span
+        (as take_span) of the bytes consumed since the last take plus those dropped: what
+        the messages cut short there covered."""
+        seg = self.segments[0]
+        rest = len(seg.data) + seg.hole - self.offset
+        start, _, seq, _, size = self.take_span()
+        if not size:
+            start, seq = seg.ts_start, (seg.seq + self.offset if seg.seq is not None else None)
+        span = (start, seg.ts_end, seq,
+                seg.seq + len(seg.data) + seg.hole if seg.seq is not None else None,
+                size + rest)
+        self.drop_segment()
+        return span
+
     def consume(self, n: int) -> int:
         """Step over n bytes (captured or not); returns how many were available."""
         done = 0
@@ -187,14 +243,17 @@ class Stream:
         self._span = None
 
     def clear(self):
+        """Forget every byte held: the parser starts afresh at the next syscall."""
         self.segments.clear()
         self.offset = 0
         self.size = 0
         self._span = None
 
-    def stamp(self, msg: Message) -> Message:
-        """Give a message the timing, positions and size of the bytes just consumed."""
-        msg.ts_start, msg.ts_end, msg.seq_start, msg.seq_end, msg.size = self.take_span()
+    def stamp(self, msg: Message, span=None) -> Message:
+        """Give a message the timing, positions and size of the bytes just consumed (or
+        those of `span`, a take_span tuple)."""
+        msg.ts_start, msg.ts_end, msg.seq_start, msg.seq_end, msg.size = \
+            span if span is not None else self.take_span()
         return msg
 
 
@@ -223,14 +282,32 @@ class Parser:
     which returns the messages it can complete from the stream (consuming their bytes via
     ``stream.consume`` and stamping them with ``stream.stamp``) and leaves incomplete
     ones in place. Raising ParseError resyncs that side at the next syscall boundary.
+
+    What the stage calls besides ``feed``: ``set_l4`` once before the first feed,
+    ``reset(side)`` after the parser failed on that side, ``span_error`` per span.
     """
 
     protocol = "?"
     stream_cap = 256 * 1024
+    l4 = "tcp"         # the connection's transport: "tcp" or "udp"
 
     def __init__(self):
         self.streams = {REQ: Stream(self.stream_cap), RESP: Stream(self.stream_cap)}
         self.errors = 0
+
+    def set_l4(self, l4: str):
+        """The connection's transport, told once before the first feed."""
+        self.l4 = l4
+
+    def reset(self, side: str):
+        """Forget what is buffered on one side: it resyncs at the next syscall."""
+        self.streams[side].clear()
+
+    def span_error(self, status: str | None, role: str, protocol: str) -> bool:
+        """An error the messages do not flag themselves, by this protocol's rules: a
+        response with `status` seen from `role` ("client"/"server") on a span of
+        `protocol` (a parser may override its own name, as http2 with grpc)."""
+        return False
 
     def feed(self, side: str, data: bytes, nbytes: int, ts_start: int, ts_end: int,
              seq=None) -> list:
@@ -271,6 +348,10 @@ class FramedParser(Parser):
         self.orphan = {REQ: False, RESP: False}  # the bytes to skip belong to no message
         self.encrypted = False
 
+    def reset(self, side):
+        super().reset(side)
+        self.skip[side] = 0    # a length read from the dropped bytes must not reach on
+
     def parse(self, side, stream):
         out = []
         try:
@@ -303,6 +384,40 @@ class FramedParser(Parser):
         """Read one message at a message start; False when more bytes are needed."""
         raise NotImplementedError
 
+    def short_header(self, side, stream, head, out) -> bool:
+        """`head` is shorter than a header: False if the rest has not arrived yet; if
+        the capture cut it, ``lose`` (True)."""
+        if len(stream) <= len(head):
+            return False
+        return self.lose(side, stream, out)
+
+    def lose(self, side, stream, out) -> bool:
+        """The framing of `side` is lost at the read position: drop the rest of this
+        syscall (resync at the next), put the messages ``lost_framing(side)`` closes in
+        out, timed over the bytes they had and those dropped; True (go on)."""
+        span = stream.lose_segment()
+        out += [stream.stamp(msg, span) for msg in self.lost_framing(side)]
+        return True
+
+    def lost_framing(self, side) -> list:
+        """The framing of `side` was lost in uncaptured bytes: the messages this closes
+        (they are given the span of the lost bytes). By default, counted as an error."""
+        self.errors += 1
+        return []
+
+    def take(self, side, stream, total, msg, keep) -> bool:
+        """Consume a `total`-byte message read at the stream's position (its rest once
+        it arrives): `msg` is held until its last byte, `keep` says the bytes belong to a
+        message even without one (a part of a reply); others time no message."""
+        got = stream.consume(total)
+        self.skip[side] = total - got
+        self.orphan[side] = msg is None and not keep
+        if msg is not None:
+            self.held[side] = msg
+        elif not keep:
+            stream.take_span()
+        return True
+
 
 class CursorParser(Parser):
     """A parser that reads each side through a ``cursor_class`` over the stream:
@@ -313,6 +428,10 @@ class CursorParser(Parser):
     it are kept."""
 
     cursor_class = Cursor
+
+    def reset(self, side):
+        super().reset(side)
+        self._st[side].reset()     # the state read from the dropped bytes goes with them
 
     def parse(self, side, stream):
         st = self._st[side]
@@ -327,3 +446,41 @@ class CursorParser(Parser):
             raise
         c.commit()
         return out
+
+
+@attrs.define
+class NoConfig:
+    """The settings of a protocol that has none."""
+
+
+class ProtocolBase:
+    """What a protocol plugin registers (see the module docstring): a name, a detector in
+    C and its Python mirror, a config class, and a parser per connection."""
+
+    name = "?"
+    config_class = NoConfig
+    detect_c: tuple = ()           # (package, file) of the kernel detector
+    parser_class: type = Parser
+
+    def __init__(self, config=None):
+        self.config = config if config is not None else self.config_class()
+
+    @staticmethod
+    def detect(data: bytes, lport: int, rport: int, l4: str) -> int:
+        """0, REQUEST or RESPONSE for one syscall's first bytes (mirror of detect_c)."""
+        raise NotImplementedError
+
+    def parser(self) -> Parser:
+        """A fresh parser for one connection, given the config's fields as keyword
+        arguments (mysql: ``MySQLParser(max_statements=...)``)."""
+        return self.parser_class(**attrs.asdict(self.config, recurse=False))
+
+
+def check_protocols(names, known) -> None:
+    """The one check of protocol names (trace probe, spans stage): ValueError naming the
+    first of `names` that is not in `known` (the registry's protocols), with those that
+    are. Config files are checked when loaded, with file and line (config.py)."""
+    for name in names:
+        if name not in known:
+            raise ValueError(f"protocols: unknown protocol {name!r} "
+                             f"(allowed: {', '.join(sorted(known)) or 'none registered'})")

@@ -1,11 +1,13 @@
-"""SQL text helpers shared by the MySQL and PostgreSQL parsers: the operation keyword of a
-statement, password redaction and the size cap of recorded statement text.
+"""What the MySQL and PostgreSQL parsers share: the operation keyword of a statement,
+password redaction, the size cap of recorded statement text, and the capped memory of
+prepared statements.
 
 The text may be a prefix (the capture cut it), so every pattern accepts an unterminated
 quoted literal at the end: a password cut in half is still redacted.
 """
 
 import re
+from collections import OrderedDict
 
 QUERY_MAX = 2048   # characters of statement text kept in db.query.text
 
@@ -48,3 +50,18 @@ def redact(text: str) -> str:
 
 def decode(b: bytes) -> str:
     return b.decode("utf-8", "replace")
+
+
+class Statements(OrderedDict):
+    """Prepared statement texts by id or name, least recently prepared dropped first once
+    there are more than `cap` (a connection may prepare without end)."""
+
+    def __init__(self, cap: int):
+        super().__init__()
+        self.cap = cap
+
+    def remember(self, key, text: str):
+        self[key] = text
+        self.move_to_end(key)
+        while len(self) > self.cap:
+            self.popitem(last=False)

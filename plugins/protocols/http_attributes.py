@@ -1,0 +1,80 @@
+"""What the HTTP/1 and HTTP/2 parsers share: request and header attributes (OpenTelemetry
+semantic conventions, with credentials redacted) and HTTP's error rule for spans.
+"""
+
+import re
+
+import httptools
+
+# Headers recorded as http.{request,response}.header.<name>; values of the sensitive
+# ones are never recorded.
+HEADER_ALLOW = frozenset({"content-type", "content-length", "accept", "x-request-id",
+                          "x-forwarded-for", "traceparent", "tracestate", "b3", "x-b3-traceid",
+                          "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled",
+                          "authorization", "cookie", "set-cookie", "proxy-authorization"})
+HEADER_REDACT = frozenset({"authorization", "cookie", "set-cookie", "proxy-authorization"})
+# Query parameters whose values are credentials (OpenTelemetry url.query guidance).
+_QUERY_SECRET = re.compile(r"(?i)((?:^|&)(?:AWSAccessKeyId|Signature|sig|X-Goog-Signature"
+                           r"|access_token|token|api_key|apikey|password)=)[^&]*")
+
+
+def header_attributes(headers: dict, prefix: str) -> dict:
+    """The allow-listed headers (lower-case names) as ``<prefix>.<name>`` attributes."""
+    return {f"{prefix}.{k}": ("[REDACTED]" if k in HEADER_REDACT else v)
+            for k, v in headers.items() if k in HEADER_ALLOW}
+
+
+def split_target(target: str):
+    """(path, query) of a request target: origin-form, absolute-form, authority or '*'."""
+    if "://" in target:
+        try:
+            url = httptools.parse_url(target.encode("latin-1"))
+        except (httptools.HttpParserInvalidURLError, UnicodeEncodeError):
+            return target.split("?", 1)[0], ""
+        return (url.path or b"/").decode("latin-1"), (url.query or b"").decode("latin-1")
+    path, _, query = target.partition("?")
+    return path.partition("#")[0], query
+
+
+def server_attributes(authority: str) -> dict:
+    """server.address / server.port from a Host header or :authority."""
+    if not authority:
+        return {}
+    host, port = authority, None
+    if authority.startswith("["):           # [v6]:port
+        host, _, rest = authority[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else None
+    elif authority.count(":") == 1:
+        host, port = authority.split(":")
+    out = {"server.address": host}
+    if port and port.isdigit():
+        out["server.port"] = int(port)
+    return out
+
+
+def request_attributes(method: str, target: str, headers: dict, version: str) -> tuple:
+    """(operation, attributes) of an HTTP request, shared with the HTTP/2 parser."""
+    path, query = split_target(target)
+    attrs = {"http.request.method": method, "url.path": path,
+             "network.protocol.version": version}
+    if query:
+        attrs["url.query"] = _QUERY_SECRET.sub(r"\1REDACTED", query)
+    attrs.update(server_attributes(headers.get("host") or headers.get(":authority", "")))
+    if "user-agent" in headers:
+        attrs["user_agent.original"] = headers["user-agent"]
+    attrs.update(header_attributes(headers, "http.request.header"))
+    return f"{method} {path}", attrs
+
+
+def number(text: str):
+    """An ASCII decimal header value as an int, else None."""
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
+class HttpErrorRule:
+    """Parser mixin: OpenTelemetry counts a 4xx status as an error for the client only
+    (the server answered as it should). gRPC spans have a status of their own."""
+
+    def span_error(self, status, role, protocol):
+        return role == "client" and protocol != "grpc" and status is not None \
+            and status.isdigit() and 400 <= int(status) < 500

@@ -37,6 +37,7 @@ from collections import Counter, defaultdict
 
 from bench.agent import LOSS_KEYS, parse_counters
 from bench.topology import KINDS, PARENT, SUBNET, Topology, classify, die_with_parent
+from deeptrace_core.testing import stop_process
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -249,13 +250,7 @@ class AgentProcess:
 
     def stop(self, timeout=120):
         cpu = _cpu_seconds(self.proc.pid)
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout)
         self.err.close()
         return cpu
 

@@ -9,12 +9,12 @@ time from launch to the "deeptrace: running" line on stderr; counters come from 
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 
+from deeptrace_core.testing import stop_process
 from deeptrace_plugins.trace.probe import TraceProbe
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -244,13 +244,8 @@ class Agent:
         return cur
 
     def stop(self, timeout=60) -> dict:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, timeout)
         if getattr(self, "_err", None):
             self._err.close()
         self.final = parse_counters(self.text(), "final")

@@ -19,6 +19,8 @@ import sys
 import tempfile
 import time
 
+from deeptrace_core.testing import stop_process
+
 from .agent import Agent, Sampler, children_cpu_seconds, lost, spans_made, trace_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -94,13 +96,8 @@ class Servers:
 
     def stop(self):
         self.nginx.stop()
-        if self.py is not None and self.py.poll() is None:
-            self.py.terminate()
-            try:
-                self.py.wait(10)
-            except subprocess.TimeoutExpired:
-                self.py.kill()
-                self.py.wait()
+        if self.py is not None:
+            stop_process(self.py)
 
 
 def agent_for(servers, out_path) -> Agent:

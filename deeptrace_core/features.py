@@ -126,8 +126,9 @@ def probe() -> list[Feature]:
         ("bpf_task_pt_regs", task_pt_regs, True, "ingress calls are hooked at exit only, "
          "their arguments read from the entry registers; without it (kernel < 5.15) the "
          "agent cannot start"),
-        ("kprobes", kprobes, False, "not used: every probe hooks tracepoints, which every "
-         "supported kernel has"),
+        ("kprobes", kprobes, False, "every probe hooks tracepoints; only where the "
+         "sock:sock_send_length tracepoint is missing (Linux < 6.3) does the network "
+         "probe count bytes per process with kprobes, and without both it reports none"),
         ("fentry/fexit", fentry, False, "not used: syscall tracepoints instead (each hit "
          "costs ~0.1 us more than a trampoline would)"),
     ]

@@ -3,7 +3,7 @@ of a connection (with the syscall records it came from), the Message a parser pr
 the parser bases, and the protocol class a plugin registers.
 
 A protocol plugin registers a ``ProtocolBase`` subclass through
-``deeptrace_register_protocols``:
+``deeptrace_register_protocols``, which ``register_protocols`` writes:
 
     class RedisProtocol(ProtocolBase):
         name = "redis"                      # the name used in config
@@ -11,6 +11,8 @@ A protocol plugin registers a ``ProtocolBase`` subclass through
         detect_c = ("deeptrace_redis", "detect.bpf.c")  # package, file: the kernel detector
         parser_class = RedisParser          # parser() builds one per connection
         detect = staticmethod(detect)       # (data, lport, rport, l4) -> 0/REQUEST/RESPONSE
+
+    deeptrace_register_protocols = register_protocols(RedisProtocol)
 
 The stage builds the class with its config (``processors.spans.protocol_config.<name>``
 in YAML; defaults otherwise) and asks it for a parser per connection: ``parser()``
@@ -35,6 +37,8 @@ stage works that out from the connection's role), and returns the messages compl
 from collections import deque
 
 import attrs
+
+from .hookspecs import hookimpl
 
 REQUEST = 1
 RESPONSE = 2
@@ -474,6 +478,19 @@ class ProtocolBase:
         """A fresh parser for one connection, given the config's fields as keyword
         arguments (mysql: ``MySQLParser(max_statements=...)``)."""
         return self.parser_class(**attrs.asdict(self.config, recurse=False))
+
+
+def register_protocols(*protocols):
+    """The ``deeptrace_register_protocols`` hook implementation of a plugin that registers
+    `protocols` (ProtocolBase subclasses), in that order::
+
+        deeptrace_register_protocols = register_protocols(RedisProtocol)
+    """
+    @hookimpl
+    def deeptrace_register_protocols(registry):
+        for cls in protocols:
+            registry.add_protocol(cls)
+    return deeptrace_register_protocols
 
 
 def check_protocols(names, known) -> None:

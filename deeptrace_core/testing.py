@@ -191,6 +191,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def recv_exact(sock, n) -> bytes:
+    """n bytes from `sock`; EOFError when the peer closes first."""
+    data = b""
+    while len(data) < n:
+        more = sock.recv(n - len(data))
+        if not more:
+            raise EOFError
+        data += more
+    return data
+
+
+def messages(sock, head_size, body_size):
+    """(head, body) of each length-prefixed message `sock` receives, until the peer
+    closes (as a stand-in server reads requests): `head_size` bytes, then
+    `body_size(head)` bytes."""
+    while True:
+        try:
+            head = recv_exact(sock, head_size)
+            body = recv_exact(sock, body_size(head))
+        except EOFError:
+            return
+        yield head, body
+
+
 def wait_port(port, proc, timeout=30.0, what="server"):
     """Until something listens on 127.0.0.1:port; RuntimeError if `proc` exits first or
     the timeout passes."""
@@ -204,6 +228,18 @@ def wait_port(port, proc, timeout=30.0, what="server"):
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"{what} did not listen on {port} within {timeout}s")
+
+
+def stop_process(proc, timeout=10.0):
+    """SIGTERM `proc` if it still runs and wait for it to exit; SIGKILL once `timeout`
+    seconds have passed."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 class Server:
@@ -224,13 +260,7 @@ class Server:
         return self.proc.pid
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
     def __enter__(self):
         return self

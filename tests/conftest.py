@@ -1,9 +1,11 @@
-"""Shared fixtures: a real, attached trace probe and real peer processes.
+"""Shared fixtures: a real, attached trace probe, real peer processes, the example config
+and a file on a real block device.
 
 BPF tests need root, BCC and tracefs. Where they cannot load, they are skipped with the
 reason, except under CI=true, where that is a failure: CI must run them.
 """
 
+import contextlib
 import json
 import os
 import subprocess
@@ -19,6 +21,21 @@ CI = os.environ.get("CI") == "true"
 HERE = os.path.dirname(__file__)
 PEERS = os.path.join(HERE, "peers.py")
 NO_SUCH_PID = 0x3FFFFFFF  # compiles the pid filter in; tests add their children at run time
+
+# The example config (trace probe -> jsonl exporter under $OUT) the config and CLI tests load.
+EXAMPLE_CONFIG = """\
+probes:
+  trace:
+    comms: [myserver, myclient]
+    payload_bytes: 512
+exporters:
+  jsonl:
+    path: ${env:OUT}/records.jsonl
+pipelines:
+  main:
+    probes: [trace]
+    exporters: [jsonl]
+"""
 
 
 @pytest.fixture(scope="session")
@@ -111,3 +128,48 @@ for i in range({n}):
 u.close()
 print(json.dumps({{}}), flush=True)
 """)
+
+
+def block_device_dir():
+    """(directory, whole-disk name) of a candidate test directory on a block device."""
+    for d in ("/work", "/tmp", "/var/tmp", os.path.dirname(__file__)):
+        try:
+            st = os.stat(d)
+        except OSError:
+            continue
+        sys_dev = f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+        if not os.path.exists(sys_dev):
+            continue                              # tmpfs, overlay, ...: no block device
+        real = os.path.realpath(sys_dev)
+        if os.path.exists(os.path.join(real, "partition")):
+            real = os.path.dirname(real)          # requests are traced on the whole disk
+        if os.path.exists(os.path.join(real, "slaves")) and os.listdir(
+                os.path.join(real, "slaves")):
+            continue                              # dm/md: requests land on other disks
+        return d, os.path.basename(real)
+    return None, None
+
+
+@contextlib.contextmanager
+def block_device_file(tag: str):
+    """(path, whole-disk name) of a file for a test to write on a real block device,
+    removed afterwards; where there is none, a failure under CI and a skip elsewhere."""
+    d, dev = block_device_dir()
+    if d is None:
+        if CI:
+            pytest.fail("no test directory on a real block device")
+        pytest.skip("no test directory on a real block device (all tmpfs/overlay)")
+    path = os.path.join(d, f".deeptrace-{tag}-test-{os.getpid()}.bin")
+    try:
+        yield path, dev
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def synced_write(path: str, n: int):
+    """n random bytes written to `path`, on the device before it returns (fsync)."""
+    with open(path, "wb") as f:
+        f.write(os.urandom(n))
+        f.flush()
+        os.fsync(f.fileno())

@@ -13,6 +13,8 @@ import struct
 import sys
 import threading
 
+from deeptrace_core.testing import messages
+
 
 def grpc_server():
     from concurrent import futures
@@ -62,14 +64,7 @@ def dns_server():
 
     class TCPHandler(socketserver.BaseRequestHandler):
         def handle(self):
-            while True:
-                head = self.request.recv(2)
-                if len(head) < 2:
-                    return
-                (n,) = struct.unpack("!H", head)
-                body = b""
-                while len(body) < n:
-                    body += self.request.recv(n - len(body))
+            for _, body in messages(self.request, 2, lambda head: struct.unpack("!H", head)[0]):
                 out = answer(body)
                 self.request.sendall(struct.pack("!H", len(out)) + out)
 
@@ -121,14 +116,9 @@ def mongo_server():
 
     class Handler(socketserver.BaseRequestHandler):
         def handle(self):
-            while True:
-                head = self.request.recv(16)
-                if len(head) < 16:
-                    return
-                length, req_id, _, opcode = struct.unpack("<iiii", head)
-                body = b""
-                while len(body) < length - 16:
-                    body += self.request.recv(length - 16 - len(body))
+            for head, body in messages(self.request, 16,
+                                       lambda head: struct.unpack_from("<i", head)[0] - 16):
+                _, req_id, _, opcode = struct.unpack("<iiii", head)
                 if opcode == 2004:  # legacy OP_QUERY handshake: answer with OP_REPLY
                     doc = {"ismaster": True, "maxWireVersion": 17, "minWireVersion": 0, "ok": 1.0}
                     payload = struct.pack("<iqii", 0, 0, 0, 1) + bson.encode(doc)

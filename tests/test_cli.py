@@ -11,21 +11,8 @@ import time
 
 import pytest
 
-from conftest import Script, require_bpf
+from conftest import EXAMPLE_CONFIG, Script, require_bpf
 
-EXAMPLE = """\
-probes:
-  trace:
-    comms: [myserver, myclient]
-    payload_bytes: 512
-exporters:
-  jsonl:
-    path: ${env:OUT}/records.jsonl
-pipelines:
-  main:
-    probes: [trace]
-    exporters: [jsonl]
-"""
 DEEPTRACE = [sys.executable, "-m", "deeptrace_core.cli"]
 
 
@@ -62,7 +49,7 @@ def rename(name):
 def test_example_config_end_to_end_and_sigterm_detaches(tmp_path):
     require_bpf()
     cfg = tmp_path / "agent.yaml"
-    cfg.write_text(EXAMPLE)
+    cfg.write_text(EXAMPLE_CONFIG)
     agent = subprocess.Popen([*DEEPTRACE, "--config", str(cfg)], stderr=subprocess.PIPE,
                              text=True, env={**os.environ, "OUT": str(tmp_path)},
                              start_new_session=True)   # as under systemd: its own session
@@ -139,7 +126,7 @@ print(json.dumps({{}}), flush=True)
 def test_without_root_one_clear_line(tmp_path, monkeypatch, capsys):
     from deeptrace_core import cli
     cfg = tmp_path / "agent.yaml"
-    cfg.write_text(EXAMPLE)
+    cfg.write_text(EXAMPLE_CONFIG)
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert cli.main(["--config", str(cfg)]) == 1
     err = capsys.readouterr().err
@@ -188,7 +175,7 @@ def test_bad_config_names_file_line_key_and_allowed(tmp_path, text, where, allow
 
 def test_validate_accepts_shipped_and_example_configs(tmp_path):
     cfg = tmp_path / "agent.yaml"
-    cfg.write_text(EXAMPLE)
+    cfg.write_text(EXAMPLE_CONFIG)
     out = subprocess.run([*DEEPTRACE, "validate", "--config", str(cfg)], capture_output=True,
                          text=True, env={**os.environ, "OUT": str(tmp_path)})
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
@@ -200,7 +187,7 @@ def test_validate_accepts_shipped_and_example_configs(tmp_path):
 
 def test_missing_env_var_is_a_config_error(tmp_path):
     cfg = tmp_path / "agent.yaml"
-    cfg.write_text(EXAMPLE)
+    cfg.write_text(EXAMPLE_CONFIG)
     env = {k: v for k, v in os.environ.items() if k != "OUT"}
     out = subprocess.run([*DEEPTRACE, "validate", "--config", str(cfg)], capture_output=True,
                          text=True, env=env)

@@ -8,6 +8,7 @@ import attrs
 import pytest
 from attrs import validators as v
 
+from conftest import EXAMPLE_CONFIG
 from deeptrace_core.config import (
     AgentConfig, AgentSettings, Component, ConfigError, PipelineConfig, build, load_config,
     parse_config,
@@ -54,20 +55,6 @@ SCHEMAS = {
     "exporters": {"jsonl": FileExporterConfig, "console": FileExporterConfig},
 }
 
-EXAMPLE = """\
-probes:
-  trace:
-    comms: [myserver, myclient]
-    payload_bytes: 512
-exporters:
-  jsonl:
-    path: ${env:OUT}/records.jsonl
-pipelines:
-  main:
-    probes: [trace]
-    exporters: [jsonl]
-"""
-
 PIPELINE = """\
 pipelines:
   main:
@@ -104,7 +91,7 @@ def probe(body, env=None):
 
 def test_example_is_accepted_from_file(tmp_path):
     f = tmp_path / "agent.yaml"
-    f.write_text(EXAMPLE)
+    f.write_text(EXAMPLE_CONFIG)
     cfg = load_config(str(f), SCHEMAS, env={"OUT": "/var/out"})
     assert isinstance(cfg, AgentConfig)
     assert cfg.path == str(f)
@@ -119,13 +106,13 @@ def test_example_is_accepted_from_file(tmp_path):
 
 def test_env_defaults_to_os_environ(monkeypatch):
     monkeypatch.setenv("OUT", "/tmp/x")
-    cfg = parse_config(EXAMPLE, "agent.yaml", SCHEMAS)
+    cfg = parse_config(EXAMPLE_CONFIG, "agent.yaml", SCHEMAS)
     assert cfg.exporters["jsonl"].config.path == "/tmp/x/records.jsonl"
 
 
 def test_file_errors_carry_the_file_name(tmp_path):
     f = tmp_path / "bad.yaml"
-    f.write_text(EXAMPLE.replace("probes:\n  trace", "probes:\n  trase"))
+    f.write_text(EXAMPLE_CONFIG.replace("probes:\n  trace", "probes:\n  trase"))
     with pytest.raises(ConfigError) as info:
         load_config(str(f), SCHEMAS, env={"OUT": "x"})
     assert str(info.value) == f"{f}:2: probes.trase: unknown probe type 'trase' (allowed: trace)"
@@ -230,7 +217,7 @@ def test_env_in_typed_fields():
 
 
 def test_missing_env_var():
-    err = error(EXAMPLE)
+    err = error(EXAMPLE_CONFIG)
     check(err, 7, "exporters.jsonl.path", "environment variable OUT is not set",
           expected_str="agent.yaml:7: exporters.jsonl.path: environment variable OUT is not set")
 
@@ -341,7 +328,7 @@ def test_string_annotations_are_resolved():
 
 
 def test_dangling_pipeline_reference():
-    err = error(EXAMPLE.replace("exporters: [jsonl]", "exporters: [jsonl/errors]"), env={"OUT": "o"})
+    err = error(EXAMPLE_CONFIG.replace("exporters: [jsonl]", "exporters: [jsonl/errors]"), env={"OUT": "o"})
     check(err, 11, "pipelines.main.exporters[0]", "exporter 'jsonl/errors' is not declared in exporters",
           ["jsonl"], "agent.yaml:11: pipelines.main.exporters[0]: exporter 'jsonl/errors' is not "
           "declared in exporters (allowed: jsonl)")
@@ -449,7 +436,7 @@ def test_protocol_config_from_yaml_reaches_the_parser():
     import time
     import types
 
-    from deeptrace_plugins.protocols.mysql.plugin import MySQLConfig
+    from deeptrace_plugins.protocols.sql import StatementsConfig
     from deeptrace_plugins.protocols.stage import SpanStage
     from deeptrace_plugins.trace.decoder import SocketRecord
     reg = l7_registry()
@@ -463,7 +450,7 @@ def test_protocol_config_from_yaml_reaches_the_parser():
               http1:
         """)
     spans_config = cfg.processors["spans"].config
-    assert spans_config.protocol_config == {"mysql": MySQLConfig(max_statements=2),
+    assert spans_config.protocol_config == {"mysql": StatementsConfig(max_statements=2),
                                             "http1": reg.protocols["http1"].cls.config_class()}
     stage = SpanStage(spans_config, types.SimpleNamespace(registry=reg))
 

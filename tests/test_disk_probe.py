@@ -1,38 +1,17 @@
 """Disk probe on the real kernel: direct I/O of known sizes from child processes, on a
 filesystem backed by a real block device, shows up exactly for those processes."""
 
-import os
 import time
 
 import pytest
 
-from conftest import CI, Script, require_bpf
+from conftest import Script, block_device_file, require_bpf
 
 pytestmark = pytest.mark.bpf
 
 KIB = 1024
 N, SIZE = 64, 64 * KIB          # 64 requests of 64 KiB: 4 MiB
 TOTAL = N * SIZE
-
-
-def block_device_dir():
-    """(directory, whole-disk name) of a candidate test directory on a block device."""
-    for d in ("/work", "/tmp", "/var/tmp", os.path.dirname(__file__)):
-        try:
-            st = os.stat(d)
-        except OSError:
-            continue
-        sys_dev = f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
-        if not os.path.exists(sys_dev):
-            continue                              # tmpfs, overlay, ...: no block device
-        real = os.path.realpath(sys_dev)
-        if os.path.exists(os.path.join(real, "partition")):
-            real = os.path.dirname(real)          # requests are traced on the whole disk
-        if os.path.exists(os.path.join(real, "slaves")) and os.listdir(
-                os.path.join(real, "slaves")):
-            continue                              # dm/md: requests land on other disks
-        return d, os.path.basename(real)
-    return None, None
 
 
 @pytest.fixture(scope="module")
@@ -49,17 +28,8 @@ def disk():
 
 @pytest.fixture
 def target():
-    d, dev = block_device_dir()
-    if d is None:
-        if CI:
-            pytest.fail("no test directory on a real block device")
-        pytest.skip("no test directory on a real block device (all tmpfs/overlay)")
-    path = os.path.join(d, f".deeptrace-disk-test-{os.getpid()}.bin")
-    yield path, dev
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+    with block_device_file("disk") as (path, dev):
+        yield path, dev
 
 
 IO = """

@@ -8,9 +8,7 @@ import sys
 import threading
 import time
 
-import pytest
-
-from conftest import CI
+from conftest import block_device_file, synced_write
 from deeptrace_plugins.host.probe import HostConfig, HostProbe
 from deeptrace_plugins.host.plugin import deeptrace_register_probes
 
@@ -202,25 +200,12 @@ def test_loopback_counters_grow_by_at_least_the_traffic():
 
 
 def test_disk_write_counters_grow_by_at_least_the_bytes():
-    from test_disk_probe import block_device_dir
-
-    d, dev = block_device_dir()
-    if d is None:
-        if CI:
-            pytest.fail("no test directory on a real block device")
-        pytest.skip("no test directory on a real block device")
-    p = probe()
     n = 8 * 1024 * 1024
-    path = os.path.join(d, f".deeptrace-host-test-{os.getpid()}.bin")
-    before = p.collect()
-    try:
-        with open(path, "wb") as f:
-            f.write(os.urandom(n))
-            f.flush()
-            os.fsync(f.fileno())             # on the device before fsync returns
+    with block_device_file("host") as (path, dev):
+        p = probe()
+        before = p.collect()
+        synced_write(path, n)
         after = p.collect()
-    finally:
-        os.unlink(path)
     grew = (val(after, "system.disk.io", system_device=dev, disk_io_direction="write")
             - val(before, "system.disk.io", system_device=dev, disk_io_direction="write"))
     assert grew >= n

@@ -3,12 +3,11 @@ the interval has passed, and at every ``poll(0)``, so a shut-down gets the final
 cpu, memory, disk, network and host however little of their interval had passed."""
 
 import json
-import os
 import time
 
 import pytest
 
-from conftest import CI, require_bpf
+from conftest import block_device_file, require_bpf, synced_write
 from deeptrace_core.metricprobe import Interval
 
 # A metric each probe reports whatever the machine did (disk: given the I/O below).
@@ -35,21 +34,8 @@ def test_interval_rule():
 
 def block_io():
     """Block requests of this process: a synced write on a real block device."""
-    from test_disk_probe import block_device_dir
-
-    d, _ = block_device_dir()
-    if d is None:
-        if CI:
-            pytest.fail("no test directory on a real block device")
-        pytest.skip("no test directory on a real block device (all tmpfs/overlay)")
-    path = os.path.join(d, f".deeptrace-shutdown-test-{os.getpid()}.bin")
-    try:
-        with open(path, "wb") as f:
-            f.write(os.urandom(256 * 1024))
-            f.flush()
-            os.fsync(f.fileno())
-    finally:
-        os.unlink(path)
+    with block_device_file("shutdown") as (path, _):
+        synced_write(path, 256 * 1024)
 
 
 def socket_io():

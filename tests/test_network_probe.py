@@ -397,3 +397,28 @@ def test_kernel_fields_match_pahole():
         dump = subprocess.run(["bpftool", "btf", "dump", "file", "/sys/kernel/btf/vmlinux"],
                               capture_output=True, text=True).stdout
         assert re.search(rf"'SOCK_DONE' val={SOCK_DONE_BIT}\b", dump)
+
+
+def test_kprobe_fallback_compiles_and_passes_this_verifier():
+    """Kernels before 6.3 count bytes per process with kprobes on inet(6)_sendmsg/recvmsg
+    (IO_KPROBES). This kernel has the tracepoints and no kprobes, so the kernel job runs
+    that path for real (Debian's 6.1); here its C is compiled and every kprobe program
+    loaded, which runs this kernel's verifier on it (attaching needs kprobes)."""
+    require_bpf()
+    from bcc import BPF
+
+    from deeptrace_core.bpf import kernel_defines
+    from deeptrace_plugins.network.probe import IO_KPROBES, NetworkConfig, NetworkProbe
+
+    probe = NetworkProbe(NetworkConfig())
+    probe.io_source = "kprobes"
+    text = probe.render(kernel_defines(probe.kernel_fields))
+    assert "#define IO_KPROBES 1" in text and "#define SOCK_IO_TP 0" in text
+    b = BPF(text=text.encode())
+    try:
+        names = {f for _, enter, ret in IO_KPROBES for f in (enter, ret)}
+        assert names == {"io_send_enter", "io_send_exit", "io_recv_enter", "io_recv_exit"}
+        for fn in sorted(names):
+            assert b.load_func(fn.encode(), BPF.KPROBE).fd >= 0
+    finally:
+        b.cleanup()

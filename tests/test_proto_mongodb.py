@@ -59,22 +59,12 @@ class FakeMongo:
             self.conns.append(log)
             threading.Thread(target=self._serve, args=(c, log), daemon=True).start()
 
-    @staticmethod
-    def _recv(c, n):
-        b = b""
-        while len(b) < n:
-            x = c.recv(n - len(b))
-            if not x:
-                raise EOFError
-            b += x
-        return b
-
     def _serve(self, c, log):
         try:
-            while True:
-                head = self._recv(c, 16)
-                length, rid, _, op = struct.unpack("<iiii", head)
-                msg = head + self._recv(c, length - 16)
+            for head, body in kit.messages(c, 16,
+                                           lambda head: struct.unpack_from("<i", head)[0] - 16):
+                _, rid, _, op = struct.unpack("<iiii", head)
+                msg = head + body
                 log.append(("c", msg))
                 if op == 2004:                              # OP_QUERY -> OP_REPLY
                     j = msg.index(b"\0", 20)
@@ -90,7 +80,7 @@ class FakeMongo:
                     out = struct.pack("<iiii", 16 + len(body), self._id(), rid, 2013) + body
                 log.append(("s", out))
                 c.sendall(out)
-        except (EOFError, OSError):
+        except OSError:
             pass
         finally:
             c.close()

@@ -67,11 +67,7 @@ static __always_inline void hist_add(u32 tgid, u64 ns) {
         slot = HIST_MAX_SLOT;
     struct hist_key_t k = {.tgid = tgid, .slot = slot};
     u64 zero = 0;
-    u64 *c = rq_hist.lookup_or_try_init(&k, &zero);
-    if (c)
-        __sync_fetch_and_add(c, 1);
-    else
-        stat_inc(ST_HIST_FULL);
+    count_or_full(rq_hist.lookup_or_try_init(&k, &zero), ST_HIST_FULL);
 }
 
 static __always_inline void mark_runnable(u32 tid) {
@@ -182,11 +178,7 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx) {
     stack_error(k.user_stack);
     stack_error(k.kernel_stack);
     u64 zero = 0;
-    u64 *c = profile_counts.lookup_or_try_init(&k, &zero);
-    if (c)
-        __sync_fetch_and_add(c, 1);
-    else
-        stat_inc(ST_PROFILE_FULL);
+    count_or_full(profile_counts.lookup_or_try_init(&k, &zero), ST_PROFILE_FULL);
     return 0;
 }
 #endif

@@ -73,22 +73,14 @@ static __always_inline u32 us_slot(u64 ns) {
 static __always_inline void dhist_add(u32 dev, u8 kind, u8 dir, u32 slot, u64 v) {
     struct dhist_key_t k = {.dev = dev, .kind = kind, .dir = dir, .slot = slot};
     struct hist_val_t zero = {};
-    struct hist_val_t *h = dev_hist.lookup_or_try_init(&k, &zero);
-    if (h)
-        hist_count(h, v);
-    else
-        stat_inc(ST_HIST_MAP_FULL);
+    hist_count_or_full(dev_hist.lookup_or_try_init(&k, &zero), v, ST_HIST_MAP_FULL);
 }
 
 static __always_inline void phist_add(struct rq_val_t *rq, u16 dir, u32 slot, u64 v) {
     struct phist_key_t k = {.tgid = rq->tgid, .dir = dir, .slot = slot};
     __builtin_memcpy(k.comm, rq->comm, sizeof(k.comm));
     struct hist_val_t zero = {};
-    struct hist_val_t *h = proc_hist.lookup_or_try_init(&k, &zero);
-    if (h)
-        hist_count(h, v);
-    else
-        stat_inc(ST_HIST_MAP_FULL);
+    hist_count_or_full(proc_hist.lookup_or_try_init(&k, &zero), v, ST_HIST_MAP_FULL);
 }
 
 static __always_inline struct rq_val_t *fresh(struct rq_key_t *k) {

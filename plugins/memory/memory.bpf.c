@@ -69,11 +69,15 @@ TRACEPOINT_PROBE(exceptions, page_fault_user) {
     return 0;
 }
 
-TRACEPOINT_PROBE(exceptions, page_fault_kernel) {
+// The process a fault is charged to: none (0) in idle/irq context (tgid 0, a fault on a
+// kernel address), nor when the process map is full.
+static __always_inline struct proc_t *fault_owner(void) {
     u32 tgid = current_tgid();
-    if (!tgid)     // idle/irq context on a kernel address: no process to charge
-        return 0;
-    struct proc_t *p = proc_entry(tgid);
+    return tgid ? proc_entry(tgid) : 0;
+}
+
+TRACEPOINT_PROBE(exceptions, page_fault_kernel) {
+    struct proc_t *p = fault_owner();
     if (p)
         __sync_fetch_and_add(&p->faults_kernel, 1);
     return 0;
@@ -81,16 +85,14 @@ TRACEPOINT_PROBE(exceptions, page_fault_kernel) {
 
 #if FAULT_TYPES
 int on_fault_minor(struct bpf_perf_event_data *ctx) {
-    u32 tgid = current_tgid();
-    struct proc_t *p = tgid ? proc_entry(tgid) : 0;
+    struct proc_t *p = fault_owner();
     if (p)
         __sync_fetch_and_add(&p->faults_minor, 1);
     return 0;
 }
 
 int on_fault_major(struct bpf_perf_event_data *ctx) {
-    u32 tgid = current_tgid();
-    struct proc_t *p = tgid ? proc_entry(tgid) : 0;
+    struct proc_t *p = fault_owner();
     if (p)
         __sync_fetch_and_add(&p->faults_major, 1);
     return 0;

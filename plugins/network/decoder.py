@@ -3,11 +3,12 @@
 The struct layout below mirrors the C struct field by field; change both together.
 """
 
-import socket
 import struct
 import time
 
 import attrs
+
+from deeptrace_core.addresses import FAMILIES, address, endpoint
 
 # struct close_t: see network.bpf.c.
 CLOSE = struct.Struct("<QQQQQIIIIIIHHHBBB7x16s16s16s")
@@ -17,7 +18,6 @@ TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5:
               6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN",
               11: "CLOSING", 12: "NEW_SYN_RECV"}
 OWNER_SOURCES = {0: None, 1: "connect", 2: "io", 3: "close"}
-FAMILIES = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
 F_SELF, F_BIRTH = 1, 2
 
 # Counter slots of the `stats` per-CPU array, in C enum order.
@@ -72,20 +72,10 @@ class TcpConnection:
             extra += f" retrans={self.retransmits}/{self.total_retrans}"
         if self.resets_sent or self.resets_received:
             extra += f" rst_tx={self.resets_sent} rst_rx={self.resets_received}"
-        return (f"{t}.{ms:03d} tcp {who} {_ep(self.local_addr, self.local_port)} <-> "
-                f"{_ep(self.remote_addr, self.remote_port)} tx={self.bytes_sent} "
+        return (f"{t}.{ms:03d} tcp {who} {endpoint(self.local_addr, self.local_port)} <-> "
+                f"{endpoint(self.remote_addr, self.remote_port)} tx={self.bytes_sent} "
                 f"rx={self.bytes_received} dur={dur} srtt={self.srtt_us}us "
                 f"from={self.last_state}{extra}")
-
-
-def _ep(addr, port):
-    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
-
-
-def _addr(family: int, raw: bytes) -> str:
-    if family == socket.AF_INET:
-        return socket.inet_ntop(socket.AF_INET, raw[:4])
-    return socket.inet_ntop(socket.AF_INET6, raw)
 
 
 def decode(buf: bytes) -> TcpConnection:
@@ -104,8 +94,8 @@ def decode(buf: bytes) -> TcpConnection:
         comm=comm.split(b"\0", 1)[0].decode("utf-8", "replace"),
         owner=OWNER_SOURCES.get(owner_src),
         family=FAMILIES[family],
-        local_addr=_addr(family, saddr), local_port=sport,
-        remote_addr=_addr(family, daddr), remote_port=dport,
+        local_addr=address(family, saddr), local_port=sport,
+        remote_addr=address(family, daddr), remote_port=dport,
         bytes_received=rx, bytes_sent=tx, srtt_us=srtt,
         retransmits=retrans, total_retrans=total,
         resets_sent=rst_sent, resets_received=rst_recv,

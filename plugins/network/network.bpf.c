@@ -118,11 +118,7 @@ BPF_HASH(hists, struct hist_key_t, struct hist_val_t, 4 * (NSLOTS + 1));
 static __always_inline void hist_add(u32 kind, u64 v) {
     struct hist_key_t k = {.kind = kind, .slot = slot_of(v)};
     struct hist_val_t zero = {};
-    struct hist_val_t *h = hists.lookup_or_try_init(&k, &zero);
-    if (h)
-        hist_count(h, v);
-    else
-        stat_inc(ST_HIST_FULL);
+    hist_count_or_full(hists.lookup_or_try_init(&k, &zero), v, ST_HIST_FULL);
 }
 
 static __always_inline struct tcp_proc_t *tcp_proc(struct conn_t *c) {
@@ -327,12 +323,16 @@ TRACEPOINT_PROBE(sock, sock_send_length) {
 // write, send* and recv* on such a socket, called through proto_ops, so never inlined):
 // kprobes there, where the kernel has them (probe.py attaches these by name). The entry
 // keeps the call's sock and recv flags for the return, which has the byte count.
+// Registers at BTF offsets (x86-64: arguments in di, si, dx, cx; the return in ax), like
+// every kernel struct here; a kprobe program may load its context directly.
+#define REG(ctx, r) (*(u64 *)((char *)(ctx) + OFF_pt_regs__##r))
+struct pt_regs;
 struct io_arg_t { u64 sk; int flags; };
 BPF_HASH(io_args, u64, struct io_arg_t, 16384);
 
 static __always_inline int io_enter(struct pt_regs *ctx, int flags) {
     u64 sk = 0;
-    if (bpf_probe_read_kernel(&sk, sizeof(sk), (void *)(PT_REGS_PARM1(ctx) + OFF_socket__sk)))
+    if (bpf_probe_read_kernel(&sk, sizeof(sk), (void *)(REG(ctx, di) + OFF_socket__sk)))
         return 0;
     u64 id = bpf_get_current_pid_tgid();
     struct io_arg_t a = {.sk = sk, .flags = flags};
@@ -352,11 +352,11 @@ static __always_inline int io_exit(struct pt_regs *ctx, u8 dir) {
     bpf_probe_read_kernel(&family, sizeof(family),
                           (void *)(sk + OFF_sock____sk_common + OFF_sock_common__skc_family));
     bpf_probe_read_kernel(&protocol, sizeof(protocol), (void *)(sk + OFF_sock__sk_protocol));
-    return on_io((void *)sk, family, protocol, (int)PT_REGS_RC(ctx), flags, dir);
+    return on_io((void *)sk, family, protocol, (int)REG(ctx, ax), flags, dir);
 }
 
 int io_send_enter(struct pt_regs *ctx) { return io_enter(ctx, 0); }
-int io_recv_enter(struct pt_regs *ctx) { return io_enter(ctx, (int)PT_REGS_PARM4(ctx)); }
+int io_recv_enter(struct pt_regs *ctx) { return io_enter(ctx, (int)REG(ctx, cx)); }
 int io_send_exit(struct pt_regs *ctx) { return io_exit(ctx, 1); }
 int io_recv_exit(struct pt_regs *ctx) { return io_exit(ctx, 0); }
 #endif

@@ -71,6 +71,9 @@ KERNEL_FIELDS = (
     "socket.sk",
     "sock.sk_protocol",
     "sock_common.skc_family",
+    "pt_regs.di",                 # inet(6)_sendmsg/recvmsg's sock, recv flags, return
+    "pt_regs.cx",
+    "pt_regs.ax",
 )
 # Where the sock:sock_{send,recv}_length tracepoints are missing (Linux < 6.3), bytes per
 # process come from these functions' kprobes: (function, entry program, return program).

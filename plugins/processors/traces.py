@@ -50,6 +50,18 @@ def _addr(a: str) -> str:
     return a[7:] if a.startswith("::ffff:") else a
 
 
+def _request_key(span, client: bool):
+    """What both ends of a connection call one request: (client address, port, server
+    address, port, the request's first TCP sequence number); None without a sequence.
+    `client`: the span is the client's (its local end is the client)."""
+    if span.request_seq is None:
+        return None
+    here = (_addr(span.local_addr), span.local_port)
+    there = (_addr(span.remote_addr), span.remote_port)
+    client_end, server_end = (here, there) if client else (there, here)
+    return (*client_end, *server_end, span.request_seq[0])
+
+
 def _header(span, name):
     return span.attributes.get(f"http.request.header.{name}")
 
@@ -139,7 +151,7 @@ class TraceLinker:
             if header:  # the application propagates: its outgoing parent-id is this span's id
                 span.trace_id = header[0]
                 self._rename(h, header[1])
-            key = self._client_key(span)
+            key = _request_key(span, client=True)
             if key:
                 self.by_seq[key] = span.span_id
                 waiting = self.waiting_server.pop(key, None)
@@ -153,7 +165,7 @@ class TraceLinker:
                 h.decided = True
                 self._release(h, out)
             else:
-                key = self._server_key(span)
+                key = _request_key(span, client=False)
                 parent = self.by_seq.get(key) if key else None
                 if parent in self.held:
                     self._link(h, self.held[parent], "tcp_seq", out)
@@ -169,19 +181,6 @@ class TraceLinker:
         h.span.span_id = new_span_id
         self.held[new_span_id] = h
 
-    @staticmethod
-    def _client_key(span):
-        if span.request_seq is None:
-            return None
-        return (_addr(span.local_addr), span.local_port, _addr(span.remote_addr),
-                span.remote_port, span.request_seq[0])
-
-    @staticmethod
-    def _server_key(span):
-        if span.request_seq is None:
-            return None
-        return (_addr(span.remote_addr), span.remote_port, _addr(span.local_addr),
-                span.local_port, span.request_seq[0])
 
     def _adopt_thread_children(self, server_h, out):
         """Client spans this thread made while serving the request are its children

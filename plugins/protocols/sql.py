@@ -1,6 +1,7 @@
-"""What the MySQL and PostgreSQL parsers share: the operation keyword of a statement,
-password redaction, the size cap of recorded statement text, and the capped memory of
-prepared statements.
+"""What the MySQL and PostgreSQL plugins share: their config, the byte classes their
+detectors check, the operation keyword of a statement, password redaction, the size cap
+of recorded statement text, the capped memory of prepared statements and the parser base
+that holds it.
 
 The text may be a prefix (the capture cut it), so every pattern accepts an unterminated
 quoted literal at the end: a password cut in half is still redacted.
@@ -8,6 +9,11 @@ quoted literal at the end: a password cut in half is still redacted.
 
 import re
 from collections import OrderedDict
+
+import attrs
+from attrs import validators as v
+
+from deeptrace_core.l7 import FramedParser
 
 QUERY_MAX = 2048   # characters of statement text kept in db.query.text
 
@@ -29,6 +35,24 @@ _REDACT = [
     # password=... inside connection strings (dblink, CREATE SUBSCRIPTION ... CONNECTION).
     (re.compile(r"(\bpassword\s*=\s*)([^\s'\"]+)", re.I), r"\1?"),
 ]
+
+
+@attrs.define
+class StatementsConfig:
+    """``processors.spans.protocol_config.mysql`` (and ``.postgresql``) in the YAML config."""
+
+    # Prepared statements remembered per connection (LRU); PostgreSQL's named ones.
+    max_statements: int = attrs.field(default=4096, validator=v.ge(1))
+
+
+def text_byte(c: int) -> bool:
+    """Printable ASCII or whitespace: a byte of statement text (the detectors' check)."""
+    return 0x20 <= c < 0x7f or 9 <= c <= 13
+
+
+def statement_start(c: int) -> bool:
+    """A byte a statement's text may start with: a letter, '(', a comment or whitespace."""
+    return 0x41 <= c <= 0x5a or 0x61 <= c <= 0x7a or c in b"(/- \t\n\r"
 
 
 def first_keyword(text: str) -> str:
@@ -65,3 +89,13 @@ class Statements(OrderedDict):
         self.move_to_end(key)
         while len(self) > self.cap:
             self.popitem(last=False)
+
+
+class StatementsParser(FramedParser):
+    """Base of the MySQL and PostgreSQL parsers: the connection's prepared statements by
+    id (MySQL) or name (PostgreSQL), at most `max_statements` of them."""
+
+    def __init__(self, max_statements: int = 4096):
+        super().__init__()
+        self.max_statements = max_statements
+        self.statements = Statements(max_statements)

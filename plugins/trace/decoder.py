@@ -4,11 +4,12 @@ The struct layout below mirrors the C struct field by field; change both togethe
 """
 
 import base64
-import socket
 import struct
 import time
 
 import attrs
+
+from deeptrace_core.addresses import FAMILIES, address, endpoint
 
 # struct event_t header (before payload): see trace.bpf.c.
 HEADER = struct.Struct("<QQQqIIiIIHHHHHBBBBBB4x16s16s16s")
@@ -19,7 +20,6 @@ SYSCALLS = {1: "read", 2: "readv", 3: "recvfrom", 4: "recvmsg", 5: "recvmmsg",
             11: "socket", 12: "connect", 13: "accept", 14: "accept4", 15: "close"}
 DIRECTIONS = {0: "none", 1: "ingress", 2: "egress"}
 L4 = {1: "tcp", 2: "udp"}
-FAMILIES = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
 F_SEQ, F_PEEK, F_TRUNC, F_IOV_TRUNC, F_ADDR_MSG = 1, 2, 4, 8, 16
 ROLES = {0: None, 1: "client", 2: "server"}
 PROTO_NONE = 255
@@ -78,22 +78,12 @@ class SocketRecord:
         lat = (self.ts_exit_ns - self.ts_enter_ns) / 1000
         size = f"bytes={self.bytes}" if self.direction != "none" else f"ret={self.bytes}"
         return (f"{t}.{us:06d} {self.comm}[{self.pid}/{self.tid}] {self.syscall} fd={self.fd} "
-                f"{self.l4}/{self.family} {_ep(self.local_addr, self.local_port)} {arrow} "
-                f"{_ep(self.remote_addr, self.remote_port)} {size}{seq} "
+                f"{self.l4}/{self.family} {endpoint(self.local_addr, self.local_port)} {arrow} "
+                f"{endpoint(self.remote_addr, self.remote_port)} {size}{seq} "
                 f"conn={self.conn_id} {lat:.1f}us" + (f' "{text}"' if self.payload else ""))
 
 
 _FIELDS = tuple(a.name for a in attrs.fields(SocketRecord))
-
-
-def _ep(addr, port):
-    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
-
-
-def _addr(family: int, raw: bytes) -> str:
-    if family == socket.AF_INET:
-        return socket.inet_ntop(socket.AF_INET, raw[:4])
-    return socket.inet_ntop(socket.AF_INET6, raw)
 
 
 def decode(buf: bytes, protocols=()) -> SocketRecord:
@@ -146,12 +136,12 @@ def make_decoder(protocols=()):
         if la is None:
             if len(cache) > 65536:
                 cache.clear()
-            la = cache[laddr] = _addr(family, laddr)
+            la = cache[laddr] = address(family, laddr)
         ra = cache.get(raddr)
         if ra is None:
             if len(cache) > 65536:
                 cache.clear()
-            ra = cache[raddr] = _addr(family, raddr)
+            ra = cache[raddr] = address(family, raddr)
         name = comms.get(comm)
         if name is None:
             if len(comms) > 4096:

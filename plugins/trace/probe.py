@@ -204,36 +204,37 @@ class TraceProbe:
         if self.bpf is not None:
             self.bpf[b"armed"][ctypes.c_int(0)] = ctypes.c_uint32(0)
 
+    def _select(self, table: bytes, keys):
+        """Put `keys` in filter map `table` (pid_filter, port_filter)."""
+        t = self.bpf[table]
+        for key in keys:
+            t[t.Key(key)] = ctypes.c_uint8(1)
+
+    def _unselect(self, table: bytes, keys):
+        """Take `keys` out of filter map `table`; those not in it are passed over."""
+        t = self.bpf[table]
+        for key in keys:
+            try:
+                del t[t.Key(key)]
+            except KeyError:
+                pass
+
     def add_pids(self, pids):
         """Select more processes at run time (needs a config with a non-empty ``pids``)."""
-        t = self.bpf[b"pid_filter"]
-        for pid in pids:
-            t[t.Key(pid)] = ctypes.c_uint8(1)
+        self._select(b"pid_filter", pids)
         if self._generation:
             self._arm()
 
     def remove_pids(self, pids):
-        t = self.bpf[b"pid_filter"]
-        for pid in pids:
-            try:
-                del t[t.Key(pid)]
-            except KeyError:
-                pass
+        self._unselect(b"pid_filter", pids)
         self._arm()
 
     def add_ports(self, ports):
         """Select more ports at run time (needs a config with a non-empty ``ports``)."""
-        t = self.bpf[b"port_filter"]
-        for port in ports:
-            t[t.Key(port)] = ctypes.c_uint8(1)
+        self._select(b"port_filter", ports)
 
     def remove_ports(self, ports):
-        t = self.bpf[b"port_filter"]
-        for port in ports:
-            try:
-                del t[t.Key(port)]
-            except KeyError:
-                pass
+        self._unselect(b"port_filter", ports)
 
     def poll(self, timeout_ms: int | None = None) -> list:
         if timeout_ms is None:

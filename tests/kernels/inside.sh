@@ -23,7 +23,8 @@ hostname "guest-$(uname -r)"
 ver=$(uname -r)
 ln -sfn "$kroot/lib/modules/$ver" "/lib/modules/$ver"
 # the ext4 disk run.py attached: a real block device under /var/tmp for the disk probe
-modprobe -a virtio_blk ext4 2>/dev/null
+modprobe -a virtio_blk ext4
+for _ in $(seq 50); do [ -b /dev/vda ] && break; sleep 0.1; done   # probed asynchronously
 mount /dev/vda /var/tmp || echo "kernels: no disk at /dev/vda"
 echo "kernels: guest $ver up; running the $suite suite"
 cd "$repo" || exit 1

@@ -1,7 +1,6 @@
 """The DNS protocol plugin (UDP and TCP): detector and parser factory."""
 
-from deeptrace_core.hookspecs import hookimpl
-from deeptrace_core.l7 import REQUEST, RESPONSE, ProtocolBase
+from deeptrace_core.l7 import REQUEST, RESPONSE, ProtocolBase, register_protocols
 
 from .parser import DnsParser
 
@@ -48,6 +47,4 @@ class DnsProtocol(ProtocolBase):
     parser_class = DnsParser     # UDP until the stage calls set_l4("tcp")
 
 
-@hookimpl
-def deeptrace_register_protocols(registry):
-    registry.add_protocol(DnsProtocol)
+deeptrace_register_protocols = register_protocols(DnsProtocol)

@@ -1,7 +1,6 @@
 """HTTP/1.x protocol plugin: registration and the user-space twin of detect.bpf.c."""
 
-from deeptrace_core.hookspecs import hookimpl
-from deeptrace_core.l7 import REQUEST, RESPONSE, ProtocolBase
+from deeptrace_core.l7 import REQUEST, RESPONSE, ProtocolBase, register_protocols
 from deeptrace_plugins.protocols.http1.parser import Http1Parser
 
 METHODS = (b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"OPTIONS ", b"PATCH ",
@@ -28,6 +27,4 @@ class Http1Protocol(ProtocolBase):
         return 0
 
 
-@hookimpl
-def deeptrace_register_protocols(registry):
-    registry.add_protocol(Http1Protocol)
+deeptrace_register_protocols = register_protocols(Http1Protocol)

@@ -1,7 +1,6 @@
 """HTTP/2 (+gRPC) protocol plugin: registration and the user-space twin of detect.bpf.c."""
 
-from deeptrace_core.hookspecs import hookimpl
-from deeptrace_core.l7 import REQUEST, RESPONSE, ProtocolBase
+from deeptrace_core.l7 import REQUEST, RESPONSE, ProtocolBase, register_protocols
 from deeptrace_plugins.protocols.http2.parser import PREFACE, Http2Parser
 
 _SETTINGS_MAX = 96   # 16 parameters: more in a first SETTINGS frame is implausible
@@ -46,6 +45,4 @@ class Http2Protocol(ProtocolBase):
         return 0
 
 
-@hookimpl
-def deeptrace_register_protocols(registry):
-    registry.add_protocol(Http2Protocol)
+deeptrace_register_protocols = register_protocols(Http2Protocol)

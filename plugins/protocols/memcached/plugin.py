@@ -1,7 +1,6 @@
 """The memcached protocol plugin (text and binary): detector and parser factory."""
 
-from deeptrace_core.hookspecs import hookimpl
-from deeptrace_core.l7 import REQUEST, RESPONSE, ProtocolBase
+from deeptrace_core.l7 import REQUEST, RESPONSE, ProtocolBase, register_protocols
 
 from .parser import MemcachedParser
 
@@ -88,7 +87,5 @@ class MemcachedProtocol(ProtocolBase):
     parser_class = MemcachedParser
 
 
-@hookimpl
-def deeptrace_register_protocols(registry):
-    registry.add_protocol(MemcachedProtocol)
+deeptrace_register_protocols = register_protocols(MemcachedProtocol)
 

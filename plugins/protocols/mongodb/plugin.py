@@ -1,7 +1,6 @@
 """The MongoDB protocol plugin: kernel detector, Python mirror, parser factory."""
 
-from deeptrace_core.hookspecs import hookimpl
-from deeptrace_core.l7 import REQUEST, RESPONSE, ProtocolBase
+from deeptrace_core.l7 import REQUEST, RESPONSE, ProtocolBase, register_protocols
 
 from .parser import MongoDBParser
 
@@ -51,6 +50,4 @@ class MongoDBProtocol(ProtocolBase):
     parser_class = MongoDBParser
 
 
-@hookimpl
-def deeptrace_register_protocols(registry):
-    registry.add_protocol(MongoDBProtocol)
+deeptrace_register_protocols = register_protocols(MongoDBProtocol)

@@ -15,8 +15,9 @@ pairing is first-in-first-out and messages carry no key.
 import re
 from collections import deque
 
-from deeptrace_core.l7 import REQ, RESP, FramedParser, Message, ParseError
-from deeptrace_plugins.protocols.sql import QUERY_MAX, Statements, decode, first_keyword, redact
+from deeptrace_core.l7 import REQ, RESP, Message, ParseError
+from deeptrace_plugins.protocols.sql import (QUERY_MAX, StatementsParser, decode, first_keyword,
+                                             redact)
 
 COMMANDS = {
     0x00: "SLEEP", 0x01: "QUIT", 0x02: "INIT_DB", 0x03: "QUERY", 0x04: "FIELD_LIST",
@@ -83,13 +84,11 @@ class _Reply:
         self.next = None         # prepare-OK: the column count, read after the params
 
 
-class MySQLParser(FramedParser):
+class MySQLParser(StatementsParser):
     protocol = "mysql"
 
     def __init__(self, max_statements: int = 4096):
-        super().__init__()
-        self.max_statements = max_statements
-        self.statements = Statements(max_statements)   # prepared statement id -> text
+        super().__init__(max_statements)   # statements: prepared statement id -> text
         self.pending = deque()            # requests whose reply has not started
         self.reply = None                 # the reply being assembled
         self.db = None                    # current schema (handshake, INIT_DB, USE)

@@ -1,27 +1,11 @@
 """The MySQL / MariaDB protocol plugin: kernel detector, Python mirror, parser factory."""
 
-import attrs
-from attrs import validators as v
-
-from deeptrace_core.hookspecs import hookimpl
-from deeptrace_core.l7 import REQUEST, RESPONSE, ProtocolBase
+from deeptrace_core.l7 import REQUEST, RESPONSE, ProtocolBase, register_protocols
+from deeptrace_plugins.protocols.sql import StatementsConfig, statement_start, text_byte
 
 from .parser import MySQLParser
 
-
-@attrs.define
-class MySQLConfig:
-    """``processors.spans.protocol_config.mysql`` in the YAML config."""
-
-    # Prepared statements remembered per connection (LRU).
-    max_statements: int = attrs.field(default=4096, validator=v.ge(1))
-
-
 SCAN = 20   # MYSQL_SCAN in detect.bpf.c: bytes of text checked
-
-
-def _text(c: int) -> bool:
-    return 0x20 <= c < 0x7f or 9 <= c <= 13
 
 
 def _ident(c: int) -> bool:
@@ -43,7 +27,7 @@ def detect(data: bytes, lport: int, rport: int, l4: str) -> int:
         for i in range(6, min(n, SCAN)):
             if p[i] == 0:
                 break
-            if not _text(p[i]):
+            if not text_byte(p[i]):
                 return 0
         return RESPONSE
     if cmd in (0x03, 0x16):
@@ -52,11 +36,11 @@ def detect(data: bytes, lport: int, rport: int, l4: str) -> int:
         c = p[5]
         if cmd == 0x03 and n >= 8 and c == 0 and p[6] == 1:
             c = p[7]
-        elif n >= 7 and not _text(p[6]):
+        elif n >= 7 and not text_byte(p[6]):
             return 0
-        if not (0x41 <= c <= 0x5a or 0x61 <= c <= 0x7a or c in b"(/- \t\n\r"):
+        if not statement_start(c):
             return 0
-        return REQUEST if all(_text(p[i]) for i in range(7, min(n, SCAN))) else 0
+        return REQUEST if all(text_byte(p[i]) for i in range(7, min(n, SCAN))) else 0
     if cmd == 0x17:
         if size < 10 or n < 14 or p[9] > 0x0f:
             return 0
@@ -76,12 +60,10 @@ def detect(data: bytes, lport: int, rport: int, l4: str) -> int:
 
 class MySQLProtocol(ProtocolBase):
     name = "mysql"
-    config_class = MySQLConfig
+    config_class = StatementsConfig
     detect_c = ("deeptrace_plugins.protocols.mysql", "detect.bpf.c")
     detect = staticmethod(detect)
     parser_class = MySQLParser     # built with max_statements from the config
 
 
-@hookimpl
-def deeptrace_register_protocols(registry):
-    registry.add_protocol(MySQLProtocol)
+deeptrace_register_protocols = register_protocols(MySQLProtocol)

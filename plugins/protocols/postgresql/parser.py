@@ -16,8 +16,9 @@ skipped unread.
 import re
 from collections import deque
 
-from deeptrace_core.l7 import REQ, RESP, FramedParser, Message, ParseError
-from deeptrace_plugins.protocols.sql import QUERY_MAX, Statements, decode, first_keyword, redact
+from deeptrace_core.l7 import REQ, RESP, Message, ParseError
+from deeptrace_plugins.protocols.sql import (QUERY_MAX, StatementsParser, decode, first_keyword,
+                                             redact)
 
 FRONTEND = set(b"QPBDECHSXpFdcf")
 BACKEND = set(b"RSKZTDCEN123nsItAGHWdcVv")
@@ -52,13 +53,11 @@ class _Pending:
         self.execs = 0
 
 
-class PostgreSQLParser(FramedParser):
+class PostgreSQLParser(StatementsParser):
     protocol = "postgresql"
 
     def __init__(self, max_statements: int = 4096):
-        super().__init__()
-        self.max_statements = max_statements
-        self.statements = Statements(max_statements)   # prepared statement name -> text
+        super().__init__(max_statements)   # statements: prepared statement name -> text
         self.portals = {}                 # portal name -> text (unnamed mostly; capped)
         self.group = None                 # the extended-protocol group not yet Synced
         self.pending = deque()            # requests awaiting ReadyForQuery, oldest first

@@ -1,31 +1,11 @@
 """The PostgreSQL protocol plugin: kernel detector, Python mirror, parser factory."""
 
-import attrs
-from attrs import validators as v
-
-from deeptrace_core.hookspecs import hookimpl
-from deeptrace_core.l7 import REQUEST, RESPONSE, ProtocolBase
+from deeptrace_core.l7 import REQUEST, RESPONSE, ProtocolBase, register_protocols
+from deeptrace_plugins.protocols.sql import StatementsConfig, statement_start, text_byte
 
 from .parser import PostgreSQLParser
 
-
-@attrs.define
-class PostgreSQLConfig:
-    """``processors.spans.protocol_config.postgresql`` in the YAML config."""
-
-    # Named prepared statements remembered per connection (LRU).
-    max_statements: int = attrs.field(default=4096, validator=v.ge(1))
-
-
 SCAN = 24   # PG_SCAN in detect.bpf.c: bytes of text checked
-
-
-def _text(c: int) -> bool:
-    return 0x20 <= c < 0x7f or 9 <= c <= 13
-
-
-def _sql_start(c: int) -> bool:
-    return 0x41 <= c <= 0x5a or 0x61 <= c <= 0x7a or c in b"(/- \t\n\r"
 
 
 def detect(data: bytes, lport: int, rport: int, l4: str) -> int:
@@ -49,9 +29,9 @@ def detect(data: bytes, lport: int, rport: int, l4: str) -> int:
     if size < 4 or p[1] != 0:
         return 0
     if t == ord("Q"):
-        if size < 6 or n < 6 or size + 1 < n or not _sql_start(p[5]):
+        if size < 6 or n < 6 or size + 1 < n or not statement_start(p[5]):
             return 0
-        ok = all(_text(p[i]) for i in range(5, min(n, SCAN, size)))
+        ok = all(text_byte(p[i]) for i in range(5, min(n, SCAN, size)))
         return REQUEST if ok else 0
     if t == ord("P"):
         if size < 8 or n < 8:
@@ -61,7 +41,7 @@ def detect(data: bytes, lport: int, rport: int, l4: str) -> int:
             c = p[i]
             if c == 0:
                 state = state or 1
-            elif not _text(c):
+            elif not text_byte(c):
                 return 0
             elif state == 1:
                 state = 2
@@ -88,12 +68,10 @@ def detect(data: bytes, lport: int, rport: int, l4: str) -> int:
 
 class PostgreSQLProtocol(ProtocolBase):
     name = "postgresql"
-    config_class = PostgreSQLConfig
+    config_class = StatementsConfig
     detect_c = ("deeptrace_plugins.protocols.postgresql", "detect.bpf.c")
     detect = staticmethod(detect)
     parser_class = PostgreSQLParser     # built with max_statements from the config
 
 
-@hookimpl
-def deeptrace_register_protocols(registry):
-    registry.add_protocol(PostgreSQLProtocol)
+deeptrace_register_protocols = register_protocols(PostgreSQLProtocol)

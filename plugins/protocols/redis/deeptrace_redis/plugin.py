@@ -1,7 +1,6 @@
 """The Redis protocol plugin (RESP2/RESP3): detector and parser factory."""
 
-from deeptrace_core.hookspecs import hookimpl
-from deeptrace_core.l7 import REQUEST, RESPONSE, ProtocolBase
+from deeptrace_core.l7 import REQUEST, RESPONSE, ProtocolBase, register_protocols
 
 from .parser import RedisParser
 
@@ -84,6 +83,4 @@ class RedisProtocol(ProtocolBase):
     parser_class = RedisParser
 
 
-@hookimpl
-def deeptrace_register_protocols(registry):
-    registry.add_protocol(RedisProtocol)
+deeptrace_register_protocols = register_protocols(RedisProtocol)

@@ -20,9 +20,8 @@ SYSCALLS = {1: "read", 2: "readv", 3: "recvfrom", 4: "recvmsg", 5: "recvmmsg",
             11: "socket", 12: "connect", 13: "accept", 14: "accept4", 15: "close"}
 DIRECTIONS = {0: "none", 1: "ingress", 2: "egress"}
 L4 = {1: "tcp", 2: "udp"}
-F_SEQ, F_PEEK, F_TRUNC, F_IOV_TRUNC, F_ADDR_MSG = 1, 2, 4, 8, 16
+F_SEQ, F_PEEK, F_TRUNC, F_IOV_TRUNC = 1, 2, 4, 8
 ROLES = {0: None, 1: "client", 2: "server"}
-PROTO_NONE = 255
 
 # Counter slots of the `stats` per-CPU array, in C enum order.
 STAT_NAMES = ("events", "ringbuf_full", "inflight_alloc_failed", "conn_map_full",

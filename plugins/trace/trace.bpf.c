@@ -46,7 +46,6 @@ enum { ROLE_UNKNOWN = 0, ROLE_CLIENT = 1, ROLE_SERVER = 2 };
 #define F_PEEK 2         // MSG_PEEK: bytes were not consumed from the stream
 #define F_TRUNC 4        // payload cut at PAYLOAD_MAX
 #define F_IOV_TRUNC 8    // more iovecs than MAX_IOV: payload misses their bytes
-#define F_ADDR_MSG 16    // remote address taken from the call's sockaddr (unconnected UDP)
 
 // Loss/failure counters, by cause; decoder.py mirrors the names.
 enum { ST_EVENTS = 0, ST_RB_FULL, ST_INFLIGHT_FAIL, ST_CONN_FULL, ST_READ_FAIL,
@@ -355,7 +354,6 @@ static __always_inline void addr_from_user(u64 uaddr, struct event_t *e) {
     } else {
         __builtin_memcpy(e->raddr, sa + 8, 16);
     }
-    e->flags |= F_ADDR_MSG;
 }
 
 // A new connection entry for (tgid, fd); NULL only when the map is full.

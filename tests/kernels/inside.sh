@@ -21,7 +21,10 @@ mount -t cgroup2 none /sys/fs/cgroup
 ip link set lo up
 hostname "guest-$(uname -r)"
 ver=$(uname -r)
-ln -sfn "$kroot/lib/modules/$ver" "/lib/modules/$ver"
+# A bind, not a link: the host may have a /lib/modules/$ver of its own (the headers
+# package makes one for build/), which a link would land inside.
+mkdir -p "/lib/modules/$ver"
+mount --bind "$kroot/lib/modules/$ver" "/lib/modules/$ver"
 # the ext4 disk run.py attached: a real block device under /var/tmp for the disk probe
 modprobe -a virtio_blk ext4
 for _ in $(seq 50); do [ -b /dev/vda ] && break; sleep 0.1; done   # probed asynchronously

@@ -211,10 +211,14 @@ print(json.dumps({"port": port, "refused": refused, "local": c.getsockname()[1]}
                  network_io_direction="receive") == 1
     assert value(after, "deeptrace.tcp.resets", process_pid=child.pid,
                  network_io_direction="transmit") == 0
-    # The RST came from no socket (nothing listens): the kernel's reply counts as "unknown".
+    # The RST came from no socket (nothing listens): the kernel's reply counts as "unknown",
+    # on kernels whose tracepoint fires for it (Linux >= 6.10; the kernel job runs 6.1).
     sent = [value(p, "deeptrace.tcp.resets", process_pid="unknown",
                   network_io_direction="transmit") for p in (before, after)]
-    assert sent[1] - sent[0] >= 1
+    kernel = tuple(map(int, re.match(r"(\d+)\.(\d+)", os.uname().release).groups()))
+    assert net.probe.socketless_resets == (kernel >= (6, 10))
+    if net.probe.socketless_resets:
+        assert sent[1] - sent[0] >= 1
     assert net.probe.stats()["reset_without_socket"] >= 1
 
 

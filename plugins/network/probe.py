@@ -31,7 +31,7 @@ kprobes on inet(6)_sendmsg/recvmsg where the kernel has kprobes). ``deeptrace.tc
 (tcp_sock.bytes_received / bytes_acked at CLOSE). A connection's process is the one that
 called connect(), else the first to send or receive on it, else the one that closed it;
 connections with none of these (and resets sent without a socket, e.g. to a SYN on a
-closed port) count for process.pid "unknown". The agent's own connections and bytes are
+closed port, traced from Linux 6.10) count for process.pid "unknown". The agent's own connections and bytes are
 never counted.
 """
 
@@ -104,6 +104,11 @@ class NetworkProbe(BpfMetricProbe):
     def __init__(self, config: NetworkConfig, context=None):
         super().__init__(config, context)
         self.self_pid = os.getpid()
+        # Whether resets the kernel sends without a socket (a SYN to a closed port) are
+        # seen: tcp:tcp_send_reset fires for them from Linux 6.10, which added its `reason`
+        # field (NO_SOCKET among the reasons) in the same release; before, only resets of
+        # a socket are counted.
+        self.socketless_resets = bpf.tracepoint_has_field("tcp", "tcp_send_reset", "reason")
         # How bytes per process are counted on this kernel: "tracepoints", "kprobes" or
         # "unavailable" (then process.network.io is not reported; said once at attach).
         if bpf.tracepoint_exists("sock", "sock_send_length"):

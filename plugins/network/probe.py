@@ -31,8 +31,8 @@ kprobes on inet(6)_sendmsg/recvmsg where the kernel has kprobes). ``deeptrace.tc
 (tcp_sock.bytes_received / bytes_acked at CLOSE). A connection's process is the one that
 called connect(), else the first to send or receive on it, else the one that closed it;
 connections with none of these (and resets sent without a socket, e.g. to a SYN on a
-closed port, traced from Linux 6.10) count for process.pid "unknown". The agent's own connections and bytes are
-never counted.
+closed port, traced from Linux 6.10) count for process.pid "unknown". The agent's own
+connections and bytes are never counted.
 """
 
 import logging

@@ -219,7 +219,7 @@ print(json.dumps({"port": port, "refused": refused, "local": c.getsockname()[1]}
     assert net.probe.socketless_resets == (kernel >= (6, 10))
     if net.probe.socketless_resets:
         assert sent[1] - sent[0] >= 1
-    assert net.probe.stats()["reset_without_socket"] >= 1
+        assert net.probe.stats()["reset_without_socket"] >= 1
 
 
 def test_udp_bytes_per_process(net):

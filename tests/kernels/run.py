@@ -216,6 +216,11 @@ mkdir -p /upper/u /upper/w
 mount -t overlay overlay -o lowerdir=/lower,upperdir=/upper/u,workdir=/upper/w /newroot
 mkdir -p /newroot/dt-results
 @RESULTS_MOUNT@ results /newroot/dt-results
+# The kernel runs modprobe (veth, nftables, ... on first use) as a child of this root,
+# not of the chroot: hand those requests to the chroot's modprobe.
+printf '#!/bin/busybox sh\nexec /bin/busybox chroot /newroot /sbin/modprobe "$@"\n' > /bin/modprobe-newroot
+chmod +x /bin/modprobe-newroot
+echo /bin/modprobe-newroot > /proc/sys/kernel/modprobe
 chroot /newroot /bin/bash @REPO@/tests/kernels/inside.sh @REPO@ @KROOT@ @SUITE@
 sync
 poweroff -f

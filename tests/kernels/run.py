@@ -6,11 +6,12 @@ Each kernel in tests/kernels/kernels.txt (or --kernel, or $DEEPTRACE_KERNELS, co
 separated; "none" runs nothing) is downloaded as Debian packages (image, headers) with
 `apt-get download`, extracted under /var/cache/deeptrace/kernels (nothing is installed on
 the host) and booted with qemu's software emulation (KVM hangs on these machines). The
-guest sees this machine's / read-only over 9p under a tmpfs overlay, so it runs this very
-checkout, its .venv and the Debian servers the tests start; inside it mounts tracefs,
-debugfs and bpffs, links the kernel's headers for BCC, runs `deeptrace doctor` and the
+guest sees this machine's / read-only (9p, or virtiofs where the kernel has no 9p) under a
+tmpfs overlay, so it runs this very checkout, its .venv and the Debian servers the tests
+start, and gets an ext4 disk on virtio-blk for the disk probe; inside it mounts tracefs,
+debugfs and bpffs, binds the kernel's modules and headers, runs `deeptrace doctor` and the
 suite's chosen tests (CI=true: BPF that cannot load is a failure), and powers off. A
-second 9p share, writable, brings back doctor's report, the pytest log and JUnit XML
+second share, writable, brings back doctor's report, the pytest log and JUnit XML
 (build/kernels/<version>/). Exit status: 0 only if every kernel passed.
 """
 
@@ -30,11 +31,13 @@ CACHE = os.environ.get("DEEPTRACE_KERNEL_CACHE", "/var/cache/deeptrace/kernels")
 BUSYBOX = "/bin/busybox"   # Debian's busybox-static: a static binary, so it runs in /init
 
 # What runs inside each kernel. Every item is the real test, unchanged: the kernel job
-# only chooses. smoke: doctor, the agent from the command line end to end (SIGTERM
-# detaches), and the trace probe with every protocol detector over two real requests.
+# only chooses. smoke: doctor and the kernel feature probes, the agent from the command
+# line end to end (SIGTERM detaches), and the trace probe with every protocol detector
+# over real requests.
 SUITES = {
     "smoke": [
         "tests/test_cli.py::test_doctor_and_render",
+        "tests/test_features.py",
         "tests/test_cli.py::test_example_config_end_to_end_and_sigterm_detaches",
         "tests/test_l7_e2e.py::test_http1_python_server_keepalive_post_and_big_body",
     ],
@@ -76,7 +79,7 @@ TRANSPORTS = {   # modules, mount of the (read-only) root, mount of the results
                  "mount -t virtiofs"),
 }
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"   # from qemu-system-common
-DISK_MB = 512   # an ext4 disk on virtio-blk at /var/tmp: the disk probe needs a real one
+DISK_MB = 512   # the ext4 disk (inside.sh mounts it): the disk probe needs a real one
 
 
 def log(msg):

@@ -22,6 +22,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import xml.etree.ElementTree as ET
 
@@ -296,10 +297,11 @@ def boot(spec, suite, timeout):
                  "-numa", "node,memdev=mem"]
         for tag, source in (("hostroot", "/"), ("results", out)):
             sock = os.path.join(out, f"{tag}.sock")
-            daemons.append(subprocess.Popen(
-                [VIRTIOFSD, f"--socket-path={sock}", "-o", f"source={source}",
-                 "-o", "cache=always", "-o", "sandbox=chroot"],
-                stdout=subprocess.DEVNULL, stderr=open(os.path.join(out, f"{tag}.vfsd.log"), "w")))
+            with open(os.path.join(out, f"{tag}.vfsd.log"), "w") as vlog:
+                daemons.append(subprocess.Popen(
+                    [VIRTIOFSD, f"--socket-path={sock}", "-o", f"source={source}",
+                     "-o", "cache=always", "-o", "sandbox=chroot"],
+                    stdout=subprocess.DEVNULL, stderr=vlog))
             deadline = time.monotonic() + 10
             while not os.path.exists(sock) and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -311,16 +313,18 @@ def boot(spec, suite, timeout):
         with open(os.path.join(out, "console.log"), "w") as console:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True, errors="replace")
+            # A guest that hangs prints nothing: the watchdog kills qemu, which ends the
+            # read below.
+            watchdog = threading.Timer(timeout, proc.kill)
+            watchdog.start()
             try:
                 for line in proc.stdout:
                     console.write(line)
                     print(f"[{version}] {line.rstrip()}", flush=True)
-                    if time.monotonic() - start > timeout:
-                        raise TimeoutError
-                proc.wait(30)
-            except (TimeoutError, subprocess.TimeoutExpired):
-                proc.kill()
                 proc.wait()
+            finally:
+                watchdog.cancel()
+            if time.monotonic() - start >= timeout:
                 return False, junit_counts("")[0], (f"{version}: timed out after {timeout} s "
                                                      f"(console: {out}/console.log)")
     finally:

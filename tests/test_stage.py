@@ -309,3 +309,39 @@ def test_threads_serving_overlapping_requests_are_marked_concurrent():
     marks = [(s.operation, s.tid, s.attributes.get("deeptrace.thread_concurrent")) for s in spans]
     assert marks == [("one", 5, True), ("two", 5, True), ("three", 6, None)]
     assert not st.open_server
+
+
+def test_retransmitted_and_dropped_requests_give_back_their_thread():
+    """A retransmitted request (same key) replaces the one it repeats, and a request
+    dropped past max_pending leaves: neither may leave the thread counted as serving, or
+    every later span on it would be marked concurrent (and lose thread linking)."""
+    st = stage(max_pending=2)
+    spans = st.process([
+        rec(b"ASK a x\n", "ingress", conn=1, t=0, tid=5),
+        rec(b"ASK a x\n", "ingress", conn=1, t=10, tid=5),    # retransmitted
+        rec(b"ANS a ok\n", "egress", conn=1, t=20, tid=5),
+        rec(b"ASK b y\nASK c z\nASK d w\n", "ingress", conn=2, t=30, tid=6),  # b dropped
+        rec(b"ANS c ok\nANS d ok\n", "egress", conn=2, t=40, tid=6),
+        rec(b"ASK e v\n", "ingress", conn=3, t=50, tid=5),
+        rec(b"ANS e ok\n", "egress", conn=3, t=60, tid=5)])
+    assert [(s.operation, s.attributes.get("deeptrace.thread_concurrent")) for s in spans] \
+        == [("x", None), ("z", True), ("w", True), ("v", None)]
+    assert not st.open_server
+    assert st.stats()["toy.requests_replaced"] == 1 and st.stats()["toy.pending_dropped"] == 1
+
+
+def test_a_wall_clock_step_does_not_time_requests_out(monkeypatch):
+    """Records carry CLOCK_MONOTONIC plus an offset fixed at start (deeptrace_core.clock);
+    an NTP step of the wall clock (+120 s here) must not make a request that just arrived
+    look 2 minutes old."""
+    st = stage(request_timeout=60)
+    now = time.time_ns()
+    monkeypatch.setattr(time, "time_ns", lambda: now + 120 * 10**9)
+    spans = st.process([rec(b"ASK - waiting\n", conn=1)])
+    st._next_expiry = 0.0
+    spans += st.process([])
+    assert spans == [] and len(st.conns[(100, 1)].fifo) == 1
+    # ... while a request really older than request_timeout still times out
+    st = stage(request_timeout=60)
+    spans = st.process([rec(b"ASK - old\n", conn=1, t=-61 * 10**9)])
+    assert [s.attributes.get("deeptrace.no_response") for s in spans] == ["timeout"]

@@ -152,3 +152,28 @@ def test_statistical_parent_may_already_be_released():
         time.sleep(0.02)
         out += linker.process([])
     assert c.parent_span_id == s.span_id and c.trace_id == "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+def test_learned_tables_stay_bounded_with_an_operation_per_request():
+    """REST paths with ids make a new operation per request. Thread-linked requests
+    teach the statistical fallback; scoring them must add nothing, and what is learned
+    stays within max_learned, the least recently learned going first (counted)."""
+    global BASE
+    BASE = time.time_ns() - 200 * MS
+    linker = TraceLinker(TracesConfig(max_learned=100))
+    A, B = ("10.0.0.1", 8001), ("10.0.0.2", 8002)
+    for i in range(2000):
+        srv = span("server", 1, 11, 1, 100, A, ("10.0.0.9", 5555), op=f"GET /users/{i}")
+        cli = span("client", 1, 11, 10, 60, ("10.0.0.1", 40001), B, op=f"GET /orders/{i}")
+        linker._score(linker_held(srv), linker_held(cli))   # scoring learns nothing
+        linker._learn(srv, cli)
+    assert len(linker.learned_pairs) == 100 and len(linker.learned_ops) == 100
+    assert linker.stats()["learned_evicted"] == 2 * (2000 - 100)
+    # the newest are kept: a pair learned last scores as learned
+    assert ("GET /users/1999", "GET /orders/1999") in linker.learned_pairs
+    assert ("GET /users/0", "GET /orders/0") not in linker.learned_pairs
+
+
+def linker_held(s):
+    from deeptrace_plugins.processors.traces import _Held
+    return _Held(s, time.monotonic())

@@ -44,6 +44,10 @@ class TracesConfig:
     max_spans: int = attrs.field(default=200_000, validator=v.ge(1))
     statistical: bool = True
     min_confidence: float = attrs.field(default=0.0, validator=[v.ge(0), v.le(1)])
+    # Operation pairs (and server operations) the statistical fallback remembers; the
+    # least recently learned go first (counted as learned_evicted). Paths with ids in
+    # them make a new operation per request: the tables must not grow with traffic.
+    max_learned: int = attrs.field(default=10_000, validator=v.ge(1))
 
 
 def _addr(a: str) -> str:
@@ -96,6 +100,9 @@ def _request_text(span) -> str:
         or span.operation
 
 
+_UNLEARNED = (0, 0.0, 0.0)
+
+
 class _Held:
     __slots__ = ("span", "arrived", "decided", "children", "grams")
 
@@ -119,9 +126,10 @@ class TraceLinker:
         self.waiting_server: dict = {}             # (client tuple, seq) -> server span_id
         self.servers_by_pid = defaultdict(list)    # pid -> held/recent server spans
         self.clients_by_thread = defaultdict(list)  # (pid, tid) -> undecided client span_ids
-        self.pair_count = defaultdict(int)         # (server op, client op) confident links
-        self.op_count = defaultdict(int)
-        self.gap_stats = defaultdict(lambda: [0, 0.0, 0.0])  # n, mean, M2 of log-gap
+        # What confident links taught, least recently learned first (bounded, LRU):
+        # (server op, client op) -> [links, mean, M2 of log-gap]; server op -> links.
+        self.learned_pairs: OrderedDict = OrderedDict()
+        self.learned_ops: OrderedDict = OrderedDict()
         self.counts = defaultdict(int)
         self._next_expiry = 0.0
         self.recent_servers: OrderedDict = OrderedDict()  # released server spans, bounded
@@ -338,8 +346,8 @@ class TraceLinker:
         union = len(server_h.grams | client_h.grams) or 1
         similarity = inter / union
         pair = (s.operation, c.operation)
-        cooc = (self.pair_count[pair] + 1) / (self.op_count[s.operation] + 2)
-        n, mean, m2 = self.gap_stats[pair]
+        n, mean, m2 = self.learned_pairs.get(pair, _UNLEARNED)   # reading adds no key
+        cooc = (n + 1) / (self.learned_ops.get(s.operation, 0) + 2)
         gap = math.log1p(max(0, c.start_ns - s.start_ns) / 1000)
         if n >= 5:
             std = math.sqrt(m2 / (n - 1)) or 0.5
@@ -351,14 +359,25 @@ class TraceLinker:
     def _learn(self, s, c):
         """Confident (thread) links teach the fallback what normal looks like."""
         pair = (s.operation, c.operation)
-        self.pair_count[pair] += 1
-        self.op_count[s.operation] += 1
+        st = self._touch(self.learned_pairs, pair, [0, 0.0, 0.0])
         gap = math.log1p(max(0, c.start_ns - s.start_ns) / 1000)
-        st = self.gap_stats[pair]
         st[0] += 1
         delta = gap - st[1]
         st[1] += delta / st[0]
         st[2] += delta * (gap - st[1])
+        self.learned_ops[s.operation] = self._touch(self.learned_ops, s.operation, 0) + 1
+
+    def _touch(self, table: OrderedDict, key, new):
+        """table[key] made most recent (created as `new`); the oldest entry goes when the
+        table is full."""
+        value = table.pop(key, None)
+        if value is None:
+            value = new
+            if len(table) >= self.config.max_learned:
+                table.popitem(last=False)
+                self.counts["learned_evicted"] += 1
+        table[key] = value
+        return value
 
     def flush(self):
         out = []

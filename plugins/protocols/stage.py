@@ -15,6 +15,7 @@ from collections.abc import Mapping
 import attrs
 from attrs import validators as v
 
+from deeptrace_core import clock
 from deeptrace_core.hookspecs import hookimpl
 from deeptrace_core.l7 import REQ, REQUEST, RESP, check_protocols
 from deeptrace_core.span import Span
@@ -124,7 +125,7 @@ class SpanStage:
                 self._record(rec, spans)
         now = time.monotonic()
         if now >= self._next_expiry:
-            self._expire(time.time_ns(), spans)
+            self._expire(clock.wall_ns(), spans)   # the records' clock, not time.time_ns()
             self._next_expiry = now + 1.0
         return spans
 
@@ -200,6 +201,13 @@ class SpanStage:
             if not msg.expects_response:
                 spans.append(self._span(conn, msg, None, rec))
                 return
+            if msg.key is not None:
+                # A retransmission (or a reused id) replaces the request it repeats, first:
+                # it is not a second request open on the thread.
+                replaced = conn.keyed.pop(msg.key, None)
+                if replaced is not None:
+                    counts["requests_replaced"] += 1
+                    self._closed(rec.pid, replaced)
             if conn.role == "server":
                 thread = (rec.pid, conn.req_tid or rec.tid)
                 if self.open_server[thread] > 0:
@@ -214,10 +222,9 @@ class SpanStage:
                 conn.fifo.append(msg)
             if len(conn.fifo) + len(conn.keyed) > self.config.max_pending:
                 counts["pending_dropped"] += 1
-                if conn.fifo:
-                    conn.fifo.popleft()
-                else:
+                dropped = conn.fifo.popleft() if conn.fifo else \
                     conn.keyed.pop(next(iter(conn.keyed)))
+                self._closed(rec.pid, dropped)
             return
         if msg.key is not None:
             req = conn.keyed.pop(msg.key, None)
@@ -228,15 +235,24 @@ class SpanStage:
             return
         spans.append(self._span(conn, req, msg, rec))
 
-    def _span(self, conn, req, resp, rec, missing=None):
-        pid, role = rec.pid, conn.role
-        tid = conn.req_tid or rec.tid
-        if role == "server" and "deeptrace.server_thread" in req.attributes:
-            tid = req.attributes.pop("deeptrace.server_thread")
+    def _closed(self, pid, req):
+        """The thread a server request was read on, its open count taken back (None for
+        a client request). Every way a request leaves passes here once: answered, timed
+        out, replaced by a retransmission, dropped past max_pending; a count left behind
+        would mark every later request on that thread concurrent."""
+        tid = req.attributes.pop("deeptrace.server_thread", None)
+        if tid is not None:
             thread = (pid, tid)
             self.open_server[thread] -= 1
             if self.open_server[thread] <= 0:
                 del self.open_server[thread]
+        return tid
+
+    def _span(self, conn, req, resp, rec, missing=None):
+        pid, role = rec.pid, conn.role
+        tid = conn.req_tid or rec.tid
+        if role == "server":
+            tid = self._closed(pid, req) or tid
         if resp is not None:
             protocol = resp.protocol or req.protocol or conn.name
             status, end, operation = resp.status, resp.ts_end, req.operation or resp.operation

@@ -9,6 +9,8 @@ import time
 
 import attrs
 
+from deeptrace_core import clock
+
 from deeptrace_core.addresses import FAMILIES, address, endpoint
 
 # struct event_t header (before payload): see trace.bpf.c.
@@ -29,8 +31,8 @@ STAT_NAMES = ("events", "ringbuf_full", "inflight_alloc_failed", "conn_map_full"
 LOSS_STATS = ("ringbuf_full", "inflight_alloc_failed", "conn_map_full", "read_failed",
               "mmsg_truncated", "prog_recursion_misses")
 
-# bpf_ktime_get_ns() is CLOCK_MONOTONIC; records carry wall-clock ns.
-_MONO_TO_WALL = time.time_ns() - time.monotonic_ns()
+# bpf_ktime_get_ns() is CLOCK_MONOTONIC; records carry wall-clock ns (deeptrace_core.clock).
+_MONO_TO_WALL = clock.MONO_TO_WALL
 
 
 @attrs.define(slots=True)

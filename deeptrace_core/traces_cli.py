@@ -27,6 +27,8 @@ import sys
 import time
 from collections import defaultdict
 
+from deeptrace_core.escape import printable
+
 DEFAULT_DB = "/var/lib/deeptrace/traces.db"
 BAR_WIDTH = 40
 MAX_OPERATION = 60  # characters of an operation shown (SQL texts can be long)
@@ -207,7 +209,7 @@ def _service_colour(service):
 
 
 def _short(text, n=MAX_OPERATION):
-    text = " ".join(str(text).split())  # one line, whatever the query looked like
+    text = printable(" ".join(str(text).split()))  # one line, whatever the query looked like
     return text if len(text) <= n else text[:n - 3] + "..."
 
 
@@ -219,8 +221,8 @@ def render_list(traces, *, color=False) -> str:
     for t in traces:
         root = t["root"] or {}
         err = _paint("ERROR", RED, color) if t["errors"] else "     "
-        what = f"{root.get('service', '?')} {_short(root.get('operation') or '')}".rstrip()
-        lines.append(f"{fmt_time(t['start_ns']):<23}  {t['trace_id']:<32}  {t['spans']:>5}  "
+        what = f"{printable(root.get('service', '?'))} {_short(root.get('operation') or '')}".rstrip()
+        lines.append(f"{fmt_time(t['start_ns']):<23}  {printable(t['trace_id']):<32}  {t['spans']:>5}  "
                      f"{fmt_duration(t['duration_ns']):>10}  {err}  {what}")
     return "\n".join(lines) + "\n"
 
@@ -275,18 +277,21 @@ def render_trace(spans, *, color=False, width=BAR_WIDTH, chars=ASCII) -> str:
     t0 = min(s["start_ns"] for s in spans)
     t1 = max(s["end_ns"] for s in spans)
     n_err = sum(1 for s in spans if s["error"])
-    header = (f"trace {spans[0]['trace_id']}  {fmt_time(t0)}  {len(spans)} span"
+    header = (f"trace {printable(spans[0]['trace_id'])}  {fmt_time(t0)}  {len(spans)} span"
               f"{'s' if len(spans) != 1 else ''}  {fmt_duration(t1 - t0)}")
     if n_err:
         header += "  " + _paint(f"{n_err} error{'s' if n_err != 1 else ''}", RED, color)
     rows = []
     for prefix, s, orphan in tree_order(spans):
         tree = "".join(chars[token] for token in prefix)
-        status = "" if s["status"] is None else str(s["status"])
+        # Every stored text may come from traffic: printable() keeps it on one line and
+        # free of terminal escapes.
+        status = "" if s["status"] is None else printable(s["status"])
         text = " ".join(x for x in (
-            f"{(s['role'] or '?'):<6}", f"{s['service']}[{s['pid']}]", s["protocol"] or "?",
-            _short(s["operation"] or ""), status, "ERROR" if s["error"] else "",
-            f"(parent {s['parent_span_id']} not stored)" if orphan else "") if x)
+            f"{printable(s['role'] or '?'):<6}", f"{printable(s['service'])}[{s['pid']}]",
+            printable(s["protocol"] or "?"), _short(s["operation"] or ""), status,
+            "ERROR" if s["error"] else "",
+            f"(parent {printable(s['parent_span_id'])} not stored)" if orphan else "") if x)
         rows.append((tree, text, s))
     left = max(len(tree) + len(text) for tree, text, _ in rows)
     dur_w = max(len(fmt_duration(s["end_ns"] - s["start_ns"])) for s in spans)
@@ -300,7 +305,7 @@ def render_trace(spans, *, color=False, width=BAR_WIDTH, chars=ASCII) -> str:
         if color:
             text = text.replace("ERROR", _paint("ERROR", RED, True))
             if s["error"] and s["status"] is not None:
-                text = text.replace(f" {s['status']} ", f" {_paint(s['status'], RED, True)} ", 1)
+                text = text.replace(f" {status} ", f" {_paint(status, RED, True)} ", 1)
         b = bar(s["start_ns"], s["end_ns"], t0, t1, width, chars)
         if color:
             b = _paint(b, RED if s["error"] else _service_colour(s["service"]), True)

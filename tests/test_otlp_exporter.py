@@ -673,3 +673,48 @@ def test_default_endpoints():
         for e in (grpc_exp, http_exp):
             e.config.shutdown_timeout = 0
             e.shutdown()
+
+
+def test_http_redirect_is_an_error_never_followed():
+    """Issue 13: a 302 must not turn the export into a body-less GET that carries the
+    Authorization header to the new location, counted as sent."""
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self):
+            seen.append((self.command, self.path, self.headers.get("Authorization")))
+            n = int(self.headers.get("Content-Length") or 0)
+            if n:
+                self.rfile.read(n)
+            if self.path.startswith("/v1/"):
+                self.send_response(302)
+                self.send_header("Location", f"http://127.0.0.1:{self.server.server_port}/stolen")
+            else:
+                self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        exp = OtlpExporter(OtlpConfig(protocol="http/protobuf", insecure=True,
+                                      endpoint=f"127.0.0.1:{server.server_port}",
+                                      headers={"Authorization": "Bearer s3cret"},
+                                      max_retries=2, retry_initial_backoff=0.05,
+                                      red_metrics=False))
+        exp.export([make_span(i) for i in range(3)])
+        assert exp.flush(10)
+        st = exp.stats()
+        exp.shutdown()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [path for _, path, _ in seen] == ["/v1/traces"]   # one POST, no retry, no GET
+    assert seen[0][0] == "POST"
+    assert (st["sent_spans"], st["failed_spans"], st["requests_failed"], st["retries"]) == \
+        (0, 3, 1, 0)

@@ -546,3 +546,14 @@ def test_whole_message_fast_path_matches_general_path_on_generated_heads(data):
 def test_fast_path_leaves_leading_empty_lines_to_the_general_path(first_req, first_resp):
     _fast_and_general_agree([first_req, first_resp, b"GET / HTTP/1.1\r\n\r\n",
                              b"HTTP/1.1 200\r\nContent-Length: 0\r\n\r\n"])
+
+
+def test_host_port_of_thousands_of_digits_is_ignored():
+    """A Host port too long for int() (issue 13): the message is parsed, no exception,
+    and no server.port; both paths (whole message and split)."""
+    req = b"GET / HTTP/1.1\r\nHost: h:" + b"9" * 4300 + b"\r\n\r\n"
+    for items in ([(REQ, req)], [(REQ, req[:10]), (REQ, req[10:])]):
+        (m,) = kit.feed(h1.Http1Parser(), items)
+        assert m.attributes["server.address"] == "h" and "server.port" not in m.attributes
+    (m,) = kit.feed(h1.Http1Parser(), [(REQ, b"GET / HTTP/1.1\r\nHost: h:99999\r\n\r\n")])
+    assert "server.port" not in m.attributes

@@ -285,6 +285,34 @@ def test_pending_table_is_bounded():
     assert len(p._pending) <= 4096
 
 
+def test_binary_response_matching_does_not_scan_pending():
+    """A response is matched by opaque in O(1) (issue 13): orphan responses cost the same
+    with 4,096 requests pending as with none (was a scan of all of them per response)."""
+    def orphan(i):
+        return struct.pack(">BBHBBHIIQ", 0x81, 0, 0, 0, 0, 1, 0, 10 ** 6 + i, 0)
+    resps = b"".join(orphan(i) for i in range(3000))
+
+    def timed(pending):
+        best = float("inf")
+        for _ in range(3):
+            p = MemcachedParser()
+            if pending:
+                data = b"".join(breq(0, b"k", opaque=i) for i in range(pending))
+                p.feed(REQ, data, len(data), 0, 1)
+            t = time.perf_counter()
+            msgs = p.feed(RESP, resps, len(resps), 2, 3)
+            best = min(best, time.perf_counter() - t)
+            assert len(msgs) == 3000 and all(m.key[0] == "orphan" for m in msgs)
+        return best
+    assert timed(4096) < 4 * timed(0) + 0.02
+    # Matching still pairs the oldest request with the opaque, the rest stay pending.
+    p = MemcachedParser()
+    p.feed(REQ, breq(0, b"a", opaque=5) + breq(0, b"b", opaque=6) + breq(0, b"c", opaque=5),
+           72, 0, 1)
+    (r,) = p.feed(RESP, struct.pack(">BBHBBHIIQ", 0x81, 0, 0, 0, 0, 1, 0, 5, 0), 24, 2, 3)
+    assert r.key == 1 and list(p._pending) == [2, 3] and list(p._by_opaque[5]) == [3]
+
+
 # -- detector ---------------------------------------------------------------------------
 def bresp(opcode, status=0, key=b"", extras=b"", value=b""):
     body = extras + key + value

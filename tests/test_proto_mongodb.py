@@ -536,3 +536,15 @@ def test_protocol_class():
 def test_detect_kernel_matches_python_on_what_pymongo_sent(capture):
     kit.assert_kernel_matches(kit.kernel_detector(MongoDBProtocol), detect,
                               [(m, 1, 2, "tcp") for log in capture for _, m in log[:4]])
+
+
+def test_nested_op_compressed_is_a_parse_error_not_a_crash():
+    """OP_COMPRESSED wrapping OP_COMPRESSED (issue 13): no exception, counted, and the
+    message still pairs by its request id."""
+    inner_body = struct.pack("<iiB", 2013, 5, 0) + b"\0" * 5
+    nested = struct.pack("<iiB", 2012, len(inner_body), 0) + inner_body
+    req = struct.pack("<iiii", 16 + len(nested), 50, 0, 2012) + nested
+    p = MongoDBParser()
+    msgs = feed_all(p, [(REQ, req), (REQ, op_msg({"ping": 1, "$db": "d"}, rid=51))])
+    assert [(m.key, m.operation) for m in msgs] == [(50, "OP_COMPRESSED"), (51, "ping")]
+    assert p.errors == 1

@@ -14,6 +14,7 @@ import time
 
 import attrs
 
+from deeptrace_core.escape import printable
 from deeptrace_core.hookspecs import hookimpl
 from deeptrace_core.metrics import HISTOGRAM, log2_histogram_text
 
@@ -40,8 +41,8 @@ def _cell(v) -> str:
     if isinstance(v, float):
         return f"{v:g}"
     if isinstance(v, (list, tuple)):
-        return ",".join(map(str, v))
-    return str(v)
+        return printable(",".join(map(str, v)))
+    return printable(v)  # attribute values may come from payloads (a path, a key)
 
 
 def _sort_key(p):
@@ -64,13 +65,13 @@ def format_summary(points, max_rows: int = 20, when: float | None = None, droppe
     for name in sorted(by_name):
         group = sorted(by_name[name], key=_sort_key)
         first = group[0]
-        unit = f", {first.unit}" if first.unit else ""
-        lines.append(f"{name} [{first.type}{unit}]")
+        unit = f", {printable(first.unit)}" if first.unit else ""
+        lines.append(f"{printable(name)} [{first.type}{unit}]")
         shown, rest = group[:max_rows], len(group) - max_rows
         if first.type == HISTOGRAM:
             for p in shown:
                 mean = p.sum / p.count if p.count else 0
-                label = " ".join(f"{k}={_cell(v)}" for k, v in sorted(p.attributes.items()))
+                label = " ".join(f"{_cell(k)}={_cell(v)}" for k, v in sorted(p.attributes.items()))
                 lines.append(f"  {label + '  ' if label else ''}count={p.count} sum={p.sum:g} "
                              f"mean={mean:g}")
                 lines.append(log2_histogram_text(p.bounds, p.counts, p.unit).rstrip("\n"))
@@ -78,7 +79,7 @@ def format_summary(points, max_rows: int = 20, when: float | None = None, droppe
             keys = sorted({k for p in shown for k in p.attributes})
             rows = [[_cell(p.attributes.get(k, "")) for k in keys] + [_value(p.value)]
                     for p in shown]
-            header = keys + ["value"]
+            header = [_cell(k) for k in keys] + ["value"]
             widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(header))]
             fmt = "  " + "  ".join(f"{{:<{w}}}" for w in widths[:-1])
             fmt += ("  " if keys else "") + f"{{:>{widths[-1]}}}"
@@ -116,7 +117,7 @@ class ConsoleExporter:
                 else:
                     self._dropped += 1
             else:
-                parts.append(r.line() + "\n")
+                parts.append(printable(r.line()) + "\n")  # one line, no terminal escapes
         now = self._clock()
         if pending and now - self._last_summary >= self.config.summary_interval:
             parts.append(self._take_summary())

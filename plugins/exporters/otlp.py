@@ -72,6 +72,7 @@ from typing import Literal
 
 import attrs
 
+from deeptrace_core.escape import printable
 from deeptrace_core.hookspecs import hookimpl
 from deeptrace_core.metrics import GAUGE, HISTOGRAM, SUM
 
@@ -239,6 +240,14 @@ class GrpcTransport:
         self.channel.close()
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Never follow a redirect: urllib would resend as a body-less GET, with our headers
+    (Authorization) to wherever Location points. The 3xx reaches send() as an HTTPError."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
 class HttpTransport:
     def __init__(self, config: OtlpConfig):
         ts, ms = _pb()[:2]
@@ -254,7 +263,7 @@ class HttpTransport:
         self.gzip = config.compression == "gzip"
         if self.gzip:
             self.headers["Content-Encoding"] = "gzip"
-        self.opener = urllib.request.build_opener()
+        self.opener = urllib.request.build_opener(_NoRedirect)
 
     def send(self, signal, request, timeout):
         body = request.SerializeToString()
@@ -277,7 +286,10 @@ class HttpTransport:
                 e.close()
             except Exception:
                 pass
-            raise SendError(f"HTTP {e.code} {e.reason}", e.code in RETRYABLE_HTTP,
+            if 300 <= e.code < 400:  # a failure like any other, not retried
+                raise SendError(f"HTTP {e.code} {printable(e.reason)} (redirects are not "
+                                "followed; set the endpoint to the final URL)", False) from None
+            raise SendError(f"HTTP {e.code} {printable(e.reason)}", e.code in RETRYABLE_HTTP,
                             retry_after) from None
         except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
             forget(e)
@@ -742,7 +754,8 @@ class OtlpExporter:
             return 0
         n = ps.rejected_spans if signal == "traces" else ps.rejected_data_points
         if n or ps.error_message:
-            log.warning("otlp receiver rejected %d %s: %s", n, signal, ps.error_message)
+            log.warning("otlp receiver rejected %d %s: %s", n, signal,
+                        printable(ps.error_message))
         return n
 
     def _send_red(self):
@@ -837,7 +850,7 @@ class OtlpExporter:
         self._errors_logged += 1
         n = self._errors_logged
         if n & (n - 1) == 0:  # the 1st, 2nd, 4th, 8th ... error
-            log.error("%s failed (%d errors so far): %s", what, n, exc)
+            log.error("%s failed (%d errors so far): %s", what, n, printable(exc))
 
 
 @hookimpl

@@ -47,7 +47,8 @@ def server_attributes(authority: str) -> dict:
     elif authority.count(":") == 1:
         host, port = authority.split(":")
     out = {"server.address": host}
-    if port and port.isdigit():
+    # A port is at most 5 digits: int() of thousands of digits raises (and costs).
+    if port and len(port) <= 5 and port.isascii() and port.isdigit() and int(port) <= 65535:
         out["server.port"] = int(port)
     return out
 

@@ -15,7 +15,7 @@ found; setq: stored), so every request still gets exactly one response.
 """
 
 import struct
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 from deeptrace_core.l7 import Cursor, CursorParser, Message, ParseError
 
@@ -100,6 +100,7 @@ class MemcachedParser(CursorParser):
         self._st = {"req": _Side(), "resp": _Side()}
         self._seq = 0
         self._pending = OrderedDict()   # binary: request number -> (opaque, opcode)
+        self._by_opaque = {}            # opaque -> deque of its pending request numbers
 
 
     def _run(self, req, st, c, out):
@@ -275,8 +276,9 @@ class MemcachedParser(CursorParser):
                 st.msg.expects_response = False
             else:
                 self._pending[self._seq] = (opaque, opcode)
+                self._by_opaque.setdefault(opaque, deque()).append(self._seq)
                 if len(self._pending) > MAX_PENDING:
-                    self._pending.popitem(last=False)
+                    self._pop_oldest()
         elif opcode == 0x10 and keylen:
             # One response per statistic, all for one request; the last has no key. Their
             # bytes add up into that last one's timing and size.
@@ -295,14 +297,16 @@ class MemcachedParser(CursorParser):
         msg = Message(False, status=name, error=status not in (0, 1, 2, 5),
                       key=("orphan", opaque),
                       attributes={"db.response.status_code": name})
-        match = next((seq for seq, (o, _) in self._pending.items() if o == opaque), None)
-        if match is None:
+        seqs = self._by_opaque.get(opaque)
+        if not seqs:
             return msg
+        match = seqs[0]                 # the oldest pending request with this opaque
         msg.key = match
         # Responses come in request order: quiet requests sent before this one that got
         # no response of their own got the quiet answer (getq: a miss; setq: success).
+        # Each pending request is popped once: O(1) per request, amortised.
         while self._pending:
-            seq, (_, opcode) = self._pending.popitem(last=False)
+            seq, opcode = self._pop_oldest()
             if seq == match:
                 break
             if opcode in QUIET:
@@ -312,3 +316,12 @@ class MemcachedParser(CursorParser):
                                           attributes={"db.response.status_code": status,
                                                       "deeptrace.implied": True}))
         return msg
+
+    def _pop_oldest(self):
+        """Forget the oldest pending binary request: (its number, its opcode)."""
+        seq, (opaque, opcode) = self._pending.popitem(last=False)
+        seqs = self._by_opaque[opaque]
+        seqs.popleft()                  # requests leave in order: it is the oldest
+        if not seqs:
+            del self._by_opaque[opaque]
+        return seq, opcode

@@ -187,7 +187,9 @@ class MongoDBParser(FramedParser):
                     cut = size > len(inner)
                 except zlib.error:
                     compressor = -1
-            if compressor not in (0, 2) or opcode not in OPCODES:
+            if opcode == OP_COMPRESSED:     # nested: not allowed, not followed
+                self.errors += 1
+            if compressor not in (0, 2) or opcode not in OPCODES or opcode == OP_COMPRESSED:
                 msg = Message(is_request, operation="OP_COMPRESSED",
                               attributes={"db.system": "mongodb"} if is_request else {})
                 msg.key = request_id if is_request else response_to

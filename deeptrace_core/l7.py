@@ -90,6 +90,12 @@ class Stream:
     stream positions of everything consumed since the previous call: one message's.
     Where framing is lost, ``skip_segment``, ``skip_hole`` and ``lose_segment`` step to a
     syscall boundary, the only place a message can be hoped to start again.
+
+    The captured bytes up to the first hole are also kept joined (``_buf`` from ``_pos``),
+    extended as syscalls arrive: peeking, ``find`` and ``need`` cost what they return, not
+    a walk over every buffered syscall (one-byte writes would make that quadratic).
+    ``read`` counts every byte ever consumed or dropped: a parser can tell whether the
+    read position moved since it last looked (to resume a search where it stopped).
     """
 
     def __init__(self, cap: int = 256 * 1024):
@@ -97,7 +103,12 @@ class Stream:
         self.segments: deque[_Segment] = deque()
         self.offset = 0           # consumed bytes of segments[0] (data then hole)
         self.size = 0             # captured + hole bytes not consumed
+        self.read = 0             # bytes consumed or dropped since the stream began
         self._span = None         # [ts_start, ts_end, seq_start, seq_end, size]
+        self._buf = bytearray()   # captured bytes up to the first hole, read from _pos
+        self._pos = 0
+        self._open = True         # no hole buffered: appended bytes extend _buf
+        self._holes = 0           # buffered segments whose capture was cut
 
     def append(self, data: bytes, nbytes: int, ts_start: int, ts_end: int, seq=None):
         """Add one syscall's bytes: `data` captured of `nbytes` moved."""
@@ -106,7 +117,13 @@ class Stream:
         n = len(data)
         if n > nbytes:
             data, n = bytes(data[:nbytes]), nbytes
-        self.segments.append(_Segment(data, nbytes - n, ts_start, ts_end, seq))
+        hole = nbytes - n
+        self.segments.append(_Segment(data, hole, ts_start, ts_end, seq))
+        if self._open:
+            self._buf += data
+        if hole:
+            self._holes += 1
+            self._open = False
         self.size += nbytes
         while self.size > self.cap and len(self.segments) > 1:
             self.drop_segment()  # unbounded growth is never allowed; the parser resyncs
@@ -116,41 +133,55 @@ class Stream:
 
     def peek(self, limit: int | None = None) -> bytes:
         """Captured bytes from the read position up to the first hole (at most `limit`)."""
-        out = []
-        n = 0
-        first = True
-        for seg in self.segments:
-            start = self.offset if first else 0
-            first = False
-            if start < len(seg.data):
-                # Slice only what is asked for: parsers peek a few header bytes at a time.
-                end = len(seg.data) if limit is None else min(len(seg.data), start + limit - n)
-                out.append(seg.data[start:end])
-                n += end - start
-                if limit is not None and n >= limit:
-                    break
-            if seg.hole:
-                break
-        return out[0] if len(out) == 1 else b"".join(out)
+        end = len(self._buf) if limit is None else min(len(self._buf), self._pos + limit)
+        with memoryview(self._buf) as view:
+            return bytes(view[self._pos:end])
+
+    def captured(self) -> int:
+        """How many captured bytes follow the read position before the first hole."""
+        return len(self._buf) - self._pos
+
+    def find(self, sub: bytes, start: int = 0, limit: int | None = None) -> int:
+        """Where `sub` begins in peek() at or after `start`, ending within `limit` bytes;
+        -1 if not there. Searches in place: nothing is copied."""
+        end = len(self._buf) if limit is None else min(len(self._buf), self._pos + limit)
+        i = self._buf.find(sub, self._pos + start, end)
+        return i - self._pos if i >= 0 else -1
 
     def need(self, n: int):
         """The next n captured bytes; None if they have not arrived yet; ParseError if a
         hole (bytes the capture cut) comes first, so the message can never be read."""
-        data = self.peek(n)
-        if len(data) >= n:
-            return data
-        if self._hole_after_captured():
-            raise ParseError(f"needed {n} bytes, only {len(data)} captured")
+        have = self.captured()
+        if have >= n:
+            return self.peek(n)
+        if self._holes:
+            raise ParseError(f"needed {n} bytes, only {have} captured")
         return None
 
-    def _hole_after_captured(self) -> bool:
-        first = True
-        for seg in self.segments:
-            start = self.offset if first else 0
-            first = False
-            if seg.hole and start <= len(seg.data) + seg.hole:
-                return True
-        return False
+    def _rebuild(self):
+        """Join the captured bytes up to the first hole again (after stepping a hole)."""
+        buf = bytearray()
+        self._open = True
+        for k, seg in enumerate(self.segments):
+            start = self.offset if k == 0 else 0
+            if start < len(seg.data):
+                buf += seg.data[start:]
+            if seg.hole:
+                self._open = False
+                break
+        self._buf, self._pos = buf, 0
+
+    def _advance(self, n: int):
+        """The read position moved over n bytes: all captured ones at the front of _buf
+        unless more than it holds (a hole was stepped over, join again)."""
+        self.read += n
+        if n <= len(self._buf) - self._pos:
+            self._pos += n
+            if self._pos > 4096 and 2 * self._pos > len(self._buf):
+                del self._buf[:self._pos]       # amortised: each byte moved once or so
+                self._pos = 0
+        else:
+            self._rebuild()
 
     def at_hole(self) -> bool:
         """True when the read position is inside bytes that were not captured."""
@@ -219,7 +250,11 @@ class Stream:
             if self.offset >= total:
                 self.segments.popleft()
                 self.offset = 0
+                if seg.hole:
+                    self._holes -= 1
         self.size -= done
+        if done:
+            self._advance(done)
         return done
 
     def _note(self, seg, start, step):
@@ -242,16 +277,25 @@ class Stream:
         """Discard the rest of the current syscall's bytes: resync at the next one."""
         if self.segments:
             seg = self.segments.popleft()
-            self.size -= len(seg.data) + seg.hole - self.offset
+            rest = len(seg.data) + seg.hole - self.offset
+            self.size -= rest
             self.offset = 0
+            if seg.hole:
+                self._holes -= 1
+                self.read += rest
+                self._rebuild()
+            else:
+                self._advance(rest)
         self._span = None
 
     def clear(self):
         """Forget every byte held: the parser starts afresh at the next syscall."""
+        self.read += self.size
         self.segments.clear()
         self.offset = 0
         self.size = 0
         self._span = None
+        self._buf, self._pos, self._open, self._holes = bytearray(), 0, True, 0
 
     def stamp(self, msg: Message, span=None) -> Message:
         """Give a message the timing, positions and size of the bytes just consumed (or

@@ -557,3 +557,78 @@ def test_host_port_of_thousands_of_digits_is_ignored():
         assert m.attributes["server.address"] == "h" and "server.port" not in m.attributes
     (m,) = kit.feed(h1.Http1Parser(), [(REQ, b"GET / HTTP/1.1\r\nHost: h:99999\r\n\r\n")])
     assert "server.port" not in m.attributes
+
+
+def _one_byte_head(n):
+    """Seconds to feed an unfinished head one byte per syscall: n syscalls (best of 2)."""
+    import time
+    best = float("inf")
+    for _ in range(2):
+        p = h1.Http1Parser()
+        put = p.feed
+        t = time.perf_counter()
+        put(REQ, b"GET / HTTP/1.1\r\nX-Slow: ", 24, 0, 1)
+        for i in range(n):
+            assert put(REQ, b"a", 1, i, i) == []
+        best = min(best, time.perf_counter() - t)
+    assert p.errors == 0 and len(p.streams[REQ]) == 24 + n
+    return best
+
+
+def test_one_byte_writes_of_an_unfinished_head_are_linear():
+    """Issue 13: each one-byte syscall re-searched every buffered one (quadratic: 8x the
+    records took ~16x the time and growing); now 8x the records take about 8x."""
+    small, big = _one_byte_head(1000), _one_byte_head(8000)
+    assert big < 12 * small + 0.05, (small, big)
+
+
+def test_head_over_the_limit_is_dropped_whole_and_counted_once():
+    """Issue 13: past MAX_HEAD the whole unfinished head goes (was one syscall of it,
+    each further one counted); the side resyncs at the next message start."""
+    p = h1.Http1Parser()
+    items = [(REQ, b"GET / HTTP/1.1\r\nX-Big: ")] + [(REQ, b"a" * 1024)] * 70
+    items += [(REQ, b"GET /next HTTP/1.1\r\nHost: h\r\n\r\n")]
+    msgs = kit.feed(p, items)
+    assert [m.operation for m in msgs] == ["GET /next"]
+    assert p.errors == 1 and len(p.streams[REQ]) == 0
+
+
+def _reference_peek(s):
+    """Stream.peek as it was (a walk over the segments): the joined buffer must agree."""
+    out = []
+    for k, seg in enumerate(s.segments):
+        start = s.offset if k == 0 else 0
+        out.append(seg.data[start:])
+        if seg.hole:
+            break
+    return b"".join(out)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("aaacdskl"), st.binary(max_size=9),
+                          st.integers(0, 12)), max_size=40))
+def test_stream_joined_buffer_matches_its_segments(ops):
+    from deeptrace_core.l7 import ParseError, Stream
+    s = Stream(cap=40)
+    for op, data, n in ops:
+        if op == "a":
+            s.append(data, len(data) + n % 3, 0, 0)
+        elif op == "c":
+            s.consume(n)
+        elif op == "d":
+            s.drop_segment()
+        elif op == "s":
+            s.skip_hole()
+        elif op == "k":
+            s.skip_segment()
+        else:
+            s.clear()
+        ref = _reference_peek(s)
+        assert s.peek() == ref and s.peek(n) == ref[:n] and s.captured() == len(ref)
+        assert s.find(b"\0", n % 4) == ref.find(b"\0", n % 4)
+        try:
+            got = s.need(n)
+        except ParseError:
+            got = "hole"
+        holes = any(seg.hole for seg in s.segments)
+        assert got == (ref[:n] if len(ref) >= n else "hole" if holes else None)

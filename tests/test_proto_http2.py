@@ -443,6 +443,35 @@ def test_streams_and_closed_ids_bounded():
         assert p.block[REQ] is None or len(p.block[REQ].frag) <= h2.MAX_BLOCK
 
 
+def held_header_bytes(p):
+    return sum(len(k) + len(v) for st in p.h2streams.values() for half in (st.req, st.resp)
+               for k, v in (half.headers or {}).items())
+
+
+def test_hpack_amplified_headers_are_budgeted_per_connection():
+    """One 4 KB table entry, then ~20-byte header blocks naming it 16 times on 4,095
+    streams (issue 13: +328 MB): what open streams hold stays within a per-connection
+    budget, the blocks past it are counted, and streams still pair by id."""
+    ce = hpack.Encoder()
+    p = Http2Protocol().parser()
+    put(p, REQ, PREFACE + settings_frame())
+    first = ce.encode([(":method", "GET"), (":scheme", "http"), (":path", "/"),
+                       ("x-big", "v" * 3900)])
+    put(p, REQ, frame(h2.HEADERS, 0x4, 1, first))
+    amplified = b"\x82\x86\x84" + b"\xbe" * 16   # GET http / + 16 x entry 62 (x-big)
+    sids = range(3, 2 * 4096, 2)
+    put(p, REQ, b"".join(frame(h2.HEADERS, 0x4, sid, amplified) for sid in sids))
+    assert held_header_bytes(p) <= 2 << 20          # was 4,095 x 64 KB: 256 MB
+    assert len(p.h2streams) <= 1024 and p.errors > 0
+    assert p.header_bytes == held_header_bytes(p)
+    # Streams that end give their bytes back: the budget serves new ones again.
+    resp = hpack.Encoder().encode([(":status", "200")])
+    sid = max(p.h2streams)
+    msgs = put(p, RESP, frame(h2.HEADERS, 0x5, sid, resp))
+    assert [(m.key, m.is_request) for m in msgs] == [(sid, True), (sid, False)]
+    assert p.header_bytes == held_header_bytes(p)
+
+
 def test_http1_and_garbage_are_not_http2():
     p = Http2Protocol().parser()
     msgs = put(p, REQ, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")

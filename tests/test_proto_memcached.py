@@ -307,8 +307,8 @@ def test_binary_response_matching_does_not_scan_pending():
     assert timed(4096) < 4 * timed(0) + 0.02
     # Matching still pairs the oldest request with the opaque, the rest stay pending.
     p = MemcachedParser()
-    p.feed(REQ, breq(0, b"a", opaque=5) + breq(0, b"b", opaque=6) + breq(0, b"c", opaque=5),
-           72, 0, 1)
+    data = breq(0, b"a", opaque=5) + breq(0, b"b", opaque=6) + breq(0, b"c", opaque=5)
+    p.feed(REQ, data, len(data), 0, 1)
     (r,) = p.feed(RESP, struct.pack(">BBHBBHIIQ", 0x81, 0, 0, 0, 0, 1, 0, 5, 0), 24, 2, 3)
     assert r.key == 1 and list(p._pending) == [2, 3] and list(p._by_opaque[5]) == [3]
 

@@ -528,3 +528,18 @@ def test_protocol_class():
     assert isinstance(PostgreSQLProtocol().parser(), PostgreSQLParser)
     config = PostgreSQLProtocol.config_class(max_statements=9)
     assert PostgreSQLProtocol(config).parser().max_statements == 9
+
+
+def test_extended_group_without_sync_stays_bounded():
+    """20,000 Parse messages and no Sync (issue 13): the open group keeps a bounded
+    number of statement texts (was all, scanned per message: O(n^2)), counted once."""
+    p = PostgreSQLParser()
+    items = [(REQ, b"".join(parse(b"", b"SELECT %d" % (i * 100 + j)) + bind() + EXECUTE
+                            for j in range(100)))
+             for i in range(200)]
+    assert feed_all(p, items) == []
+    assert len(p.group.texts) <= 64 and p.errors == 1
+    (req,) = feed_all(p, [(REQ, SYNC)])
+    assert req.operation == "SELECT" and req.attributes["db.operation.batch.size"] == 20000
+    text = req.attributes["db.query.text"]
+    assert text.startswith("SELECT 0; SELECT 1;") and "SELECT 19999" not in text

@@ -90,12 +90,13 @@ def start_verdict(side: str, data: bytes):
 
 
 class _Side:
-    __slots__ = ("msg", "left", "chunk", "until_close", "resync", "expect_continue")
+    __slots__ = ("msg", "left", "chunk", "until_close", "resync", "expect_continue", "scan")
 
     def __init__(self):
         self.reset()
         self.until_close = False
         self.resync = False
+        self.scan = (-1, 0)        # (stream.read, bytes searched) of an unfinished head
 
     def reset(self):
         self.msg = None            # message whose body is being skipped
@@ -190,9 +191,12 @@ class Http1Parser(HttpErrorRule, Parser):
 
     # -- heads ---------------------------------------------------------------------------
     def _head(self, side, st, stream):
-        data = stream.peek(MAX_HEAD)
+        # Work per call is what arrived since the last: an unfinished head is searched
+        # from where the previous search stopped, in place (Stream.find).
+        data = stream.peek(21)
         if side == REQ and data[:1] in (b"\r", b"\n"):
             # RFC 9112 2.2: empty lines before a request-line are ignored
+            data = stream.peek(MAX_HEAD)
             stream.consume(len(data) - len(data.lstrip(b"\r\n")))
             stream.take_span()
             return []
@@ -202,16 +206,27 @@ class Http1Parser(HttpErrorRule, Parser):
             return []
         if start_verdict(side, data) is False:
             raise ParseError("not an HTTP/1 message start")
-        end = data.find(b"\r\n\r\n")
+        read, searched = st.scan
+        end = stream.find(b"\r\n\r\n", max(searched - 3, 0) if read == stream.read else 0,
+                          MAX_HEAD)
         if end < 0:
-            if len(data) >= MAX_HEAD:
-                raise ParseError("head too long")
+            have = min(stream.captured(), MAX_HEAD)
+            st.scan = (stream.read, have)
+            if have >= MAX_HEAD:
+                # Drop the whole unfinished head (not one syscall of it: the rest would be
+                # searched again per call), counted; resync where a message starts.
+                self.errors += 1
+                stream.consume(have)
+                stream.take_span()
+                st.resync = True
+                return []
             try:
-                stream.need(len(data) + 1)
+                stream.need(have + 1)
             except ParseError:
-                return self._cut_head(side, st, stream, data)
+                return self._cut_head(side, st, stream, stream.peek(MAX_HEAD))
             return []  # the rest of the head has not arrived yet
-        head, what, version = parse_head(side == REQ, data[:end + 4])
+        data = stream.peek(end + 4)
+        head, what, version = parse_head(side == REQ, data)
         stream.consume(end + 4)
         if side == REQ:
             return self._request(st, stream, head, what, version)

@@ -38,7 +38,8 @@ END_HEADERS, PADDED, PRIORITY_FLAG = 0x4, 0x8, 0x20
 FLAGS = {DATA: 0x09, HEADERS: 0x2D, SETTINGS: 0x01, PUSH_PROMISE: 0x0C, PING: 0x01,
          CONTINUATION: 0x04}
 DEFAULT_FRAME, MAX_FRAME = 16384, (1 << 24) - 1
-MAX_STREAMS = 4096          # open streams tracked per connection
+MAX_STREAMS = 1024          # open streams tracked per connection
+MAX_HEADER_BYTES = 1 << 20  # decoded header bytes kept for the open streams of a connection
 MAX_CLOSED = 4096           # recently closed stream ids remembered (late frames ignored)
 MAX_BLOCK = 256 * 1024      # header block bytes buffered across CONTINUATIONs
 MAX_TABLE = 1 << 20         # largest HPACK table we agree to keep
@@ -85,12 +86,13 @@ class _Half:
 
 
 class _H2Stream:
-    __slots__ = ("sid", "req", "resp", "grpc")
+    __slots__ = ("sid", "req", "resp", "grpc", "hbytes")
 
     def __init__(self, sid):
         self.sid = sid
         self.req, self.resp = _Half(), _Half()
         self.grpc = False
+        self.hbytes = 0          # decoded header bytes it holds (counted in the budget)
 
 
 class _Block:
@@ -141,6 +143,7 @@ class Http2Parser(HttpErrorRule, Parser):
         self.degraded = False      # bytes were missed: streams may be open unseen
         self.hpack_failures = 0    # header blocks that could not be decoded
         self.placeholders = 0      # messages emitted with a placeholder operation
+        self.header_bytes = 0      # decoded header bytes held by open streams (budgeted)
 
     # -- framing -------------------------------------------------------------------------
     def parse(self, side, stream):
@@ -310,7 +313,9 @@ class Http2Parser(HttpErrorRule, Parser):
         return st
 
     def _close(self, sid):
-        self.h2streams.pop(sid, None)
+        st = self.h2streams.pop(sid, None)
+        if st is not None:
+            self.header_bytes -= st.hbytes
         if len(self.closed) == self.closed.maxlen:
             self.closed_set.discard(self.closed[0])
         self.closed.append(sid)
@@ -324,6 +329,17 @@ class Http2Parser(HttpErrorRule, Parser):
         if blk.push or st is None:
             return []
         half = st.req if side == REQ else st.resp
+        if headers is not None:
+            # HPACK lets a few wire bytes name kilobytes of table entries: what open
+            # streams hold is budgeted per connection. Past it a block's headers are
+            # dropped (its message gets a placeholder), counted as a parse error.
+            size = sum(len(k) + len(v) for k, v in headers.items())
+            if self.header_bytes + size > MAX_HEADER_BYTES:
+                self.errors += 1
+                headers = None
+            else:
+                st.hbytes += size
+                self.header_bytes += size
         if headers is None:
             half.lost = True
             if half.headers is None:

@@ -27,6 +27,7 @@ SSL_REQUEST, GSSENC_REQUEST, CANCEL_REQUEST = 80877103, 80877104, 80877102
 TEXT_PEEK = QUERY_MAX * 4          # body bytes looked at for Query / Parse text
 HEAD_PEEK = 512                    # body bytes looked at for any other message we read
 PENDING_MAX = 1024
+GROUP_TEXTS_MAX = 32               # statement texts kept per extended group (no Sync: bound)
 _COUNT = re.compile(r"^(\w+)(?: \d+)? (\d+)$")
 RETURNED = {"SELECT", "FETCH", "MOVE"}
 AFFECTED = {"INSERT", "UPDATE", "DELETE", "MERGE", "COPY"}
@@ -42,7 +43,7 @@ def cstr(b: bytes, i: int):
 
 class _Pending:
     """A request awaiting its ReadyForQuery, and the reply gathered so far."""
-    __slots__ = ("msg", "rows", "affected", "err", "texts", "execs")
+    __slots__ = ("msg", "rows", "affected", "err", "texts", "execs", "capped")
 
     def __init__(self):
         self.msg = None          # the request Message once complete (group: at Sync)
@@ -51,6 +52,7 @@ class _Pending:
         self.err = None          # (SQLSTATE, message) of the first ErrorResponse
         self.texts = []          # extended group: statement texts seen (Parse / Execute)
         self.execs = 0
+        self.capped = False      # texts reached GROUP_TEXTS_MAX (counted once as an error)
 
 
 class PostgreSQLParser(StatementsParser):
@@ -160,8 +162,7 @@ class PostgreSQLParser(StatementsParser):
             name, i = cstr(body, 0)
             text, _ = cstr(body, i)
             self.statements.remember(name, text)
-            if text not in g.texts:
-                g.texts.append(text)
+            self._add_text(g, text)
         elif kind == ord("B"):
             portal, i = cstr(body, 0)
             stmt, _ = cstr(body, i)
@@ -172,13 +173,25 @@ class PostgreSQLParser(StatementsParser):
             portal, _ = cstr(body, 0)
             text = self.portals.get(portal)
             g.execs += 1
-            if text is not None and text not in g.texts:
-                g.texts.append(text)
+            if text is not None:
+                self._add_text(g, text)
         elif kind == ord("C") and body[:1] == b"S":
             self.statements.pop(cstr(body, 1)[0], None)
         elif kind == ord("S"):
             return self._close_group(), True
         return None, True
+
+    def _add_text(self, g, text):
+        """Note a statement text of a group once; a group that never Syncs must not grow
+        without bound (nor cost a scan of all its texts per message): past
+        GROUP_TEXTS_MAX distinct texts the rest are dropped, counted once as an error."""
+        if text in g.texts:
+            return
+        if len(g.texts) < GROUP_TEXTS_MAX:
+            g.texts.append(text)
+        elif not g.capped:
+            g.capped = True
+            self.errors += 1
 
     def _open(self):
         req = _Pending()

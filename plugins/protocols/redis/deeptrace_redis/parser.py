@@ -159,6 +159,7 @@ class RedisParser(CursorParser):
             j = c.buf.find(b"\r\n", c.i, c.i + MAX_LINE)
             if j < 0:
                 if len(c.buf) - c.i >= MAX_LINE:
+                    c.i = len(c.buf)           # drop all of it, not one syscall's bytes
                     raise ParseError("line too long")
                 if not c.hole:
                     return
@@ -280,6 +281,7 @@ class RedisParser(CursorParser):
         j = c.buf.find(b"\n", c.i, c.i + MAX_LINE)
         if j < 0:
             if len(c.buf) - c.i >= MAX_LINE:
+                c.i = len(c.buf)               # drop all of it, not one syscall's bytes
                 raise ParseError("inline command too long")
             if not c.hole:
                 return False

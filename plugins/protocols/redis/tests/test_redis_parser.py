@@ -395,3 +395,35 @@ def test_unbounded_inputs_stay_bounded():
     for _ in range(3000):
         p.feed(REQ, encode([b"SUBSCRIBE", b"c"]), 26, 1, 2)
     assert len(p.sub_expect) <= 1024
+
+
+def _one_byte_line(n):
+    """Seconds to feed an unfinished command line one byte per syscall (best of 2)."""
+    import time
+    best = float("inf")
+    for _ in range(2):
+        p = RedisParser()
+        t = time.perf_counter()
+        p.feed(REQ, b"*2\r\n$3\r\nGET\r\n$", 14, 0, 1)
+        for i in range(n):
+            assert p.feed(REQ, b"1", 1, i, i) == []
+        best = min(best, time.perf_counter() - t)
+    assert p.errors == 0
+    return best
+
+
+def test_one_byte_writes_of_an_unfinished_command_are_linear():
+    """Issue 13: each one-byte syscall re-joined every buffered one (quadratic); now 8x
+    the records take about 8x the time."""
+    small, big = _one_byte_line(1000), _one_byte_line(8000)
+    assert big < 12 * small + 0.05, (small, big)
+
+
+def test_line_over_the_limit_is_dropped_whole_and_counted_once():
+    """Issue 13: past MAX_LINE the whole unfinished line goes at once, counted once (was
+    one syscall at a time, each counted)."""
+    p = RedisParser()
+    msgs = kit.feed(p, [(REQ, b"*1\r\n$")] + [(REQ, b"1" * 1024)] * 64)
+    assert msgs == [] and p.errors == 1 and len(p.streams[REQ]) == 0
+    (m,) = kit.feed(p, [(REQ, encode([b"PING"]))])
+    assert m.operation == "PING"

@@ -66,6 +66,11 @@ class Agent:
         self.routes = {cid: [p for p, pl in zip(self.pipelines, config.pipelines.values())
                              if cid in pl.probes] for cid in self.probes}
         self.attached = []
+        # A second stop signal (cli.py) aborts the shut-down: it sets abort_requested, and
+        # unwinds at once unless a probe is detaching (detaching names it): cutting BCC's
+        # detach short would leave it half done, so then shutdown() ends after detaching.
+        self.abort_requested = False
+        self.detaching = None
 
     def _build(self, kind, cid):
         comp = getattr(self.config, kind)[cid]
@@ -181,16 +186,18 @@ class Agent:
         for cid in list(self.attached):
             probe = self.probes[cid]
             try:
-                if cid not in drained:
+                if cid not in drained and not self.abort_requested:
                     self.drain(cid, deadline)
             except Exception as exc:
                 log.error("draining %s failed: %r", cid, exc)
             finally:
+                self.detaching = cid
                 try:
                     probe.detach()
                 except Exception as exc:
                     log.error("detaching %s failed: %r", cid, exc)
                 self.attached.remove(cid)
+                self.detaching = None
 
     def shutdown(self):
         if self._nice_before:  # finish promptly even on a saturated host
@@ -212,6 +219,8 @@ class Agent:
         # record probe is, for what a program mid-run submitted as it quiesced.
         self.detach(deadline, drained={cid for cid in self.attached
                                        if not getattr(self.probes[cid], "batch_limit", 0)})
+        if self.abort_requested:  # a second signal came while a probe detached
+            return
         for pl in self.pipelines:
             pl.drain()
         self.report_stats(final_stats, final=True)

@@ -12,8 +12,10 @@
 
 import argparse
 import logging
+import os
 import signal
 import sys
+import time
 
 from . import __version__, doctor, scaffold, traces_cli
 from .api import Context
@@ -71,18 +73,50 @@ def cmd_run(args) -> int:
     from .agent import Agent
     agent = Agent(config, host, registry)
 
+    # The first Ctrl-C/SIGTERM stops the agent, which then drains and delivers what it
+    # holds (up to the exporters' deadlines). A second one, while it does, aborts that: the
+    # probes are detached at once and the process exits, nothing more delivered.
+    aborting = []
+
     def on_signal(signum, frame):
-        agent.stop()
+        if not agent.stop_event.is_set():
+            agent.stop()
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):  # a third must not cut the detach short
+            signal.signal(sig, signal.SIG_IGN)
+        aborting.append(signum)
+        agent.abort_requested = True
+        if agent.detaching is None:  # else shutdown() stops once that probe is detached
+            raise _Abort(signum)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        agent.start()
-        print(f"deeptrace: running ({', '.join(agent.attached)} attached); "
-              "Ctrl-C or SIGTERM stops", file=sys.stderr, flush=True)
-        agent.run(duration=args.duration)
-    finally:
-        agent.shutdown()  # detaches every probe, also on errors
+        try:
+            agent.start()
+            print(f"deeptrace: running ({', '.join(agent.attached)} attached); "
+                  "Ctrl-C or SIGTERM stops", file=sys.stderr, flush=True)
+            agent.run(duration=args.duration)
+        finally:
+            if not aborting:
+                agent.shutdown()  # detaches every probe, also on errors
+    except _Abort:
+        pass
+    if aborting:
+        agent.detach(deadline=time.monotonic(), drained=set(agent.attached))  # no draining
+        print(f"deeptrace: second {signal.Signals(aborting[0]).name}: probes detached; "
+              "exiting without delivering what is left", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(128 + aborting[0])  # exporters' threads are not waited for
     return 0
+
+
+class _Abort(BaseException):
+    """Raised by the second stop signal: unwinds the shut-down (no `except Exception`
+    in it catches this), so only the detaching remains."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def cmd_validate(args) -> int:

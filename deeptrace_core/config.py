@@ -13,6 +13,7 @@ list of their names, or a mapping from name to that component's own settings, bu
 from its config_class. Both are checked against `schemas[kind]` (the registry's).
 """
 
+import math
 import os
 import re
 import types
@@ -30,6 +31,11 @@ _NULL_TAG = "tag:yaml.org,2002:null"
 _ENV = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ns|us|ms|s|m|h|d)")
 _UNITS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+# Ranges every duration and integer must fall in: a value beyond them is a typo or an
+# attack on the config, and would overflow later (the stage, the linker, retention).
+MAX_DURATION_S = 100 * 365 * 86400          # 100 years
+DURATION_RANGE = "0 to 36500d (100 years)"
+INT_MIN, INT_MAX = -(2 ** 63), 2 ** 63 - 1  # what SQLite, the BPF maps and C take
 _WANT = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", type(None): "null"}
 # Scalar resolution/construction are stateless in PyYAML, so one shared
 # instance of each is enough (we only call their scalar methods).
@@ -341,8 +347,14 @@ def _convert(node, tp, keypath, path, env):
         return value
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is int and number and isinstance(value, int):
+        if not INT_MIN <= value <= INT_MAX:
+            raise ConfigError(path, _line(node), keypath, f"integer {text!r} is out of range",
+                              [f"{INT_MIN} to {INT_MAX}"])
         return value
     if tp is float and number:
+        if abs(value) > 1e308 if isinstance(value, int) else not math.isfinite(value):
+            raise ConfigError(path, _line(node), keypath, f"number {text!r} is out of range",
+                              ["a finite number"])
         return float(value)
     if tp is type(None) and value is None:
         return None
@@ -357,11 +369,20 @@ def _duration(node, tp, keypath, path, env):
         text, value = _scalar(node, keypath, path, env)
         if value is None and type(None) in typing.get_args(tp):
             return None
+        seconds = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        m = _DURATION.fullmatch(text.strip())
-        if m and isinstance(value, str):
-            return float(m[1]) * _UNITS[m[2]]
+            seconds = value
+        else:
+            m = _DURATION.fullmatch(text.strip())
+            if m and isinstance(value, str):
+                seconds = float(m[1]) * _UNITS[m[2]]
+        if seconds is not None:
+            # Compared before float(): a 400-digit int must not overflow here either.
+            if not (isinstance(seconds, int) or math.isfinite(seconds)) \
+                    or not 0 <= seconds <= MAX_DURATION_S:
+                raise ConfigError(path, _line(node), keypath,
+                                  f"duration {text!r} is out of range", [DURATION_RANGE])
+            return float(seconds)
     raise _mismatch(node, "a duration like 500ms, 10s or 2m", keypath, path, env)
 
 

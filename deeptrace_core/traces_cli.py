@@ -37,6 +37,8 @@ _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ns|us|µs|ms|s|m|h|d)?")
 _UNIT_NS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 1_000_000_000,
             "m": 60_000_000_000, "h": 3_600_000_000_000, "d": 86_400_000_000_000, None: 1_000_000_000}
 
+_MAX_NS = 100 * 365 * 86_400_000_000_000  # 100 years
+
 SPAN_COLUMNS = ("trace_id", "span_id", "parent_span_id", "start_ns", "end_ns", "duration_ns",
                 "service", "operation", "protocol", "role", "status", "error", "pid", "comm")
 
@@ -53,7 +55,10 @@ def parse_duration(text: str) -> int:
     if not m:
         raise argparse.ArgumentTypeError(
             f"invalid duration {text!r} (examples: 500us, 10ms, 2s, 5m, 1h, 7d)")
-    return round(float(m[1]) * _UNIT_NS[m[2]])
+    ns = float(m[1]) * _UNIT_NS[m[2]]
+    if not ns <= _MAX_NS:  # inf, or beyond what SQLite's integers hold
+        raise argparse.ArgumentTypeError(f"duration {text!r} is out of range (at most 36500d)")
+    return round(ns)
 
 
 def add_parser(subparsers):

@@ -25,9 +25,29 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
   # policy-rc.d keeps the package scripts from starting services; tests start their own.
-  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d
+  # The machine's own policy-rc.d (if any) is moved aside and put back, and ours is removed
+  # however apt-get ends (failure, Ctrl-C): the trap runs on every exit.
+  policy=${DEEPTRACE_POLICY_RC_D:-/usr/sbin/policy-rc.d}   # the variable: for tests only
+  policy_saved=
+  restore_policy() {
+    if [ -n "$policy_saved" ]; then
+      mv -f "$policy_saved" "$policy"
+    else
+      rm -f "$policy"
+    fi
+    trap - EXIT INT TERM
+  }
+  trap restore_policy EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+  if [ -e "$policy" ] || [ -L "$policy" ]; then
+    saved=$(mktemp "$policy.deeptrace-saved.XXXXXX")
+    mv -f "$policy" "$saved"
+    policy_saved=$saved   # only now: a restore must never move the empty temp file back
+  fi
+  printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod +x "$policy"
   apt-get install -y -q --no-install-recommends "${missing[@]}"
-  rm -f /usr/sbin/policy-rc.d
+  restore_policy
 fi
 
 # tracefs/debugfs are present but not mounted at boot here.

@@ -203,3 +203,72 @@ def test_doctor_and_render(bpf_ok):
     assert out.returncode == 0
     assert "#define OFF_task_struct__files " in out.stdout
     assert "TRACEPOINT_PROBE(syscalls, sys_exit_recvmmsg)" in out.stdout
+
+
+@pytest.mark.bpf
+@pytest.mark.parametrize("when", ["delivering", "detaching"])
+def test_second_signal_during_shutdown_detaches_and_exits_at_once(tmp_path, when):
+    """Issue 13: the first SIGTERM starts the shut-down, here held up by an OTLP export
+    to a receiver that accepts and never answers (timeout 30 s); a second SIGTERM detaches
+    the probes and exits at once, without waiting for the exporter. The second comes
+    while the exporter delivers (after the final stats), or at once, while the probes
+    are still detaching (which is finished, never cut short)."""
+    import socket
+    require_bpf()
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(8)
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(f"""\
+probes:
+  trace: {{comms: [nothing-runs-as-this]}}
+  host: {{interval: 0.2s}}
+exporters:
+  otlp:
+    protocol: http/protobuf
+    endpoint: http://127.0.0.1:{blackhole.getsockname()[1]}
+    timeout: 30s
+    shutdown_timeout: 30s
+    export_interval: 0.2s
+pipelines:
+  main: {{probes: [trace, host], exporters: [otlp]}}
+""")
+    agent = subprocess.Popen([*DEEPTRACE, "--config", str(cfg)], stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    try:
+        line = agent.stderr.readline()
+        while "running" not in line:
+            assert line, f"agent exited: {agent.wait()}"
+            line = agent.stderr.readline()
+        attached = prog_ids_held_by(agent.pid)
+        assert attached
+        blackhole.settimeout(10)
+        conn, _ = blackhole.accept()       # an export is in flight, never to be answered
+        agent.send_signal(signal.SIGTERM)
+        if when == "delivering":
+            line = agent.stderr.readline()
+            while "deeptrace final:" not in line:   # probes detached, exporters' turn
+                assert line, f"agent exited: {agent.wait()}"
+                line = agent.stderr.readline()
+            time.sleep(0.5)
+            assert agent.poll() is None    # the shut-down waits for the exporter
+        else:
+            time.sleep(0.05)
+        t = time.monotonic()
+        agent.send_signal(signal.SIGTERM)
+        err = agent.communicate(timeout=10)[1]
+        took = time.monotonic() - t
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+        blackhole.close()
+    assert took < 3, took
+    assert agent.returncode == 128 + signal.SIGTERM, err
+    assert "second SIGTERM: probes detached; exiting without delivering what is left" in err
+    assert "Traceback" not in err and "detaching" not in err and "Bad file" not in err, err
+    deadline = time.monotonic() + 5
+    while attached & loaded_prog_ids() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert attached & loaded_prog_ids() == set()
+    conn.close()

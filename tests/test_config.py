@@ -184,6 +184,41 @@ def test_bad_duration():
     check(err, 3, "probes.trace.timeout", "expected a duration like 500ms, 10s or 2m, got 'soon'")
 
 
+@pytest.mark.parametrize("text", [
+    ".inf", "-.inf", ".nan", "1.0e+300", "99999999999999999999d",
+    "999999999999999999999999", "3153600001", "36501d", "-1",
+    "9" * 400,
+])
+def test_duration_out_of_range_is_a_config_error(text):
+    """Issue 13: non-finite or absurd durations overflowed later, in the stage, the linker
+    and the store's retention; they are config errors naming the allowed range."""
+    err = error(f"probes:\n  trace:\n    retry:\n      backoff: {text}\n")
+    check(err, 4, "probes.trace.retry.backoff", f"duration {text!r} is out of range",
+          ["0 to 36500d (100 years)"],
+          f"agent.yaml:4: probes.trace.retry.backoff: duration {text!r} is out of range "
+          "(allowed: 0 to 36500d (100 years))")
+
+
+def test_duration_range_edges_are_accepted():
+    assert probe("timeout: 36500d\n").timeout == 100 * 365 * 86400.0
+    assert probe("timeout: 0\n").timeout == 0.0
+
+
+@pytest.mark.parametrize("field, text, message, allowed", [
+    ("payload_bytes", "9223372036854775808", "integer '9223372036854775808' is out of range",
+     ["-9223372036854775808 to 9223372036854775807"]),
+    ("limit", "-9223372036854775809", "integer '-9223372036854775809' is out of range",
+     ["-9223372036854775808 to 9223372036854775807"]),
+    ("ratio", ".inf", "number '.inf' is out of range", ["a finite number"]),
+    ("ratio", ".nan", "number '.nan' is out of range", ["a finite number"]),
+    ("ratio", "9" * 400, f"number {'9' * 400!r} is out of range", ["a finite number"]),
+])
+def test_counts_and_numbers_are_ranged(field, text, message, allowed):
+    err = error(f"probes:\n  trace:\n    {field}: {text}\n")
+    check(err, 3, f"probes.trace.{field}", message, allowed)
+    assert probe(f"limit: {2 ** 63 - 1}\n").limit == 2 ** 63 - 1
+
+
 def test_agent_section():
     cfg = parse("agent:\n  block_plugins: [cpu]\n  stats_interval: 1m\n  log_level: debug\n"
                 "probes: {trace: }\nexporters: {console: }\n" + PIPELINE)
@@ -538,3 +573,13 @@ def test_registered_names_are_left_to_the_component_without_a_registry_schema():
     cfg = l7_parse("probes: {trace: {}}\nprocessors:\n  spans:\n    protocols: [nope]\n"
                    "    protocol_config: {nope: {x: 1}}\n", schemas)
     assert cfg.processors["spans"].config.protocol_config == {"nope": {"x": 1}}
+
+
+@pytest.mark.parametrize("text", ["9" * 400, "99999999999999999999d", "36501d"])
+def test_traces_cli_durations_are_ranged_too(text):
+    import argparse
+
+    from deeptrace_core.traces_cli import parse_duration
+    with pytest.raises(argparse.ArgumentTypeError, match="out of range"):
+        parse_duration(text)
+    assert parse_duration("36500d") == 100 * 365 * 86_400 * 10 ** 9

@@ -292,3 +292,59 @@ def test_config_errors_and_port_in_use(exporter):
     first = exporter()
     with pytest.raises(ValueError, match="cannot listen on"):
         PrometheusExporter(PrometheusConfig(address=f"127.0.0.1:{first.address[1]}"))
+
+
+def _thread_count():
+    return threading.active_count()
+
+
+def test_hostile_clients_are_bounded_and_counted_without_tracebacks(exporter, capfd):
+    """Issue 13: 200 half-sent requests started 200 threads that stayed, and each dropped
+    client printed a traceback. Now: a fixed pool of threads; drops are counted."""
+    exp = exporter()
+    before = _thread_count()
+    host, port = exp.address
+    socks = []
+    for _ in range(200):
+        s = socket.create_connection((host, port), timeout=5)
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")   # never finished
+        socks.append(s)
+    time.sleep(0.5)
+    assert _thread_count() - before <= 1, _thread_count() - before  # no thread per client
+    assert exp.stats()["rejected_connections"] > 0   # beyond the pool and its queue
+    time.sleep(3)
+    assert _thread_count() - before <= 1
+    # Clients that vanish mid-request with a reset: counted, no traceback.
+    for s in socks:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        s.close()
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            assert scrape(exp) is not None
+            break
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            assert time.monotonic() < deadline, "the server never answered again"
+            time.sleep(0.2)
+    assert exp.stats()["client_errors"] >= 1
+    assert _thread_count() - before <= 1
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception occurred" not in err
+
+
+def test_a_stalled_request_is_timed_out(exporter):
+    exp = exporter(request_timeout=0.5)
+    s = socket.create_connection(exp.address, timeout=5)
+    s.sendall(b"GET /metrics HTTP/1.1\r\n")
+    t = time.monotonic()
+    assert s.recv(100) == b""         # the server gave up on it and closed
+    assert time.monotonic() - t < 2
+    s.close()
+    assert exp.stats()["client_errors"] == 1
+    assert scrape(exp) is not None
+
+
+def test_request_timeout_is_a_ranged_duration():
+    assert PrometheusConfig(request_timeout=2.0).request_timeout == 2.0
+    with pytest.raises(ValueError, match="request_timeout"):
+        PrometheusConfig(request_timeout=0)

@@ -1,8 +1,12 @@
 """prometheus exporter: the latest metric points, and RED metrics of spans, served in the
 Prometheus text exposition format (0.0.4) at http://ADDRESS/metrics.
 
-The server runs in its own threads (``http.server.ThreadingHTTPServer``) and listens on
-127.0.0.1 unless ``address`` says otherwise. ``export()`` only stores: the latest
+The server listens on 127.0.0.1 unless ``address`` says otherwise and is bounded against
+hostile clients: one accepting thread hands connections to ``HANDLER_THREADS`` handler
+threads through a queue of ``WAITING_CONNECTIONS`` (a connection beyond it is closed at
+once and counted in ``rejected_connections``); a request must arrive within
+``request_timeout`` (5 s) per read; a client that drops or garbles its request is counted
+in ``client_errors``, never a traceback. ``export()`` only stores: the latest
 MetricPoint per (name, attributes), at most ``max_series`` of them (points of further
 series are dropped and counted in ``dropped_points``; series not updated for
 ``series_ttl`` seconds are forgotten, 0 keeps them forever), and spans are accounted
@@ -23,13 +27,16 @@ from __future__ import annotations
 import http.server
 import logging
 import math
+import queue
 import re
 import socket
+import sys
 import threading
 import time
 
 import attrs
 
+from deeptrace_core.escape import printable
 from deeptrace_core.hookspecs import hookimpl
 from deeptrace_core.metrics import GAUGE, HISTOGRAM, SUM
 
@@ -197,8 +204,11 @@ class PrometheusConfig:
     red_metrics: bool = True
     red_max_series: int = 1000
     service_name_rules: list[ServiceRule] = attrs.Factory(list)
+    request_timeout: float = attrs.field(default=5.0, metadata={"unit": "seconds"})
 
     def __attrs_post_init__(self):
+        if not self.request_timeout > 0:
+            raise ValueError(f"request_timeout must be > 0, got {self.request_timeout}")
         _parse_address(self.address)
         if not self.path.startswith("/"):
             raise ValueError(f"path must start with '/', got {self.path!r}")
@@ -208,9 +218,62 @@ class PrometheusConfig:
             raise ValueError("max_series and red_max_series must be at least 1")
 
 
-class _Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
+HANDLER_THREADS = 4        # requests served at once
+WAITING_CONNECTIONS = 32   # accepted connections waiting for a handler thread
+
+
+class _Server(http.server.HTTPServer):
+    """An HTTP server with a fixed pool of handler threads (ThreadingHTTPServer starts one
+    per connection, without bound) that counts client errors instead of printing them."""
+
     allow_reuse_address = True
+    request_queue_size = 128   # the listen backlog: a burst is accepted (and refused) fast
+
+    def server_activate(self):
+        super().server_activate()
+        self.client_errors = 0
+        self.rejected_connections = 0
+        self._jobs = queue.Queue(WAITING_CONNECTIONS)
+        self._workers = [threading.Thread(target=self._work, name=f"deeptrace-prometheus-{i}",
+                                          daemon=True) for i in range(HANDLER_THREADS)]
+        for t in self._workers:
+            t.start()
+
+    def process_request(self, request, client_address):
+        try:
+            self._jobs.put_nowait((request, client_address))
+        except queue.Full:
+            self.rejected_connections += 1
+            self.shutdown_request(request)
+
+    def _work(self):
+        while (job := self._jobs.get()) is not None:
+            request, client_address = job
+            try:
+                self.finish_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+            finally:
+                self.shutdown_request(request)
+
+    def handle_error(self, request, client_address):
+        # A client that resets or garbles its request: its problem, counted, one debug line.
+        self.client_errors += 1
+        log.debug("scrape from %s failed: %r", client_address[0], sys.exc_info()[1])
+
+    def server_close(self):
+        super().server_close()
+        workers = getattr(self, "_workers", ())
+        while True:  # connections still waiting: closed unanswered
+            try:
+                job = self._jobs.get_nowait()
+            except (queue.Empty, AttributeError):
+                break
+            self.shutdown_request(job[0])
+        for _ in workers:
+            self._jobs.put(None)
+        for t in workers:
+            t.join(1)
 
 
 class PrometheusExporter:
@@ -303,6 +366,11 @@ class PrometheusExporter:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            timeout = exporter.config.request_timeout  # per read of the request
+
+            def log_error(self, fmt, *args):  # timeouts, bad request lines: counted
+                exporter.server.client_errors += 1
+                self.log_message(fmt, *args)
 
             def do_GET(self):
                 if self.path.split("?", 1)[0] != exporter.config.path:
@@ -325,7 +393,9 @@ class PrometheusExporter:
                 self.wfile.write(body)
 
             def log_message(self, fmt, *args):
-                log.debug("scrape from %s: " + fmt, self.client_address[0], *args)
+                # The request line is the client's text: escaped before it reaches a log.
+                log.debug("scrape from %s: %s", self.client_address[0],
+                          printable(fmt % args))
 
         return Handler
 
@@ -342,7 +412,9 @@ class PrometheusExporter:
         with self._lock:
             out = {"series": len(self._series), "points_in": self.points_in,
                    "dropped_points": self.dropped_points,
-                   "expired_series": self.expired_series, "scrapes": self.scrapes}
+                   "expired_series": self.expired_series, "scrapes": self.scrapes,
+                   "client_errors": self.server.client_errors,
+                   "rejected_connections": self.server.rejected_connections}
         if self.red is not None:
             out.update(self.red.stats())
         return out

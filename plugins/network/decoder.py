@@ -22,7 +22,8 @@ F_SELF, F_BIRTH = 1, 2
 
 # Counter slots of the `stats` per-CPU array, in C enum order.
 STAT_NAMES = ("closed", "ringbuf_full", "conn_map_full", "proc_map_full", "hist_map_full",
-              "read_failed", "unknown_connection", "reset_without_socket", "lost_close")
+              "read_failed", "unknown_connection", "reset_without_socket", "lost_close",
+              "io_args_full")
 
 # bpf_ktime_get_ns() is CLOCK_MONOTONIC; records carry wall-clock ns.
 _MONO_TO_WALL = time.time_ns() - time.monotonic_ns()

@@ -51,7 +51,8 @@ enum { OWN_NONE = 0, OWN_CONNECT, OWN_IO, OWN_CLOSE };
 // ST_LOST_CLOSE: a new connection was born at the address of one whose CLOSE we never
 // saw (the kernel dropped that event: recursion, or its perf recursion guard).
 enum { ST_CLOSED = 0, ST_RB_FULL, ST_CONN_FULL, ST_PROC_FULL, ST_HIST_FULL,
-       ST_READ_FAIL, ST_UNKNOWN_CONN, ST_RST_NO_SOCK, ST_LOST_CLOSE, ST_NSTATS };
+       ST_READ_FAIL, ST_UNKNOWN_CONN, ST_RST_NO_SOCK, ST_LOST_CLOSE, ST_IO_ARGS_FULL,
+       ST_NSTATS };
 #include "deeptrace_core/stats.bpf.h"
 
 struct conn_t {
@@ -336,7 +337,8 @@ static __always_inline int io_enter(struct pt_regs *ctx, int flags) {
         return 0;
     u64 id = bpf_get_current_pid_tgid();
     struct io_arg_t a = {.sk = sk, .flags = flags};
-    io_args.update(&id, &a);
+    if (io_args.update(&id, &a))
+        stat_inc(ST_IO_ARGS_FULL);   // this call's bytes go uncounted
     return 0;
 }
 

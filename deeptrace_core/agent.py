@@ -10,6 +10,7 @@ from . import bpf, bpfgroup, compilermem
 from .api import Context
 from .config import ConfigError
 from .pipeline import Pipeline
+from .redaction import Redactor
 from .selfmetrics import SelfMetrics
 
 log = logging.getLogger("deeptrace.agent")
@@ -59,9 +60,10 @@ class Agent:
         self.processors = processors = {cid: self._build("processors", cid)
                                         for cid in sorted(used["processors"])}
         self.exporters = {cid: self._build("exporters", cid) for cid in sorted(used["exporters"])}
+        redactor = Redactor(config.redaction)
         self.pipelines = [
             Pipeline(name, [(c, processors[c]) for c in pl.processors],
-                     [(c, self.exporters[c]) for c in pl.exporters])
+                     [(c, self.exporters[c]) for c in pl.exporters], redactor)
             for name, pl in config.pipelines.items()]
         self.routes = {cid: [p for p, pl in zip(self.pipelines, config.pipelines.values())
                              if cid in pl.probes] for cid in self.probes}

@@ -23,7 +23,9 @@ from collections.abc import Mapping
 import attrs
 import yaml
 
-TOP_LEVEL = ("agent", "probes", "processors", "exporters", "pipelines")
+from .redaction import RedactionConfig
+
+TOP_LEVEL = ("agent", "probes", "processors", "exporters", "pipelines", "redaction")
 SECTIONS = ("probes", "processors", "exporters")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -99,6 +101,7 @@ class AgentConfig:
     processors: dict[str, Component]
     exporters: dict[str, Component]
     pipelines: dict[str, PipelineConfig]
+    redaction: RedactionConfig = attrs.Factory(RedactionConfig)
 
 
 @attrs.define
@@ -135,6 +138,7 @@ def parse_config(text: str, path: str, schemas, env=None) -> AgentConfig:
     # Sections are checked in file order, so the first error reported is the
     # first in the file; pipelines wait until every component is known.
     agent, sections, pipelines = AgentSettings(), {kind: {} for kind in SECTIONS}, (None, None)
+    redaction = RedactionConfig()
     for k, v in _items(root, "", path):
         if k.value == "agent":
             agent = build(AgentSettings, v, "agent", path, env, line=_line(k))
@@ -142,10 +146,12 @@ def parse_config(text: str, path: str, schemas, env=None) -> AgentConfig:
             sections[k.value] = _components(k.value, v, schemas, path, env)
         elif k.value == "pipelines":
             pipelines = (v, _line(k))
+        elif k.value == "redaction":
+            redaction = build(RedactionConfig, v, "redaction", path, env, line=_line(k))
         else:
             raise ConfigError(path, _line(k), k.value, "unknown top-level key", sorted(TOP_LEVEL))
     return AgentConfig(path, agent, sections["probes"], sections["processors"], sections["exporters"],
-                       _pipelines(*pipelines, sections, path, env))
+                       _pipelines(*pipelines, sections, path, env), redaction)
 
 
 def build(cls: type, node, keypath: str, path: str, env, *, line: int | None = None,

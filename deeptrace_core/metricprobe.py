@@ -18,9 +18,14 @@ from attrs import validators as v
 from . import bpf
 
 
+MAX_RING_PAGES = 1 << 18      # 1 GiB of 4 KB pages: more is a typo, not a ring
+
+
 def power_of_two(inst, attribute, value):
-    if value <= 0 or value & (value - 1):
-        raise ValueError(f"{attribute.name} must be a power of two, got {value}")
+    """A ring buffer's size in pages: a power of two, at most MAX_RING_PAGES."""
+    if value <= 0 or value & (value - 1) or value > MAX_RING_PAGES:
+        raise ValueError(f"{attribute.name} must be a power of two up to {MAX_RING_PAGES}, "
+                         f"got {value}")
 
 
 @attrs.define
@@ -34,8 +39,9 @@ class IntervalConfig:
 class ProcessConfig(IntervalConfig):
     """... and those of a probe with per-process series in kernel maps."""
 
-    top_n: int = attrs.field(default=20, validator=v.ge(1))             # processes labelled
-    max_processes: int = attrs.field(default=16384, validator=v.ge(64))  # map entries
+    top_n: int = attrs.field(default=20, validator=[v.ge(1), v.le(100_000)])  # processes labelled
+    max_processes: int = attrs.field(default=16384,                          # map entries
+                                     validator=[v.ge(64), v.le(1 << 22)])
 
 
 @attrs.define

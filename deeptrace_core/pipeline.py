@@ -1,19 +1,24 @@
-"""A pipeline: a batch of records through processors, then to every exporter.
+"""A pipeline: a batch of records through processors, redaction, then every exporter.
 
 Plain method calls only; a component that raises is counted and isolated, never fatal.
 """
 
 import logging
 
+from .redaction import DEFAULT as DEFAULT_REDACTOR
+
 log = logging.getLogger("deeptrace.pipeline")
 
 
 class Pipeline:
-    def __init__(self, name, processors, exporters):
+    def __init__(self, name, processors, exporters, redactor=None):
         self.name = name
+        # No exporter sees a record before redaction (deeptrace_core/redaction.py).
+        self.redactor = redactor if redactor is not None else DEFAULT_REDACTOR
         self.processors = processors  # [(id, processor)]
         self.exporters = exporters    # [(id, exporter)]
         self.errors = {cid: 0 for cid, _ in processors + exporters}
+        self.errors["redaction"] = 0
         self.records_in = 0
         self.records_out = 0
 
@@ -49,6 +54,11 @@ class Pipeline:
                 return
         if not batch:
             return
+        try:
+            batch = self.redactor.batch(batch)
+        except Exception as exc:
+            self._failed("redaction", exc)
+            return  # never export what could not be redacted
         self.records_out += len(batch)
         for cid, exp in self.exporters:
             try:

@@ -411,6 +411,8 @@ NOT_COMPONENTS = {
     ("plugins.py", "_path"),                  # an entry point's distribution
     ("traces_cli.py", "traces_command"),      # argparse
     ("traces_cli.py", "isatty"),              # a stream
+    ("redaction.py", "kind"), ("redaction.py", "payload"),   # records, not components
+    ("redaction.py", "attributes"),
 }
 _READ = re.compile(r"\b(?:getattr|hasattr)\(\s*[^,()]+,\s*[\"'](\w+)[\"']")
 

@@ -49,7 +49,8 @@ def rename(name):
 def test_example_config_end_to_end_and_sigterm_detaches(tmp_path):
     require_bpf()
     cfg = tmp_path / "agent.yaml"
-    cfg.write_text(EXAMPLE_CONFIG)
+    # Raw records keep their payload bytes only when the redaction policy says so.
+    cfg.write_text(EXAMPLE_CONFIG + "redaction:\n  payloads: keep\n")
     agent = subprocess.Popen([*DEEPTRACE, "--config", str(cfg)], stderr=subprocess.PIPE,
                              text=True, env={**os.environ, "OUT": str(tmp_path)},
                              start_new_session=True)   # as under systemd: its own session

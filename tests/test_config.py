@@ -267,9 +267,9 @@ def test_env_value_of_wrong_type():
 def test_unknown_top_level_key():
     err = error("probes: {}\nexporter:\n  jsonl:\n")
     check(err, 2, "exporter", "unknown top-level key",
-          ["agent", "exporters", "pipelines", "probes", "processors"],
+          ["agent", "exporters", "pipelines", "probes", "processors", "redaction"],
           "agent.yaml:2: exporter: unknown top-level key "
-          "(allowed: agent, exporters, pipelines, probes, processors)")
+          "(allowed: agent, exporters, pipelines, probes, processors, redaction)")
 
 
 def test_unknown_component_type():
@@ -583,3 +583,27 @@ def test_traces_cli_durations_are_ranged_too(text):
     with pytest.raises(argparse.ArgumentTypeError, match="out of range"):
         parse_duration(text)
     assert parse_duration("36500d") == 100 * 365 * 86_400 * 10 ** 9
+
+
+def test_every_count_of_every_plugin_has_an_upper_bound():
+    """Issue 13, row 16: a count in the config sizes memory (maps, queues, tables); a value
+    like 10**15 must be a config error naming the key, not an allocation that fails later
+    or never ends."""
+    from deeptrace_core.plugins import PluginHost
+    schemas = PluginHost().load_entry_points().registry().schemas()
+    checked = []
+    for kind, classes in schemas.items():
+        for name, cls in classes.items():
+            attrs.resolve_types(cls)
+            for a in (a for a in attrs.fields(cls) if a.type is int):
+                body = f"{kind}:\n  {name}:\n    {a.name}: {10 ** 15}\n"
+                if kind == "protocols":     # a protocol's own settings
+                    body = ("processors:\n  spans:\n    protocol_config:\n"
+                            f"      {name}:\n        {a.name}: {10 ** 15}\n")
+                with pytest.raises(ConfigError) as e:
+                    parse_config(body + "pipelines:\n  p: {probes: [x], exporters: [y]}\n",
+                                 "agent.yaml", schemas, {})
+                assert e.value.key.endswith(a.name) and e.value.line is not None, str(e.value)
+                checked.append(f"{kind}.{name}.{a.name}")
+    assert "processors.spans.max_pending" in checked and "probes.trace.max_connections" in checked
+    assert "protocols.mysql.max_statements" in checked and len(checked) >= 20, checked

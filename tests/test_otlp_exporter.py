@@ -603,12 +603,38 @@ def test_red_series_are_bounded_and_buckets_are_upper_inclusive():
     other = pts["deeptrace.request.duration", "other", "http1"]
     # 1 s: 0.8192 s < 1 s <= 1.6384 s, bucket 14
     assert other.count == 3 and other.sum == 3.0 and other.counts[14] == 3
-    assert r.stats() == {"red_series": 4, "red_overflow_spans": 4}
+    assert r.stats() == {"red_series": 4, "red_overflow_spans": 4, "red_expired": 0}
     # "other" series are bounded too: past max_series of them, one per kind remains
     for proto in ("p1", "p2", "p3"):
         r.add(make_span(0, operation="x", protocol=proto))
     assert len(r) <= 2 * r.max_series + 2
     assert {k for k in r.series if k[0] == "other"} == {("other", "server", "other", "other")}
+
+
+def test_red_series_expire_and_free_their_place():
+    """A burst of one-off operations must not fold every later operation into "other" for
+    good: a series without spans for `ttl` seconds is forgotten (issue 13, row 8)."""
+    now = [1000.0]
+    r = Red(ServiceNamer(), max_series=2, ttl=60.0, clock=lambda: now[0])
+    for op in ("/item/1", "/item/2", "/item/3"):
+        r.add(make_span(0, operation=op))
+    assert sorted(k[3] for k in r.series) == ["/item/1", "/item/2", "other"]
+    now[0] += 30
+    r.add(make_span(0, operation="/item/2"))            # still in use: kept
+    now[0] += 31                                         # /item/1 and other: 61 s idle
+    r.add(make_span(0, operation="GET /health"))
+    assert sorted(k[3] for k in r.series) == ["/item/2", "GET /health"]
+    assert r.stats()["red_expired"] == 2
+    pts = {(p.name, p.attributes["operation"]): p for p in r.points()}
+    health = pts["deeptrace.requests", "GET /health"]
+    assert health.value == 1 and health.start_ns > pts["deeptrace.requests", "/item/2"].start_ns
+    now[0] += 61
+    assert r.points() == [] and r.stats()["red_series"] == 0   # scrape-time expiry too
+    r2 = Red(ServiceNamer(), max_series=1, ttl=0, clock=lambda: now[0])   # 0: kept forever
+    r2.add(make_span(0, operation="x"))
+    now[0] += 10 ** 6
+    r2.add(make_span(0, operation="y"))
+    assert sorted(k[3] for k in r2.series) == ["other", "x"]
 
 
 def test_service_name_rules_first_match_on_comm_or_cmdline():

@@ -53,13 +53,13 @@ V_CPU, V_VOL, V_INVOL, V_RQN, V_RQSUM, V_HIST = range(6)
 class CpuConfig(ProcessConfig):
     """``probes.cpu`` in the YAML config."""
 
-    max_threads: int = attrs.field(default=65536, validator=v.ge(64))
+    max_threads: int = attrs.field(default=65536, validator=[v.ge(64), v.le(1 << 22)])
     profile: bool = False               # sampling profiler (folded stacks + flame graph)
     profile_hz: int = attrs.field(default=49, validator=[v.ge(1), v.le(10000)])
     profile_dir: str = "/var/lib/deeptrace/profiles"
-    profile_keep: int = attrs.field(default=60, validator=v.ge(1))   # newest profiles kept
-    profile_stack_entries: int = attrs.field(default=16384, validator=v.ge(64))
-    profile_max_keys: int = attrs.field(default=16384, validator=v.ge(64))
+    profile_keep: int = attrs.field(default=60, validator=[v.ge(1), v.le(100_000)])   # newest profiles kept
+    profile_stack_entries: int = attrs.field(default=16384, validator=[v.ge(64), v.le(1 << 22)])
+    profile_max_keys: int = attrs.field(default=16384, validator=[v.ge(64), v.le(1 << 22)])
 
 
 class CpuProbe(BpfMetricProbe):

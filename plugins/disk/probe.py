@@ -61,7 +61,7 @@ SIZE_BOUNDS = log2_bounds(1, NSLOTS)
 class DiskConfig(ProcessConfig):
     """``probes.disk`` in the YAML config."""
 
-    max_inflight: int = attrs.field(default=16384, validator=v.ge(64))
+    max_inflight: int = attrs.field(default=16384, validator=[v.ge(64), v.le(1 << 22)])
     stale_seconds: float = attrs.field(default=120.0, validator=v.gt(0),
                                        metadata={"unit": "seconds"})
 

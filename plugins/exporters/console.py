@@ -13,6 +13,7 @@ import sys
 import time
 
 import attrs
+from attrs import validators as v
 
 from deeptrace_core.escape import printable
 from deeptrace_core.hookspecs import hookimpl
@@ -29,8 +30,8 @@ class ConsoleConfig:
     stream: str = attrs.field(default="stdout", validator=attrs.validators.in_(["stdout", "stderr"]))
     summary_interval: float = attrs.field(default=10.0, validator=_positive,
                                           metadata={"unit": "seconds"})
-    max_rows: int = attrs.field(default=20, validator=_positive)      # per metric name
-    max_series: int = attrs.field(default=10000, validator=_positive)  # held between summaries
+    max_rows: int = attrs.field(default=20, validator=[_positive, v.le(100_000)])      # per metric name
+    max_series: int = attrs.field(default=10000, validator=[_positive, v.le(10_000_000)])  # held between summaries
 
 
 def _value(v) -> str:

@@ -71,6 +71,7 @@ from collections import deque
 from typing import Literal
 
 import attrs
+from attrs import validators as v
 
 from deeptrace_core.escape import printable
 from deeptrace_core.hookspecs import hookimpl
@@ -118,10 +119,10 @@ class OtlpConfig:
     # endpoint given without one. Certificates are always verified when TLS is used.
     insecure: bool = True
     compression: Literal["none", "gzip"] = "none"
-    queue_size: int = attrs.field(default=2048, validator=_positive)   # items, not batches
-    max_batch: int = attrs.field(default=512, validator=_positive)     # items per request
+    queue_size: int = attrs.field(default=2048, validator=[_positive, v.le(10_000_000)])   # items, not batches
+    max_batch: int = attrs.field(default=512, validator=[_positive, v.le(1_000_000)])     # items per request
     export_interval: float = attrs.field(default=1.0, validator=_positive, metadata=SECONDS)
-    max_retries: int = attrs.field(default=5, validator=_not_negative)
+    max_retries: int = attrs.field(default=5, validator=[_not_negative, v.le(1000)])
     retry_initial_backoff: float = attrs.field(default=0.5, validator=_positive,
                                                metadata=SECONDS)
     retry_max_backoff: float = attrs.field(default=5.0, validator=_positive, metadata=SECONDS)
@@ -129,7 +130,7 @@ class OtlpConfig:
                                           metadata=SECONDS)
     service_name_rules: list[ServiceRule] = attrs.Factory(list)
     red_metrics: bool = True
-    red_max_series: int = attrs.field(default=1000, validator=_positive)
+    red_max_series: int = attrs.field(default=1000, validator=[_positive, v.le(1_000_000)])
 
 
 def forget(exc) -> None:

@@ -35,6 +35,7 @@ import threading
 import time
 
 import attrs
+from attrs import validators as v
 
 from deeptrace_core.escape import printable
 from deeptrace_core.hookspecs import hookimpl
@@ -199,10 +200,10 @@ def _parse_address(address: str):
 class PrometheusConfig:
     address: str = "127.0.0.1:9464"      # HOST:PORT ([v6]:PORT); port 0 picks a free one
     path: str = "/metrics"
-    max_series: int = 10000
+    max_series: int = attrs.field(default=10000, validator=[v.ge(1), v.le(10_000_000)])
     series_ttl: float = attrs.field(default=300.0, metadata={"unit": "seconds"})
     red_metrics: bool = True
-    red_max_series: int = 1000
+    red_max_series: int = attrs.field(default=1000, validator=[v.ge(1), v.le(1_000_000)])
     service_name_rules: list[ServiceRule] = attrs.Factory(list)
     request_timeout: float = attrs.field(default=5.0, metadata={"unit": "seconds"})
 
@@ -214,8 +215,6 @@ class PrometheusConfig:
             raise ValueError(f"path must start with '/', got {self.path!r}")
         if self.series_ttl < 0:
             raise ValueError(f"series_ttl must be >= 0, got {self.series_ttl}")
-        if self.max_series < 1 or self.red_max_series < 1:
-            raise ValueError("max_series and red_max_series must be at least 1")
 
 
 HANDLER_THREADS = 4        # requests served at once
@@ -283,8 +282,8 @@ class PrometheusExporter:
 
     def __init__(self, config: PrometheusConfig, context=None):
         self.config = config
-        self.red = (Red(ServiceNamer(config.service_name_rules), config.red_max_series)
-                    if config.red_metrics else None)
+        self.red = (Red(ServiceNamer(config.service_name_rules), config.red_max_series,
+                        ttl=config.series_ttl) if config.red_metrics else None)
         self._lock = threading.Lock()
         self._series: dict = {}          # (name, sorted attrs) -> (MetricPoint, monotonic)
         self._helps: dict = {}           # name -> description (points may omit it)

@@ -20,7 +20,11 @@ spans of any further series are aggregated into ``operation="other"`` of the sam
 service, kind and protocol (counted in ``overflow_spans``). Those "other" series are
 themselves capped at ``max_series``; beyond that everything lands in one
 ``service.name="other"`` series per kind. So there are never more than
-``2 * max_series + 2`` series.
+``2 * max_series + 2`` series. A series no span has updated for ``ttl`` seconds (the
+Prometheus exporter's ``series_ttl``, default 300 s; 0 keeps them) is forgotten and frees
+its place, so a burst of one-off operations does not fold every later operation into
+"other" for good (counted in ``expired``). A series that comes back starts again from
+zero with a new start time (a counter reset, as Prometheus and OTLP expect).
 
 Aggregation is O(1) per span (a dict look-up and a bisect) and thread-safe: exporters
 call :meth:`Red.add` on the hot path and :meth:`Red.points` from another thread.
@@ -43,6 +47,7 @@ DURATION = "deeptrace.request.duration"
 # 100 µs, 200 µs, ... 2^20 * 100 µs (~105 s); the last bucket (+Inf) is implicit.
 DURATION_BOUNDS = log2_bounds(100e-6, 21)
 OTHER = "other"
+NAMED, OTHERS, LAST = 0, 1, 2
 
 
 def _compile(_inst, attribute, value):
@@ -83,18 +88,21 @@ class ServiceNamer:
 
 
 class _Series:
-    __slots__ = ("requests", "errors", "counts", "sum")
+    __slots__ = ("requests", "errors", "counts", "sum", "start_ns", "seen", "tier")
 
-    def __init__(self, nbuckets):
+    def __init__(self, nbuckets, seen, tier):
         self.requests = 0
         self.errors = 0
         self.counts = [0] * nbuckets
         self.sum = 0.0
+        self.start_ns = time.time_ns()
+        self.seen = seen          # monotonic seconds of the last span
+        self.tier = tier          # NAMED, OTHERS or LAST: which cap it counts against
 
 
 class Red:
     def __init__(self, namer: ServiceNamer | None = None, max_series: int = 1000,
-                 bounds: tuple = DURATION_BOUNDS):
+                 bounds: tuple = DURATION_BOUNDS, ttl: float = 300.0, clock=time.monotonic):
         if max_series < 1:
             raise ValueError("red_max_series must be at least 1")
         self.namer = namer or ServiceNamer()
@@ -105,6 +113,10 @@ class Red:
         self.named = 0            # series that kept their own operation
         self.others = 0           # operation="other" series
         self.overflow_spans = 0   # spans folded into an "other" series
+        self.expired = 0          # series forgotten after `ttl` seconds without a span
+        self.ttl = ttl
+        self.clock = clock
+        self._last_expiry = clock()
         self._lock = threading.Lock()
 
     def add(self, span) -> None:
@@ -117,35 +129,53 @@ class Red:
         rows = [((namer(s.comm, s.cmdline), s.role, s.protocol, s.operation or s.protocol),
                  s.error, max(0, s.end_ns - s.start_ns) / 1e9) for s in spans]
         series = self.series
+        now = self.clock()
         with self._lock:
             for key, error, seconds in rows:
                 s = series.get(key)
                 if s is None:
-                    s = self._new_series(key)
+                    s = self._new_series(key, now)
+                s.seen = now
                 s.requests += 1
                 if error:
                     s.errors += 1
                 s.counts[bisect_left(bounds, seconds)] += 1
                 s.sum += seconds
 
-    def _new_series(self, key):
+    def _new_series(self, key, now):
+        if self.named >= self.max_series and now - self._last_expiry >= 1.0:
+            self._expire_locked(now)      # stale series make room (at most once a second)
+        tier = NAMED
         if self.named < self.max_series:
             self.named += 1
         else:
             self.overflow_spans += 1
-            key = (key[0], key[1], key[2], OTHER)
+            tier, key = OTHERS, (key[0], key[1], key[2], OTHER)
             s = self.series.get(key)
             if s is not None:
                 return s
             if self.others >= self.max_series:
-                key = (OTHER, key[1], OTHER, OTHER)
+                tier, key = LAST, (OTHER, key[1], OTHER, OTHER)
                 s = self.series.get(key)
                 if s is not None:
                     return s
             else:
                 self.others += 1
-        s = self.series[key] = _Series(len(self.bounds) + 1)
+        s = self.series[key] = _Series(len(self.bounds) + 1, now, tier)
         return s
+
+    def _expire_locked(self, now):
+        self._last_expiry = now
+        if self.ttl <= 0:
+            return
+        limit = now - self.ttl
+        for key in [k for k, s in self.series.items() if s.seen < limit]:
+            tier = self.series.pop(key).tier
+            self.expired += 1
+            if tier == NAMED:
+                self.named -= 1
+            elif tier == OTHERS:
+                self.others -= 1
 
     def __len__(self):
         return len(self.series)
@@ -154,22 +184,25 @@ class Red:
         """The current cumulative values, as MetricPoints (three per series)."""
         now = time_ns or time.time_ns()
         with self._lock:
-            snapshot = [(k, s.requests, s.errors, tuple(s.counts), s.sum)
+            self._expire_locked(self.clock())
+            snapshot = [(k, s.requests, s.errors, tuple(s.counts), s.sum, s.start_ns)
                         for k, s in self.series.items()]
         out = []
-        for (service, kind, protocol, operation), requests, errors, counts, total in snapshot:
+        for (service, kind, protocol, operation), requests, errors, counts, total, start_ns \
+                in snapshot:
             labels = {"service.name": service, "span.kind": kind,
                       "deeptrace.protocol": protocol, "operation": operation}
             out.append(MetricPoint(REQUESTS, SUM, "{request}", requests, labels,
-                                   "Requests seen in spans", start_ns=self.start_ns, time_ns=now))
+                                   "Requests seen in spans", start_ns=start_ns, time_ns=now))
             out.append(MetricPoint(ERRORS, SUM, "{error}", errors, dict(labels),
-                                   "Requests whose span is an error", start_ns=self.start_ns,
+                                   "Requests whose span is an error", start_ns=start_ns,
                                    time_ns=now))
             out.append(MetricPoint(DURATION, HISTOGRAM, "s", 0, dict(labels),
                                    "Request duration seen in spans", bounds=self.bounds,
                                    counts=counts, count=requests, sum=total,
-                                   start_ns=self.start_ns, time_ns=now))
+                                   start_ns=start_ns, time_ns=now))
         return out
 
     def stats(self) -> dict:
-        return {"red_series": len(self.series), "red_overflow_spans": self.overflow_spans}
+        return {"red_series": len(self.series), "red_overflow_spans": self.overflow_spans,
+                "red_expired": self.expired}

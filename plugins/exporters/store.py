@@ -75,11 +75,11 @@ INSERT = f"INSERT INTO spans ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len
 @attrs.define
 class StoreConfig:
     path: str = DEFAULT_DB
-    max_spans: int = attrs.field(default=1_000_000, validator=v.ge(1))
+    max_spans: int = attrs.field(default=1_000_000, validator=[v.ge(1), v.le(1 << 40)])
     max_age: float = attrs.field(default=7 * 86400.0, validator=v.gt(0), metadata={"unit": "seconds"})
     retention_interval: float = attrs.field(default=60.0, validator=v.gt(0),
                                             metadata={"unit": "seconds"})
-    queue_size: int = attrs.field(default=50_000, validator=v.ge(1))  # spans waiting for the disk
+    queue_size: int = attrs.field(default=50_000, validator=[v.ge(1), v.le(10_000_000)])  # spans waiting for the disk
 
 
 def span_row(span) -> tuple:

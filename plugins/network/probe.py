@@ -90,7 +90,7 @@ SOCK_DONE_BIT = 1
 class NetworkConfig(ProcessConfig):
     """``probes.network`` in the YAML config."""
 
-    max_connections: int = attrs.field(default=65536, validator=v.ge(64))
+    max_connections: int = attrs.field(default=65536, validator=[v.ge(64), v.le(1 << 22)])
     ringbuf_pages: int = attrs.field(default=64, validator=power_of_two)
 
 

@@ -41,13 +41,13 @@ class TracesConfig:
     # How long a span waits, after it reaches this stage, for its parent to arrive.
     wait: float = attrs.field(default=2.0, validator=v.ge(0), metadata={"unit": "seconds"})
     max_hold: float = attrs.field(default=30.0, validator=v.gt(0), metadata={"unit": "seconds"})
-    max_spans: int = attrs.field(default=200_000, validator=v.ge(1))
+    max_spans: int = attrs.field(default=200_000, validator=[v.ge(1), v.le(10_000_000)])
     statistical: bool = True
     min_confidence: float = attrs.field(default=0.0, validator=[v.ge(0), v.le(1)])
     # Operation pairs (and server operations) the statistical fallback remembers; the
     # least recently learned go first (counted as learned_evicted). Paths with ids in
     # them make a new operation per request: the tables must not grow with traffic.
-    max_learned: int = attrs.field(default=10_000, validator=v.ge(1))
+    max_learned: int = attrs.field(default=10_000, validator=[v.ge(1), v.le(1_000_000)])
 
 
 def _addr(a: str) -> str:

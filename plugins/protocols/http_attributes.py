@@ -2,25 +2,21 @@
 semantic conventions, with credentials redacted) and HTTP's error rule for spans.
 """
 
-import re
-
 import httptools
 
+from deeptrace_core import redaction
+
 # Headers recorded as http.{request,response}.header.<name>; values of the sensitive
-# ones are never recorded.
+# ones are never recorded (the built-in redaction policy).
+HEADER_REDACT = frozenset(redaction.HEADERS)
 HEADER_ALLOW = frozenset({"content-type", "content-length", "accept", "x-request-id",
                           "x-forwarded-for", "traceparent", "tracestate", "b3", "x-b3-traceid",
-                          "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled",
-                          "authorization", "cookie", "set-cookie", "proxy-authorization"})
-HEADER_REDACT = frozenset({"authorization", "cookie", "set-cookie", "proxy-authorization"})
-# Query parameters whose values are credentials (OpenTelemetry url.query guidance).
-_QUERY_SECRET = re.compile(r"(?i)((?:^|&)(?:AWSAccessKeyId|Signature|sig|X-Goog-Signature"
-                           r"|access_token|token|api_key|apikey|password)=)[^&]*")
+                          "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled"}) | HEADER_REDACT
 
 
 def header_attributes(headers: dict, prefix: str) -> dict:
     """The allow-listed headers (lower-case names) as ``<prefix>.<name>`` attributes."""
-    return {f"{prefix}.{k}": ("[REDACTED]" if k in HEADER_REDACT else v)
+    return {f"{prefix}.{k}": (redaction.HEADER_MASK if k in HEADER_REDACT else v)
             for k, v in headers.items() if k in HEADER_ALLOW}
 
 
@@ -40,6 +36,7 @@ def server_attributes(authority: str) -> dict:
     """server.address / server.port from a Host header or :authority."""
     if not authority:
         return {}
+    authority = redaction.strip_userinfo(authority)    # Host: user:password@host
     host, port = authority, None
     if authority.startswith("["):           # [v6]:port
         host, _, rest = authority[1:].partition("]")
@@ -56,10 +53,11 @@ def server_attributes(authority: str) -> dict:
 def request_attributes(method: str, target: str, headers: dict, version: str) -> tuple:
     """(operation, attributes) of an HTTP request, shared with the HTTP/2 parser."""
     path, query = split_target(target)
+    path = redaction.DEFAULT.path(path)                 # /cart;jsessionid=...
     attrs = {"http.request.method": method, "url.path": path,
              "network.protocol.version": version}
     if query:
-        attrs["url.query"] = _QUERY_SECRET.sub(r"\1REDACTED", query)
+        attrs["url.query"] = redaction.DEFAULT.query(query)
     attrs.update(server_attributes(headers.get("host") or headers.get(":authority", "")))
     if "user-agent" in headers:
         attrs["user_agent.original"] = headers["user-agent"]

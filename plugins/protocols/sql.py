@@ -23,15 +23,23 @@ _LEAD = re.compile(r"(?:\s+|\(|/\*![0-9]*|/\*(?!!).*?(?:\*/|\Z)"
                    r"|--[^\n]*(?:\n|\Z)|#[^\n]*(?:\n|\Z))*", re.S)
 _WORD = re.compile(r"[A-Za-z_]+")
 
-_QUOTED = r"""'(?:[^'\\]|\\.|'')*(?:'|\Z)|"(?:[^"\\]|\\.|"")*(?:"|\Z)"""
+# A literal: 'x' (with '' and backslash escapes), E'x' (PostgreSQL escapes), N'x', "x",
+# and PostgreSQL dollar quoting $$x$$ / $tag$x$tag$.
+_QUOTED = (r"""(?:[EeNn]?'(?:[^'\\]|\\.|'')*(?:'|\Z)|"(?:[^"\\]|\\.|"")*(?:"|\Z)"""
+           r"""|\$(?P<tag>[A-Za-z_]\w*)?\$.*?(?:\$(?P=tag)\$|\Z))""")
+# Blanks and comments a statement may hold between a keyword and its literal.
+_GAP = r"(?:\s|/\*.*?(?:\*/|\Z)|--[^\n]*(?:\n|\Z))*"
 _REDACT = [
     # MySQL: SET PASSWORD [FOR user] = 'x' | = PASSWORD('x'): the user comes before '='.
-    (re.compile(r"(\bSET\s+PASSWORD\b[^=]*=\s*(?:PASSWORD\s*\(\s*)?)(" + _QUOTED + ")",
-                re.I | re.S), r"\1'?'"),
+    (re.compile(r"(\bSET\s+PASSWORD\b[^=]*=" + _GAP + r"(?:PASSWORD" + _GAP + r"\(" + _GAP + r")?)("
+                + _QUOTED + ")", re.I | re.S), r"\1'?'"),
     # PASSWORD 'x' (PostgreSQL roles, MySQL PASSWORD('x'), user mappings), IDENTIFIED BY
-    # 'x', IDENTIFIED BY PASSWORD 'x', IDENTIFIED WITH|VIA plugin BY|AS|USING 'x'.
-    (re.compile(r"(\b(?:PASSWORD|IDENTIFIED\s+BY|IDENTIFIED\s+(?:WITH|VIA)\s+\w+\s+(?:BY|AS|USING))"
-                r"\s*(?:=\s*)?(?:PASSWORD\s*)?\(?\s*)(" + _QUOTED + ")", re.I | re.S), r"\1'?'"),
+    # 'x', IDENTIFIED BY PASSWORD 'x', IDENTIFIED WITH|VIA plugin BY|AS|USING 'x', and
+    # MySQL replication's MASTER_PASSWORD / SOURCE_PASSWORD = 'x'.
+    (re.compile(r"(\b(?:(?:MASTER_|SOURCE_)?PASSWORD|IDENTIFIED\s+BY"
+                r"|IDENTIFIED\s+(?:WITH|VIA)\s+\w+\s+(?:BY|AS|USING))"
+                + _GAP + r"(?:=" + _GAP + r")?(?:PASSWORD" + _GAP + r")?\(?" + _GAP + r")("
+                + _QUOTED + ")", re.I | re.S), r"\1'?'"),
     # password=... inside connection strings (dblink, CREATE SUBSCRIPTION ... CONNECTION).
     (re.compile(r"(\bpassword\s*=\s*)([^\s'\"]+)", re.I), r"\1?"),
 ]
@@ -42,7 +50,7 @@ class StatementsConfig:
     """``processors.spans.protocol_config.mysql`` (and ``.postgresql``) in the YAML config."""
 
     # Prepared statements remembered per connection (LRU); PostgreSQL's named ones.
-    max_statements: int = attrs.field(default=4096, validator=v.ge(1))
+    max_statements: int = attrs.field(default=4096, validator=[v.ge(1), v.le(1_000_000)])
 
 
 def text_byte(c: int) -> bool:

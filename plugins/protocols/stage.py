@@ -52,8 +52,8 @@ class SpansConfig:
     # protocol_payload_bytes, so configuring one protocol does not disable the others.
     protocol_config: dict[str, object] = attrs.field(
         factory=dict, validator=_enabled, metadata={"registered": "protocols"})
-    max_connections: int = attrs.field(default=20000, validator=v.ge(1))
-    max_pending: int = attrs.field(default=1000, validator=v.ge(1))  # per connection
+    max_connections: int = attrs.field(default=20000, validator=[v.ge(1), v.le(1_000_000)])
+    max_pending: int = attrs.field(default=1000, validator=[v.ge(1), v.le(1_000_000)])  # per connection
     request_timeout: float = attrs.field(default=60.0, validator=v.gt(0),
                                          metadata={"unit": "seconds"})
 

@@ -9,6 +9,7 @@ from attrs import validators as v
 
 from deeptrace_core import bpf, btf
 from deeptrace_core.l7 import check_protocols
+from deeptrace_core.metricprobe import power_of_two
 from deeptrace_core.ringbuf import RingBuffer
 
 from .decoder import LOSS_STATS, STAT_NAMES, make_decoder
@@ -35,11 +36,6 @@ def _payload_sizes(inst, attribute, value):
             raise ValueError(f"{name}: {size} is not within 0..{MAX_PAYLOAD} bytes")
 
 
-def _power_of_two(inst, attribute, value):
-    if value <= 0 or value & (value - 1):
-        raise ValueError(f"{attribute.name} must be a power of two, got {value}")
-
-
 @attrs.define
 class TraceConfig:
     """``probes.trace`` in the YAML config."""
@@ -51,11 +47,11 @@ class TraceConfig:
     payload_bytes: int = attrs.field(default=1024, validator=[v.ge(0), v.le(MAX_PAYLOAD)])
     # 16 MB: ~1 s of HTTP/1 at 30,000 requests/s, so a nice-10 agent that the traced
     # services keep off the CPU for a moment catches up instead of losing records.
-    ringbuf_pages: int = attrs.field(default=4096, validator=_power_of_two)
+    ringbuf_pages: int = attrs.field(default=4096, validator=power_of_two)
     # Wake the agent early once a CPU wrote this much; 0: default_wakeup_bytes().
     wakeup_bytes: int = attrs.field(default=0, validator=[v.ge(0), v.le(1 << 30)])
     poll_ms: int = attrs.field(default=100, validator=[v.ge(1), v.le(10000)])
-    max_connections: int = attrs.field(default=65536, validator=v.ge(16))
+    max_connections: int = attrs.field(default=65536, validator=[v.ge(16), v.le(1 << 22)])
     # L7 protocols to detect in the kernel; when set, only their connections are sent.
     # Names are checked against the registry when the file is loaded (config.py).
     protocols: list[str] = attrs.field(factory=list, metadata={"registered": "protocols"})

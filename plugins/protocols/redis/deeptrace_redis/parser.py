@@ -34,6 +34,9 @@ CONFIRM = {c.lower() for c in SUBSCRIBE | UNSUBSCRIBE}
 PUBSUB_MESSAGES = {b"message", b"pmessage", b"smessage"}
 SECRET_CONFIG = {b"REQUIREPASS", b"MASTERAUTH", b"MASTERUSER", b"TLS-KEY-FILE-PASS",
                  b"TLS-CLIENT-KEY-FILE-PASS"}
+# Sentinel's secret settings: SENTINEL SET <master> auth-pass <pw>, SENTINEL CONFIG SET
+# sentinel-pass <pw>.
+SECRET_SENTINEL = {b"AUTH-PASS", b"SENTINEL-PASS"}
 SCALARS = frozenset(b"+-:,(#_")
 BULKS = frozenset(b"$!=")
 AGGREGATES = frozenset(b"*%~>|")
@@ -80,7 +83,8 @@ def _show(value, truncated) -> str:
 
 def redact(args: list) -> list:
     """Argument bytes with credentials replaced by b'?' (AUTH, HELLO AUTH, MIGRATE AUTH,
-    CONFIG SET of secret settings, ACL SETUSER password rules)."""
+    CONFIG SET of secret settings, ACL SETUSER password rules, Sentinel's auth-pass and
+    sentinel-pass)."""
     if not args:
         return args
     cmd = args[0].upper() if args[0] else b""
@@ -100,6 +104,12 @@ def redact(args: list) -> list:
         for i in range(2, len(args) - 1, 2):
             if (args[i] or b"").upper() in SECRET_CONFIG:
                 out[i + 1] = b"?"
+    elif cmd == b"SENTINEL" and len(args) > 2:
+        sub = (args[1] or b"").upper()
+        if sub == b"SET" or sub == b"CONFIG" and (args[2] or b"").upper() == b"SET":
+            for i in range(3, len(args) - 1, 2):     # option/value pairs
+                if (args[i] or b"").upper() in SECRET_SENTINEL:
+                    out[i + 1] = b"?"
     elif cmd == b"ACL" and len(args) > 2 and (args[1] or b"").upper() == b"SETUSER":
         for i in range(3, len(args)):
             if (args[i] or b"")[:1] in (b">", b"<", b"#", b"!"):

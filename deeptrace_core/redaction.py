@@ -134,8 +134,8 @@ class Redactor:
         self._path_rx = re.compile(r"(?i)(;(?:%s)=)[^/;?#]*" % "|".join(path_names))
         headers = [h.lower() for h in HEADERS + tuple(config.headers)]
         self.header_names = _NameSet(headers)
-        self._header_keys = tuple(f"http.{d}.header.{h}" for d in ("request", "response")
-                                  for h in headers if not h.endswith("*"))
+        self._header_keys = frozenset(f"http.{d}.header.{h}" for d in ("request", "response")
+                                      for h in headers if not h.endswith("*"))
         self._header_prefixes = tuple(f"http.{d}.header.{h[:-1]}" for d in ("request", "response")
                                       for h in headers if h.endswith("*"))
         self._patterns = {}
@@ -191,9 +191,8 @@ class Redactor:
     # -- records ------------------------------------------------------------------------
     def attributes(self, attrs_: dict, protocol: str | None = None):
         """Redact an attribute dict in place."""
-        for key in self._header_keys:
-            if key in attrs_:
-                attrs_[key] = HEADER_MASK
+        for key in self._header_keys.intersection(attrs_):
+            attrs_[key] = HEADER_MASK
         if self._header_prefixes:
             for key in [k for k in attrs_ if k.startswith(self._header_prefixes)]:
                 attrs_[key] = HEADER_MASK

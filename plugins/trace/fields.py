@@ -8,6 +8,10 @@ entry against pahole.
 KERNEL_FIELDS = (
     "task_struct.files",
     "task_struct.comm",
+    "task_struct.nsproxy",      # confinement to network namespaces (probes.trace.netns)
+    "nsproxy.net_ns",
+    "net.ns",
+    "ns_common.inum",
     "files_struct.fdt",
     "fdtable.max_fds",
     "fdtable.fd",

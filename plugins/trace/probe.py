@@ -1,6 +1,7 @@
 """The trace probe: socket system calls of the selected processes, one record per call."""
 
 import ctypes
+import fcntl
 import logging
 import os
 
@@ -44,6 +45,11 @@ class TraceConfig:
     comms: list[str] = attrs.field(factory=list)      # ... and processes with these names
     exclude_comms: list[str] = attrs.field(factory=list)  # never these (e.g. sshd: no feedback)
     ports: list[int] = attrs.field(factory=list)      # only sockets with one of these ports
+    # Confine the agent to these network namespaces (names as `ip netns` lists them, or
+    # nsfs paths such as /proc/PID/ns/net) and/or these cgroup v2 directories (absolute,
+    # or relative to the v2 mount; their descendants too): nothing outside is traced.
+    netns: list[str] = attrs.field(factory=list, validator=lambda i, a, val: netns_inodes(val))
+    cgroups: list[str] = attrs.field(factory=list, validator=lambda i, a, val: cgroup_ids(val))
     payload_bytes: int = attrs.field(default=1024, validator=[v.ge(0), v.le(MAX_PAYLOAD)])
     # 16 MB: ~1 s of HTTP/1 at 30,000 requests/s, so a nice-10 agent that the traced
     # services keep off the CPU for a moment catches up instead of losing records.
@@ -63,6 +69,61 @@ class TraceConfig:
 
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
+NETNS_DIR = "/var/run/netns"
+NS_GET_NSTYPE, CLONE_NEWNET = 0xB703, 0x40000000     # linux/nsfs.h, linux/sched.h
+
+
+def netns_inodes(names) -> dict:
+    """{name: namespace inode} of `ip netns` names or nsfs paths; ValueError if one is
+    not a network namespace."""
+    out = {}
+    for name in names:
+        path = name if name.startswith("/") else os.path.join(NETNS_DIR, name)
+        try:
+            st = os.stat(path)
+            with open(path) as f:   # an nsfs file (ip netns bind-mounts one per name)
+                try:
+                    kind = fcntl.ioctl(f.fileno(), NS_GET_NSTYPE)
+                except OSError:
+                    kind = None
+            if kind != CLONE_NEWNET:
+                raise OSError("not a network namespace")
+        except OSError as e:
+            known = sorted(os.listdir(NETNS_DIR)) if os.path.isdir(NETNS_DIR) else []
+            raise ValueError(f"netns {name!r}: {e.strerror or e} (ip netns lists: "
+                             f"{', '.join(known) or 'none'})") from None
+        out[name] = st.st_ino
+    return out
+
+
+def cgroup2_root() -> str | None:
+    """Where the cgroup v2 hierarchy is mounted: /sys/fs/cgroup, or /sys/fs/cgroup/unified
+    on a hybrid (v1 + v2) host. The kernel's cgroup ids are those of this hierarchy."""
+    try:
+        with open("/proc/self/mounts") as f:
+            mounts = [line.split()[1] for line in f if line.split()[2:3] == ["cgroup2"]]
+    except OSError:
+        return None
+    return min(mounts, key=len) if mounts else None
+
+
+def cgroup_ids(paths) -> dict:
+    """{path: (cgroup id, level)} of cgroup v2 directories (absolute, or relative to the
+    v2 mount); ValueError if one is not."""
+    out = {}
+    root = cgroup2_root() if paths else None
+    if paths and root is None:
+        raise ValueError("cgroups: no cgroup v2 hierarchy is mounted")
+    for p in paths:
+        full = os.path.normpath(p if p.startswith(root + "/")
+                                else os.path.join(root, p.lstrip("/")))
+        rel = os.path.relpath(full, root)
+        if rel == "." or rel.startswith(".."):
+            raise ValueError(f"cgroups: {p!r} is not a cgroup below {root}")
+        if not os.path.exists(os.path.join(full, "cgroup.procs")):
+            raise ValueError(f"cgroups: {p!r}: no cgroup at {full}")
+        out[p] = (os.stat(full).st_ino, rel.count("/") + 1)
+    return out
 
 
 def default_wakeup_bytes(ring_bytes: int, cpus: int | None = None) -> int:
@@ -128,6 +189,9 @@ class TraceProbe:
             "FILTER_COMMS": int(bool(c.comms)),
             "FILTER_EXCLUDE_COMMS": int(bool(c.exclude_comms)),
             "FILTER_PORTS": int(bool(c.ports)),
+            "FILTER_NETNS": int(bool(c.netns)),
+            "FILTER_CGROUPS": int(bool(c.cgroups)),
+            "CGROUP_MAX_LEVEL": max((lv for _, lv in cgroup_ids(c.cgroups).values()), default=1),
             "SKC_CHUNK": max(m.offset + m.size for m in skc.values()),
             "L7_ENABLED": int(bool(self.protocols)),
             "L7_COUNT": max(1, len(self.protocols)),
@@ -183,6 +247,12 @@ class TraceProbe:
                     t[key] = one
         if c.ports:
             self.add_ports(c.ports)
+        # Names are resolved again at attach: a namespace or cgroup made anew since the
+        # config was read has a new inode.
+        if c.netns:
+            self._select(b"netns_filter", netns_inodes(c.netns).values())
+        if c.cgroups:
+            self._select(b"cgroup_filter", [cg for cg, _ in cgroup_ids(c.cgroups).values()])
         # Read in bulk from the mapping, not through BCC's per-record ctypes callback.
         self._decode = make_decoder(self.protocol_names)
         self.ring = RingBuffer(self.bpf[b"events"].map_fd, self.config.ringbuf_pages * PAGE)

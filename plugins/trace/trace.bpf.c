@@ -12,7 +12,7 @@
 // per-protocol caps, if any), PAYLOAD_MAX (the largest cap's power-of-two ceiling, for
 // verifier bounds), MAX_IOV, MMSG_MAX_IOV, MAX_MMSG,
 // CONN_MAX, RINGBUF_PAGES, WAKEUP_BYTES, SELF_TGID, FILTER_PIDS, FILTER_COMMS,
-// FILTER_EXCLUDE_COMMS, FILTER_PORTS, SKC_CHUNK, L7_ENABLED, L7_COUNT, L7_MAX_TRIES (and the l7_try_<i> programs).
+// FILTER_EXCLUDE_COMMS, FILTER_PORTS, FILTER_NETNS, FILTER_CGROUPS, CGROUP_MAX_LEVEL, SKC_CHUNK, L7_ENABLED, L7_COUNT, L7_MAX_TRIES (and the l7_try_<i> programs).
 
 #define AF_INET 2
 #define AF_INET6 10
@@ -105,6 +105,12 @@ struct inflight_t {
     u32 gen;     // the cached filter verdict below: filter generation it was reached at,
     u32 verdict; // the verdict,
     u64 comm[2]; // and the thread's name then
+#if FILTER_CGROUPS
+    u64 cgid;    // and its cgroup then (a thread moved into a container's cgroup re-decides)
+#endif
+#if FILTER_NETNS
+    u64 nsproxy; // and its namespaces then (setns, or `ip netns exec` after netlink calls)
+#endif
 };
 BPF_TASK_STORAGE(inflight, struct inflight_t);
 #ifndef BPF_LOCAL_STORAGE_GET_F_CREATE
@@ -140,6 +146,14 @@ BPF_HASH(exclude_comm_filter, struct comm_key_t, u8, 256);
 #if FILTER_PORTS
 BPF_HASH(port_filter, u16, u8, 1024);
 #endif
+// Confinement (probes.trace.netns / cgroups): only threads in one of these network
+// namespaces (by inode number) / under one of these cgroup v2 directories (by id).
+#if FILTER_NETNS
+BPF_HASH(netns_filter, u32, u8, 64);
+#endif
+#if FILTER_CGROUPS
+BPF_HASH(cgroup_filter, u64, u8, 256);
+#endif
 
 // Set by user space once filters and the L7 tail call are in place: BCC attaches the
 // tracepoints while it loads, before any of that could be done. Its value is also the
@@ -148,8 +162,43 @@ BPF_ARRAY(armed, u32, 1);
 
 // The filter's verdict: tgid and the filter tables decide it, and with a comm filter the
 // thread's name (`name`: task->comm, read in place through the task's BTF pointer).
+static __always_inline int confined(void) {
+#if FILTER_NETNS
+    // task->nsproxy->net_ns->ns.inum: nsproxy is NULL once the task is exiting.
+    u64 t = bpf_get_current_task(), nsproxy = 0, net = 0;
+    u32 inum = 0;
+    bpf_probe_read_kernel(&nsproxy, sizeof(nsproxy), (void *)(t + OFF_task_struct__nsproxy));
+    if (!nsproxy)
+        return 0;
+    bpf_probe_read_kernel(&net, sizeof(net), (void *)(nsproxy + OFF_nsproxy__net_ns));
+    if (!net)
+        return 0;
+    bpf_probe_read_kernel(&inum, sizeof(inum), (void *)(net + OFF_net__ns + OFF_ns_common__inum));
+    if (!netns_filter.lookup(&inum))
+        return 0;
+#endif
+#if FILTER_CGROUPS
+    // The thread's cgroup or any ancestor of it is listed: a container's processes sit in
+    // child cgroups of the one named.
+    int in = 0;
+#pragma unroll
+    for (int level = 1; level <= CGROUP_MAX_LEVEL; level++) {
+        u64 id = bpf_get_current_ancestor_cgroup_id(level);
+        if (!id)
+            break;
+        if (cgroup_filter.lookup(&id)) {
+            in = 1;
+            break;
+        }
+    }
+    if (!in)
+        return 0;
+#endif
+    return 1;
+}
+
 static __always_inline int filter_verdict(u32 tgid, u64 *name) {
-    if (tgid == SELF_TGID)
+    if (tgid == SELF_TGID || !confined())
         return 0;
 #if FILTER_COMMS || FILTER_EXCLUDE_COMMS
     struct comm_key_t k;
@@ -191,6 +240,22 @@ static __always_inline struct inflight_t *selected_thread(void) {
             stat_inc(ST_INFLIGHT_FAIL);
         return 0;
     }
+#if FILTER_CGROUPS
+    u64 cgid = bpf_get_current_cgroup_id();
+    if (a->cgid != cgid) {
+        a->cgid = cgid;
+        a->gen = 0;   // decide again below
+    }
+#endif
+#if FILTER_NETNS
+    u64 nsproxy = 0;
+    bpf_probe_read_kernel(&nsproxy, sizeof(nsproxy),
+                          (char *)bpf_get_current_task() + OFF_task_struct__nsproxy);
+    if (a->nsproxy != nsproxy) {
+        a->nsproxy = nsproxy;
+        a->gen = 0;
+    }
+#endif
 #if FILTER_COMMS || FILTER_EXCLUDE_COMMS
     u64 c0 = name[0], c1 = name[1];
     if (a->gen != *gen || a->comm[0] != c0 || a->comm[1] != c1) {

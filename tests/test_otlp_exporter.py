@@ -247,7 +247,8 @@ def test_spans_and_metrics_arrive_exactly(receiver):
                                             ServiceRule(match=r"^never$", service="nope")])
     trace_id, parent = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
     server = make_span(0, trace_id=trace_id, parent_span_id=parent, span_id="00f067aa0ba902b7",
-                       link_source="tcp_seq")
+                       link_source="tcp_seq", request_seq=(4294967000, 4294967100),
+                       response_seq=(77, 277))
     client = make_span(1, role="client", pid=5151, tid=5151, comm="curl",
                        cmdline="curl http://x/", local_addr="10.0.0.2", local_port=50001,
                        remote_addr="10.0.0.1", remote_port=8080, conn_id=9,
@@ -285,7 +286,7 @@ def test_spans_and_metrics_arrive_exactly(receiver):
 
     res, s = got["GET /items"]
     assert res == {"service.name": "shop-api", "host.name": HOST, "process.pid": 4242,
-                   "process.executable.name": "myserv",
+                   "deeptrace.agent.id": otlp.AGENT_ID, "process.executable.name": "myserv",
                    "process.command_line": "/usr/bin/myserv --port 8080",
                    "telemetry.sdk.name": "deeptrace", "telemetry.sdk.version": otlp.VERSION}
     assert s.kind == trace_pb2.Span.SpanKind.SPAN_KIND_SERVER
@@ -299,7 +300,11 @@ def test_spans_and_metrics_arrive_exactly(receiver):
         "network.peer.address": "10.0.0.2", "network.peer.port": 50000,
         "server.address": "10.0.0.1", "server.port": 8080,
         "client.address": "10.0.0.2", "client.port": 50000,
-        "deeptrace.protocol": "http1", "deeptrace.conn_id": 7, "deeptrace.link_source": "tcp_seq"}
+        "network.local.address": "10.0.0.1", "network.local.port": 8080,
+        "deeptrace.protocol": "http1", "deeptrace.conn_id": 7, "deeptrace.link_source": "tcp_seq",
+        # the stitch keys: the request's and the response's TCP stream positions
+        "deeptrace.request.seq_start": 4294967000, "deeptrace.request.seq_end": 4294967100,
+        "deeptrace.response.seq_start": 77, "deeptrace.response.seq_end": 277}
 
     res, s = got["redis"]
     assert res["service.name"] == "curl" and res["process.pid"] == 5151
@@ -314,6 +319,7 @@ def test_spans_and_metrics_arrive_exactly(receiver):
         "deeptrace.incomplete": True, "ratio": 0.5, "http.request.header.accept": ["a", "b"],
         "network.transport": "tcp", "network.type": "ipv4",
         "network.peer.address": "10.0.0.1", "network.peer.port": 8080, "server.port": 8080,
+        "network.local.address": "10.0.0.2", "network.local.port": 50001,
         "deeptrace.protocol": "redis", "deeptrace.conn_id": 9}
 
     res, s = got["QUERY example.com"]
@@ -335,6 +341,7 @@ def test_spans_and_metrics_arrive_exactly(receiver):
     r, m, dp = pts["system.memory.usage"]
     assert m.WhichOneof("data") == "gauge" and dp.as_int == 1 << 40
     assert r == {"service.name": "deeptrace-host", "host.name": HOST,
+                 "deeptrace.agent.id": otlp.AGENT_ID,
                  "telemetry.sdk.name": "deeptrace", "telemetry.sdk.version": otlp.VERSION}
     r, m, dp = pts["disk.io.latency"]
     assert m.histogram.aggregation_temporality == 2
@@ -744,3 +751,21 @@ def test_http_redirect_is_an_error_never_followed():
     assert seen[0][0] == "POST"
     assert (st["sent_spans"], st["failed_spans"], st["requests_failed"], st["retries"]) == \
         (0, 3, 1, 0)
+
+
+def test_resource_attributes_from_the_environment_and_the_config():
+    """Agents take host.name and the rest from OTEL_RESOURCE_ATTRIBUTES, as SDKs do; the
+    config's `resource` wins; every resource carries them and the agent's id."""
+    env = {"OTEL_RESOURCE_ATTRIBUTES": "host.name=host-b,deployment.environment=prod%20eu,"
+                                       "bad,=x,k8s.pod.name=web-1"}
+    got = otlp.resource_attributes({"deployment.environment": "staging"}, env)
+    assert got == {"host.name": "host-b", "deployment.environment": "staging",
+                   "k8s.pod.name": "web-1"}
+    conv = otlp.Converter(ServiceNamer(), resource=got)
+    res = attributes(conv.traces_request([make_span(0)]).resource_spans[0].resource.attributes)
+    assert (res["host.name"], res["k8s.pod.name"], res["deeptrace.agent.id"]) == \
+        ("host-b", "web-1", otlp.AGENT_ID)
+    assert res["service.name"] == "myserv" and res["process.pid"] == 4242
+    host = attributes(conv.named_resource(otlp.HOST_SERVICE).attributes)
+    assert host["host.name"] == "host-b" and host["deployment.environment"] == "staging"
+    assert otlp.OtlpConfig(resource={"host.name": "a"}).resource == {"host.name": "a"}

@@ -40,9 +40,13 @@ comm, ``host.name``, ``process.pid``, ``process.command_line``,
 the role, name = operation (or protocol), ids from the span (a fresh trace id when it
 has none), status ERROR when ``error``; attributes are the span's own plus
 ``network.transport``, ``network.type``, ``network.peer.address/port``,
-``server.address/port``, ``client.address/port`` (SERVER), ``deeptrace.protocol``,
-``deeptrace.conn_id`` and ``deeptrace.link_source``. The span's own win on a clash
-(e.g. ``server.address`` from an HTTP Host header).
+``server.address/port``, ``client.address/port`` (SERVER), ``network.local.address/port``,
+``deeptrace.protocol``, ``deeptrace.conn_id``, ``deeptrace.link_source`` and the stitch
+keys a collector joins two hosts' ends of one request on: ``deeptrace.request.seq_start/
+seq_end`` and ``deeptrace.response.seq_start/seq_end`` (TCP stream positions). The span's
+own win on a clash (e.g. ``server.address`` from an HTTP Host header). Every resource
+also carries ``OTEL_RESOURCE_ATTRIBUTES`` overlaid by the config's ``resource`` (e.g. its
+``host.name``) and ``deeptrace.agent.id`` (this agent run).
 
 Metric points: SUM -> cumulative monotonic Sum, GAUGE -> Gauge, HISTOGRAM -> cumulative
 explicit-bounds Histogram. Points whose attributes carry ``process.pid`` are grouped
@@ -66,6 +70,7 @@ import threading
 import time
 import traceback
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import deque
 from typing import Literal
@@ -131,6 +136,27 @@ class OtlpConfig:
     service_name_rules: list[ServiceRule] = attrs.Factory(list)
     red_metrics: bool = True
     red_max_series: int = attrs.field(default=1000, validator=[_positive, v.le(1_000_000)])
+    # Resource attributes of everything this agent sends (host.name, deployment.environment,
+    # ...), over those of OTEL_RESOURCE_ATTRIBUTES, as OpenTelemetry SDKs take them.
+    resource: dict[str, str] = attrs.Factory(dict)
+
+
+# This agent run, on every resource: a collector tells agents apart by it (two agents may
+# share a host.name, e.g. one per network namespace).
+AGENT_ID = os.urandom(8).hex()
+
+
+def resource_attributes(config_resource: dict, env=None) -> dict:
+    """OTEL_RESOURCE_ATTRIBUTES ("k=v,k2=v2", values percent-encoded as the spec says)
+    overlaid by the config's `resource`. Malformed pairs are skipped, as SDKs do."""
+    env = os.environ if env is None else env
+    out = {}
+    for pair in env.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","):
+        key, eq, value = pair.partition("=")
+        if eq and key.strip():
+            out[key.strip()] = urllib.parse.unquote(value.strip())
+    out.update(config_resource)
+    return out
 
 
 def forget(exc) -> None:
@@ -369,10 +395,14 @@ class Converter:
 
     MAX_RESOURCES = 4096
 
-    def __init__(self, namer: ServiceNamer, hostname: str | None = None):
+    def __init__(self, namer: ServiceNamer, hostname: str | None = None,
+                 resource: dict | None = None):
         self.ts, self.ms, self.common, self.trace, self.metrics = _pb()
         self.namer = namer
-        self.hostname = hostname or socket.gethostname()
+        resource = dict(resource or {})
+        self.hostname = resource.pop("host.name", None) or hostname or socket.gethostname()
+        # On every resource, under what describes the process or service.
+        self.base = {**resource, "host.name": self.hostname, "deeptrace.agent.id": AGENT_ID}
         self.start_ns = time.time_ns()   # start of cumulative points that carry none
         self._resources: dict = {}
         self._procs: dict = {}   # pid -> (comm, cmdline), learned from spans
@@ -386,7 +416,7 @@ class Converter:
         key = ("p", pid, comm, cmdline)
         res = self._resources.get(key)
         if res is None:
-            attributes = {"service.name": self.namer(comm, cmdline), "host.name": self.hostname,
+            attributes = {**self.base, "service.name": self.namer(comm, cmdline),
                           "process.pid": pid, "process.executable.name": comm,
                           "process.command_line": cmdline or None,
                           "telemetry.sdk.name": SCOPE, "telemetry.sdk.version": VERSION}
@@ -397,7 +427,7 @@ class Converter:
         key = ("s", service)
         res = self._resources.get(key)
         if res is None:
-            res = self._cache(key, {"service.name": service, "host.name": self.hostname,
+            res = self._cache(key, {**self.base, "service.name": service,
                                     "telemetry.sdk.name": SCOPE,
                                     "telemetry.sdk.version": VERSION})
         return res
@@ -455,8 +485,16 @@ class Converter:
                         "client.address": s.remote_addr, "client.port": s.remote_port})
         else:
             net.update({"server.address": s.remote_addr, "server.port": s.remote_port})
-        net.update({"deeptrace.protocol": s.protocol, "deeptrace.conn_id": s.conn_id,
+        # The stitch keys a collector joins the two ends of a request on, across hosts:
+        # both ends' addresses and the TCP stream positions of the request and response.
+        net.update({"network.local.address": s.local_addr, "network.local.port": s.local_port,
+                    "deeptrace.protocol": s.protocol, "deeptrace.conn_id": s.conn_id,
                     "deeptrace.link_source": s.link_source})
+        if s.request_seq is not None:
+            net["deeptrace.request.seq_start"], net["deeptrace.request.seq_end"] = s.request_seq
+        if s.response_seq is not None:
+            net["deeptrace.response.seq_start"], net["deeptrace.response.seq_end"] = \
+                s.response_seq
         for k in s.attributes:
             net.pop(k, None)  # the span's own attributes win
         add_attributes(p.attributes, s.attributes)
@@ -566,7 +604,7 @@ class OtlpExporter:
         self.config = config
         namer = ServiceNamer(config.service_name_rules)
         self.red = Red(namer, config.red_max_series) if config.red_metrics else None
-        self.converter = Converter(namer)
+        self.converter = Converter(namer, resource=resource_attributes(config.resource))
         if transport is None:
             transport = (GrpcTransport if config.protocol == "grpc" else HttpTransport)(config)
         self.transport = transport

@@ -8,6 +8,8 @@
   deeptrace plugin new protocol NAME  write a new protocol plugin distribution (tests pass)
   deeptrace probe render NAME         print the final BPF C of a probe
   deeptrace traces [show ID]          recent traces from the local store, or one as a tree
+  deeptrace collector --config FILE   receive agents' spans over OTLP, store them in
+                                      ClickHouse and stitch traces across hosts
 """
 
 import argparse
@@ -42,6 +44,8 @@ def _parser():
     traces_cli.add_parser(sub)
     scaffold.add_parser(sub)
     sub.add_parser("doctor", help="check this machine")
+    co = sub.add_parser("collector", help="run the cross-host collector")
+    co.add_argument("-c", "--config", required=True, help="collector config (YAML)")
     pr = sub.add_parser("probe", help="probe tools")
     prs = pr.add_subparsers(dest="probe_command", required=True)
     rr = prs.add_parser("render", help="print a probe's final BPF C")
@@ -168,12 +172,17 @@ def cmd_probe_render(args) -> int:
     return 0
 
 
+def cmd_collector(args) -> int:
+    from .collector.main import run   # chdb and pyarrow load only for the collector
+    return run(args.config)
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="deeptrace: %(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
     handlers = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins,
                 "doctor": cmd_doctor, "probe": cmd_probe_render, "traces": traces_cli.run,
-                "plugin": scaffold.run}
+                "plugin": scaffold.run, "collector": cmd_collector}
     command = args.command or ("run" if args.config else None)
     if command is None:
         _parser().print_help()

@@ -7,6 +7,8 @@
   deeptrace traces show TRACE_ID [--db PATH] [--width 40]
       one trace as a tree of spans (children under their parent), each with role,
       service, protocol, operation, status, duration and a time bar
+  ... --collector URL (instead of --db): the same, from a collector's API (stitched
+      traces across hosts), e.g. --collector http://127.0.0.1:8686
 
 Filters: --service and --operation select traces with a span of that service whose
 operation contains SUBSTR (the same span when both are given; case-insensitive for
@@ -79,11 +81,15 @@ def add_parser(subparsers):
     p.add_argument("--since", type=parse_duration, metavar="DURATION",
                    help="only traces started within this long ago (e.g. 1h)")
     p.add_argument("--limit", type=int, default=20, help="at most this many traces (default 20)")
+    p.add_argument("--collector", metavar="URL",
+                   help="read a collector's API at URL instead of the local store")
     tsub = p.add_subparsers(dest="traces_command", metavar="{show}")
     s = tsub.add_parser("show", help="draw one trace as a tree with time bars")
     s.add_argument("trace_id", help="the trace id, or a unique prefix of it")
     # SUPPRESS: `traces --db X show ID` keeps X; `traces show ID --db X` sets it.
     s.add_argument("--db", default=argparse.SUPPRESS, help="the store's file")
+    s.add_argument("--collector", metavar="URL", default=argparse.SUPPRESS,
+                   help="read a collector's API at URL instead of the local store")
     s.add_argument("--width", type=int, default=BAR_WIDTH, help="time bar width in columns")
     return p
 
@@ -335,8 +341,64 @@ def _chars_for(stream):
         return ASCII
 
 
+class CollectorReader:
+    """The collector's JSON API (deeptrace_core/collector/api.py), answering as the
+    functions above do on the local store."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+
+    def _get(self, path, **params):
+        import json
+        import urllib.error
+        import urllib.parse
+        import urllib.request
+        query = urllib.parse.urlencode({k: v for k, v in params.items() if v not in (None, False)})
+        try:
+            with urllib.request.urlopen(f"{self.url}{path}?{query}", timeout=30) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            try:
+                detail = json.loads(exc.read()).get("error", exc.reason)
+            except ValueError:
+                detail = exc.reason
+            raise StoreError(f"collector {self.url}: {detail}") from None
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"cannot read collector {self.url}: {exc}") from None
+
+    def list_traces(self, **kw):
+        return self._get("/api/traces", service=kw.get("service"),
+                         operation=kw.get("operation"),
+                         min_duration_ns=kw.get("min_duration_ns") or None,
+                         errors=1 if kw.get("errors") else None, since_ns=kw.get("since_ns"),
+                         limit=kw.get("limit"))
+
+    def load(self, trace_id):
+        import urllib.parse
+        return self._get("/api/traces/" + urllib.parse.quote(trace_id.strip(), safe=""))["spans"]
+
+
 def run(args) -> int:
     out = sys.stdout
+    if getattr(args, "collector", None):
+        try:
+            reader = CollectorReader(args.collector)
+            if getattr(args, "traces_command", None) == "show":
+                if args.width < 4:
+                    raise StoreError("--width must be at least 4")
+                out.write(render_trace(reader.load(args.trace_id), color=_want_color(out),
+                                       width=args.width, chars=_chars_for(out)))
+            else:
+                traces = reader.list_traces(service=args.service, operation=args.operation,
+                                            min_duration_ns=args.min_duration,
+                                            errors=args.errors, since_ns=args.since,
+                                            limit=args.limit)
+                out.write(render_list(traces, color=_want_color(out)))
+        except StoreError as exc:
+            print(f"deeptrace: {exc}", file=sys.stderr)
+            return 1
+        out.flush()
+        return 0
     try:
         conn = open_store(args.db)
         try:

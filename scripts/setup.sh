@@ -83,7 +83,7 @@ stamp=.venv/.deeptrace-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -nt "$stamp" ] \
    || [ plugins/protocols/redis/pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip wheel  # wheel: --no-build-isolation reinstalls in tests
-  .venv/bin/python -m pip install -q -e '.[test]'
+  .venv/bin/python -m pip install -q -e '.[test,collector]'
   # Our Redis plugin is its own distribution, found only through its entry point.
   .venv/bin/python -m pip install -q -e plugins/protocols/redis
   touch "$stamp"

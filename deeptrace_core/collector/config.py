@@ -1,0 +1,99 @@
+"""``deeptrace collector`` config: the same YAML rules as the agent's (``${env:...}``,
+errors with file, line and key, ranges on durations and counts)."""
+
+import attrs
+import yaml
+from attrs import validators as v
+
+from deeptrace_core import config as agent_config
+from deeptrace_core.config import ConfigError
+
+SECONDS = {"unit": "seconds"}
+
+
+def _address(_inst, attribute, value):
+    if value:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"{attribute.name}: expected HOST:PORT, got {value!r}")
+
+
+@attrs.define
+class OtlpReceiver:
+    """``receivers.otlp``: where agents send. Empty disables that transport."""
+
+    grpc: str = attrs.field(default="127.0.0.1:4317", validator=_address)
+    http: str = attrs.field(default="127.0.0.1:4318", validator=_address)
+    max_message_bytes: int = attrs.field(default=64 << 20, validator=[v.ge(1024), v.le(1 << 30)])
+
+
+@attrs.define
+class Receivers:
+    otlp: OtlpReceiver = attrs.Factory(OtlpReceiver)
+
+
+@attrs.define
+class Storage:
+    """``storage``: chdb (ClickHouse in this process, persisted to `path`) or a ClickHouse
+    server or cluster over HTTP (`url`, via clickhouse-connect)."""
+
+    engine: str = attrs.field(default="chdb", validator=v.in_(("chdb", "clickhouse")))
+    path: str = "/var/lib/deeptrace/collector"
+    url: str = "http://127.0.0.1:8123"
+    username: str = "default"
+    password: str = ""
+    database: str = "otel"
+    # A ClickHouse cluster: the DDL runs ON CLUSTER this name and the tables use
+    # `table_engine`, e.g. "ReplicatedMergeTree('/clickhouse/tables/{shard}/{table}',
+    # '{replica}')" (our own tables get its Replacing variant).
+    cluster: str = ""
+    table_engine: str = "MergeTree()"
+    ttl: float = attrs.field(default=7 * 86400.0, validator=v.gt(0), metadata=SECONDS)
+
+
+@attrs.define
+class Stitcher:
+    """``stitcher``: how often it runs and how far back it looks."""
+
+    interval: float = attrs.field(default=1.0, validator=[v.gt(0), v.le(3600)], metadata=SECONDS)
+    # Spans older than this (by their start) are no longer stitched.
+    window: float = attrs.field(default=300.0, validator=[v.gt(0), v.le(86400)], metadata=SECONDS)
+    # Clock difference between hosts tolerated where addresses do not mirror (NAT).
+    max_skew: float = attrs.field(default=1.0, validator=[v.ge(0), v.le(60)], metadata=SECONDS)
+    nat: bool = True            # also stitch by sequence numbers alone, behind NAT
+    # A NAT stitch waits this long after both ends arrived, for an exact partner.
+    nat_hold: float = attrs.field(default=5.0, validator=[v.ge(0), v.le(600)], metadata=SECONDS)
+    max_traces: int = attrs.field(default=1_000_000, validator=[v.ge(1000), v.le(100_000_000)])
+
+
+@attrs.define
+class Api:
+    address: str = attrs.field(default="127.0.0.1:8686", validator=_address)
+
+
+@attrs.define
+class CollectorConfig:
+    receivers: Receivers = attrs.Factory(Receivers)
+    storage: Storage = attrs.Factory(Storage)
+    stitcher: Stitcher = attrs.Factory(Stitcher)
+    api: Api = attrs.Factory(Api)
+
+
+def load(path: str, env=None) -> CollectorConfig:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(path, None, "", f"cannot read config: {e}") from None
+    return parse(text, path, env)
+
+
+def parse(text: str, path: str, env=None) -> CollectorConfig:
+    import os
+    env = os.environ if env is None else env
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise ConfigError(path, mark.line + 1 if mark else None, "", f"invalid YAML: {e}") from None
+    return agent_config.build(CollectorConfig, root, "", path, env)

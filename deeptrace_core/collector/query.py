@@ -1,0 +1,144 @@
+"""Trace queries over the collector's tables, answering in the local store's shapes
+(``traces_cli.SPAN_COLUMNS``), so ``deeptrace traces`` and the API read both alike.
+Trace ids are canonical: a stitched trace is found by any of its parts' ids."""
+
+import re
+
+from .store import quote
+
+_CANON = ("(SELECT TraceId, argMax(CanonicalTraceId, Version) AS C "
+          "FROM {db}.deeptrace_trace_map GROUP BY TraceId)")
+_PARENT = ("(SELECT SpanId, argMax(ParentSpanId, Version) AS P "
+           "FROM {db}.deeptrace_parent_map GROUP BY SpanId)")
+_SPAN = """
+    {tid} AS trace_id, t.SpanId AS span_id,
+    if(p.P = '', t.ParentSpanId, p.P) AS parent_span_id,
+    toUnixTimestamp64Nano(t.Timestamp) AS start_ns,
+    toUnixTimestamp64Nano(t.Timestamp) + t.Duration AS end_ns, t.Duration AS duration_ns,
+    t.ServiceName AS service, t.SpanName AS operation,
+    t.SpanAttributes['deeptrace.protocol'] AS protocol, lower(t.SpanKind) AS role,
+    t.StatusMessage AS status_message, t.SpanAttributes['http.response.status_code'] AS http_status,
+    t.StatusCode = 'Error' AS error, toInt64OrZero(t.ResourceAttributes['process.pid']) AS pid,
+    t.ResourceAttributes['process.executable.name'] AS comm,
+    t.ResourceAttributes['host.name'] AS host, t.SpanAttributes['deeptrace.link_source'] AS link_source,
+    t.SpanAttributes AS attributes, t.ResourceAttributes AS resource,
+    p.Src AS stitched_by"""
+_TRACE_ID = re.compile(r"[0-9a-f]{1,32}")
+
+
+class QueryError(Exception):
+    pass
+
+
+class ClickHouseQuery:
+    def __init__(self, store, database: str):
+        self.store = store
+        self.db = f"`{database}`"
+
+    def _canon(self):
+        return _CANON.format(db=self.db)
+
+    def list_traces(self, *, service=None, operation=None, min_duration_ns=0, errors=False,
+                    since_ns=None, limit=20, now_ns=None) -> list:
+        import time
+        where, having = [], [f"end_ns - start_ns >= {int(min_duration_ns or 0)}"]
+        if since_ns is not None:
+            cutoff = (now_ns or time.time_ns()) - int(since_ns)
+            where.append(f"t.Timestamp >= fromUnixTimestamp64Nano(toInt64({cutoff}))")
+            having.append(f"start_ns >= {cutoff}")
+        match = []
+        if service:
+            match.append(f"t.ServiceName = {quote(service)}")
+        if operation:
+            match.append(f"positionCaseInsensitive(t.SpanName, {quote(operation)}) > 0")
+        if match:
+            having.append(f"countIf({' AND '.join(match)}) > 0")
+        if errors:
+            having.append("errors > 0")
+        sql = f"""
+SELECT if(m.C = '', t.TraceId, m.C) AS trace_id,
+       min(toUnixTimestamp64Nano(t.Timestamp)) AS start_ns,
+       max(toUnixTimestamp64Nano(t.Timestamp) + t.Duration) AS end_ns,
+       count() AS spans, countIf(t.StatusCode = 'Error') AS errors
+FROM {self.db}.otel_traces AS t LEFT JOIN {self._canon()} AS m ON m.TraceId = t.TraceId
+{('WHERE ' + ' AND '.join(where)) if where else ''}
+GROUP BY trace_id HAVING {' AND '.join(having)}
+ORDER BY start_ns DESC LIMIT {max(0, int(limit))}"""
+        traces = self.store.rows(sql)
+        for t in traces:
+            t["duration_ns"] = t["end_ns"] - t["start_ns"]
+            spans = self.load_trace(t["trace_id"])
+            t["root"] = _root(spans)
+        return traces
+
+    def _parts(self, trace_id: str) -> list:
+        """The stored trace ids that make up canonical trace `trace_id`."""
+        rows = self.store.rows(
+            f"SELECT TraceId FROM {self.db}.deeptrace_trace_map GROUP BY TraceId "
+            f"HAVING argMax(CanonicalTraceId, Version) = {quote(trace_id)}")
+        return [trace_id] + [r["TraceId"] for r in rows if r["TraceId"] != trace_id]
+
+    def load_trace(self, trace_id: str) -> list:
+        ids = ", ".join(quote(t) for t in self._parts(trace_id))
+        parent = (f"(SELECT SpanId, argMax(ParentSpanId, Version) AS P, "
+                  f"argMax(Source, Version) AS Src FROM {self.db}.deeptrace_parent_map "
+                  f"WHERE TraceId IN ({ids}) GROUP BY SpanId)")
+        rows = self.store.rows(f"""
+SELECT {_SPAN.format(tid=quote(trace_id))}
+FROM {self.db}.otel_traces AS t LEFT JOIN {parent} AS p ON p.SpanId = t.SpanId
+WHERE t.TraceId IN ({ids}) ORDER BY start_ns, span_id""")
+        for r in rows:
+            r["error"] = bool(r["error"])
+            r["status"] = r.pop("http_status") or r.pop("status_message") or None
+            r.pop("status_message", None)
+            r["link_source"] = r.pop("stitched_by") or r["link_source"] or None
+        return rows
+
+    def find_trace(self, prefix: str) -> str:
+        prefix = prefix.strip().lower()
+        if not _TRACE_ID.fullmatch(prefix):
+            raise QueryError(f"not a trace id: {prefix!r}")
+        rows = self.store.rows(
+            f"SELECT DISTINCT if(m.C = '', t.TraceId, m.C) AS id FROM "
+            f"{self.db}.otel_traces_trace_id_ts AS t LEFT JOIN {self._canon()} AS m "
+            f"ON m.TraceId = t.TraceId WHERE startsWith(t.TraceId, {quote(prefix)}) LIMIT 6")
+        ids = sorted({r["id"] for r in rows})
+        if not ids:
+            raise QueryError(f"no trace {prefix} in the collector")
+        if len(ids) > 1:
+            raise QueryError(f"trace id prefix {prefix} is ambiguous: {', '.join(ids[:5])}"
+                             + (", ..." if len(ids) > 5 else ""))
+        return ids[0]
+
+    def services(self) -> list:
+        return [r["s"] for r in self.store.rows(
+            f"SELECT DISTINCT ServiceName AS s FROM {self.db}.otel_traces ORDER BY s")]
+
+    def service_map(self, since_ns: int, now_ns=None) -> list:
+        """Edges caller service -> callee (a service, or protocol://address:port where the
+        callee is not traced) with calls, errors and latency percentiles seen by callers."""
+        import time
+        now_ns = now_ns or time.time_ns()
+        cutoff = f"fromUnixTimestamp64Nano(toInt64({now_ns - int(since_ns)}))"
+        parent = _PARENT.format(db=self.db)
+        seconds = max(1e-9, since_ns / 1e9)
+        return self.store.rows(f"""
+SELECT c.ServiceName AS source,
+       if(s.svc = '', concat(c.SpanAttributes['deeptrace.protocol'], '://',
+          c.SpanAttributes['server.address'], ':', c.SpanAttributes['server.port']), s.svc)
+         AS target,
+       count() AS calls, count() / {seconds} AS rate, countIf(c.StatusCode = 'Error') AS errors,
+       quantile(0.5)(c.Duration) AS p50_ns, quantile(0.99)(c.Duration) AS p99_ns
+FROM {self.db}.otel_traces AS c
+LEFT JOIN (SELECT if(p.P = '', t.ParentSpanId, p.P) AS parent, t.ServiceName AS svc
+           FROM {self.db}.otel_traces AS t LEFT JOIN {parent} AS p ON p.SpanId = t.SpanId
+           WHERE t.SpanKind = 'Server' AND t.Timestamp >= {cutoff}) AS s ON s.parent = c.SpanId
+WHERE c.SpanKind = 'Client' AND c.Timestamp >= {cutoff}
+GROUP BY source, target ORDER BY source, target""")
+
+
+def _root(spans):
+    ids = {s["span_id"] for s in spans}
+    roots = [s for s in spans if not s["parent_span_id"] or s["parent_span_id"] not in ids]
+    roots.sort(key=lambda s: (s["start_ns"], -s["duration_ns"]))
+    return roots[0] if roots else None

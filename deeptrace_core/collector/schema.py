@@ -1,0 +1,138 @@
+"""The tables: the OpenTelemetry Collector's ClickHouse schema (``otel_traces``,
+``otel_traces_trace_id_ts`` and its view, as its clickhouseexporter creates them, so
+readers of that schema work unchanged), and ours beside it:
+
+- ``deeptrace_stitch_keys``: each span's stitch keys (addresses, TCP sequence numbers),
+  filled by a materialized view from ``otel_traces`` whoever writes it (us, or an
+  OpenTelemetry Collector), ordered for the join on the request's sequence number;
+- ``deeptrace_trace_map``: a trace's canonical id once stitched (latest version wins);
+- ``deeptrace_parent_map``: a stitched server span's new parent;
+- ``otel_traces_stitched``: ``otel_traces`` with both applied, the same columns (point
+  Grafana's trace table at it to see stitched traces).
+"""
+
+TRACES_COLUMNS = """
+    Timestamp DateTime64(9) CODEC(Delta, ZSTD(1)),
+    TraceId String CODEC(ZSTD(1)),
+    SpanId String CODEC(ZSTD(1)),
+    ParentSpanId String CODEC(ZSTD(1)),
+    TraceState String CODEC(ZSTD(1)),
+    SpanName LowCardinality(String) CODEC(ZSTD(1)),
+    SpanKind LowCardinality(String) CODEC(ZSTD(1)),
+    ServiceName LowCardinality(String) CODEC(ZSTD(1)),
+    ResourceAttributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    ScopeName String CODEC(ZSTD(1)),
+    ScopeVersion String CODEC(ZSTD(1)),
+    SpanAttributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    Duration UInt64 CODEC(ZSTD(1)),
+    StatusCode LowCardinality(String) CODEC(ZSTD(1)),
+    StatusMessage String CODEC(ZSTD(1)),
+    Events Nested (
+        Timestamp DateTime64(9),
+        Name LowCardinality(String),
+        Attributes Map(LowCardinality(String), String)
+    ) CODEC(ZSTD(1)),
+    Links Nested (
+        TraceId String,
+        SpanId String,
+        TraceState String,
+        Attributes Map(LowCardinality(String), String)
+    ) CODEC(ZSTD(1)),
+    INDEX idx_trace_id TraceId TYPE bloom_filter(0.001) GRANULARITY 1,
+    INDEX idx_res_attr_key mapKeys(ResourceAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_res_attr_value mapValues(ResourceAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_span_attr_key mapKeys(SpanAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_span_attr_value mapValues(SpanAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_duration Duration TYPE minmax GRANULARITY 1"""
+
+# Columns we insert, in order (Events and Links are left empty: agents send none).
+INSERT_COLUMNS = ("Timestamp", "TraceId", "SpanId", "ParentSpanId", "TraceState", "SpanName",
+                  "SpanKind", "ServiceName", "ResourceAttributes", "ScopeName", "ScopeVersion",
+                  "SpanAttributes", "Duration", "StatusCode", "StatusMessage")
+
+# The stitch keys, read from the attributes the agents send (plugins/exporters/otlp.py).
+_ATTR = "SpanAttributes['{}']"
+STITCH_SELECT = f"""
+    toUInt32OrZero({_ATTR.format('deeptrace.request.seq_start')}) AS ReqSeq,
+    toInt64OrDefault({_ATTR.format('deeptrace.response.seq_start')}, toInt64(-1)) AS RespSeq,
+    SpanKind AS Kind,
+    replaceOne({_ATTR.format('network.local.address')}, '::ffff:', '') AS LocalAddr,
+    toUInt16OrZero({_ATTR.format('network.local.port')}) AS LocalPort,
+    replaceOne({_ATTR.format('network.peer.address')}, '::ffff:', '') AS PeerAddr,
+    toUInt16OrZero({_ATTR.format('network.peer.port')}) AS PeerPort,
+    Timestamp, Duration, TraceId, SpanId, ParentSpanId,
+    {_ATTR.format('deeptrace.protocol')} AS Protocol, SpanName,
+    ResourceAttributes['deeptrace.agent.id'] AS AgentId,
+    now64(3) AS Inserted"""
+
+
+def ddl(database: str, cluster: str = "", engine: str = "MergeTree()", ttl_days: float = 7) -> list:
+    """The statements that create every table (idempotent)."""
+    on = f" ON CLUSTER `{cluster}`" if cluster else ""
+    db = f"`{database}`"
+    days = max(1, int(round(ttl_days)))
+    ttl = f"TTL toDateTime(Timestamp) + toIntervalDay({days})"
+    return [
+        f"CREATE DATABASE IF NOT EXISTS {db}{on}",
+        f"""CREATE TABLE IF NOT EXISTS {db}.otel_traces{on} ({TRACES_COLUMNS}
+) ENGINE = {engine}
+PARTITION BY toDate(Timestamp)
+ORDER BY (ServiceName, SpanName, toDateTime(Timestamp))
+{ttl}
+SETTINGS index_granularity=8192, ttl_only_drop_parts = 1""",
+        f"""CREATE TABLE IF NOT EXISTS {db}.otel_traces_trace_id_ts{on} (
+    TraceId String CODEC(ZSTD(1)),
+    Start DateTime CODEC(Delta, ZSTD(1)),
+    End DateTime CODEC(Delta, ZSTD(1)),
+    INDEX idx_trace_id TraceId TYPE bloom_filter(0.01) GRANULARITY 1
+) ENGINE = {engine}
+PARTITION BY toDate(Start)
+ORDER BY (TraceId, Start)
+TTL toDateTime(Start) + toIntervalDay({days})
+SETTINGS index_granularity=8192, ttl_only_drop_parts = 1""",
+        f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.otel_traces_trace_id_ts_mv{on}
+TO {db}.otel_traces_trace_id_ts
+AS SELECT TraceId, min(Timestamp) AS Start, max(Timestamp) AS End
+FROM {db}.otel_traces WHERE TraceId != '' GROUP BY TraceId""",
+        f"""CREATE TABLE IF NOT EXISTS {db}.deeptrace_stitch_keys{on} (
+    ReqSeq UInt32, RespSeq Int64, Kind LowCardinality(String),
+    LocalAddr String, LocalPort UInt16, PeerAddr String, PeerPort UInt16,
+    Timestamp DateTime64(9), Duration UInt64, TraceId String, SpanId String,
+    ParentSpanId String, Protocol LowCardinality(String), SpanName String,
+    AgentId String, Inserted DateTime64(3)
+) ENGINE = {engine}
+ORDER BY (ReqSeq, Timestamp)
+{ttl}""",
+        f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.deeptrace_stitch_keys_mv{on}
+TO {db}.deeptrace_stitch_keys
+AS SELECT {STITCH_SELECT}
+FROM {db}.otel_traces
+WHERE SpanKind IN ('Server', 'Client')
+  AND SpanAttributes['deeptrace.request.seq_start'] != ''""",
+        f"""CREATE TABLE IF NOT EXISTS {db}.deeptrace_trace_map{on} (
+    TraceId String, CanonicalTraceId String, Version UInt64, Stitched DateTime64(3)
+) ENGINE = {engine.replace('MergeTree', 'ReplacingMergeTree') if 'Replacing' not in engine else engine}
+ORDER BY TraceId
+TTL toDateTime(Stitched) + toIntervalDay({days})""",
+        f"""CREATE TABLE IF NOT EXISTS {db}.deeptrace_parent_map{on} (
+    SpanId String, TraceId String, ParentSpanId String, Source LowCardinality(String),
+    Version UInt64, Stitched DateTime64(3)
+) ENGINE = {engine.replace('MergeTree', 'ReplacingMergeTree') if 'Replacing' not in engine else engine}
+ORDER BY SpanId
+TTL toDateTime(Stitched) + toIntervalDay({days})""",
+        f"""CREATE VIEW IF NOT EXISTS {db}.otel_traces_stitched{on} AS
+SELECT t.Timestamp AS Timestamp,
+       if(m.Canonical = '', t.TraceId, m.Canonical) AS TraceId,
+       t.SpanId AS SpanId,
+       if(p.Parent = '', t.ParentSpanId, p.Parent) AS ParentSpanId,
+       t.TraceState AS TraceState, t.SpanName AS SpanName, t.SpanKind AS SpanKind,
+       t.ServiceName AS ServiceName, t.ResourceAttributes AS ResourceAttributes,
+       t.ScopeName AS ScopeName, t.ScopeVersion AS ScopeVersion,
+       t.SpanAttributes AS SpanAttributes, t.Duration AS Duration,
+       t.StatusCode AS StatusCode, t.StatusMessage AS StatusMessage
+FROM {db}.otel_traces AS t
+LEFT JOIN (SELECT TraceId, argMax(CanonicalTraceId, Version) AS Canonical
+           FROM {db}.deeptrace_trace_map GROUP BY TraceId) AS m ON m.TraceId = t.TraceId
+LEFT JOIN (SELECT SpanId, argMax(ParentSpanId, Version) AS Parent
+           FROM {db}.deeptrace_parent_map GROUP BY SpanId) AS p ON p.SpanId = t.SpanId""",
+    ]

@@ -1,0 +1,218 @@
+"""The continuous stitcher: joins the client end and the server end of each request seen
+by two agents, and merges their traces under one canonical trace id.
+
+Every `interval` it reads, from ``deeptrace_stitch_keys``, the client/server pairs of the
+recent `window` that share the request's first TCP sequence number and where either end
+is new since the last round, then decides per server span:
+
+1. **exact** (``tcp_seq``): the addresses mirror (the client's local end is the server's
+   peer and the other way round) and the response sequence numbers agree where both are
+   known. Two different requests cannot share all of these, so a wrong stitch is
+   impossible; clocks play no part, so any skew is tolerated.
+2. **nat** (``tcp_seq_nat``, when enabled): the addresses do not mirror (a NAT or proxy
+   rewrote them), so it also needs both sequence numbers equal, the same protocol and
+   operation, starts within `max_skew` and the server inside the client (give or take
+   twice the skew). Used only when exactly one client fits the server, that client fits
+   only it and has no exact partner, and both ends arrived `nat_hold` ago (so an exact
+   partner that was on its way has come); otherwise counted as ambiguous and left alone.
+
+A stitched server span gets the client span as parent (``deeptrace_parent_map``) and its
+trace the client trace's canonical id (``deeptrace_trace_map``); traces already merged
+under the server's trace move with it, so the order spans arrive in does not matter.
+"""
+
+import logging
+import time
+from collections import OrderedDict, defaultdict
+
+import pyarrow as pa
+
+log = logging.getLogger("deeptrace.collector.stitcher")
+
+_PAIRS = """
+SELECT c.SpanId AS cs, c.TraceId AS ct, s.SpanId AS ss, s.TraceId AS st,
+       s.ParentSpanId AS sp,
+       c.LocalAddr = s.PeerAddr AND c.LocalPort = s.PeerPort
+         AND c.PeerAddr = s.LocalAddr AND c.PeerPort = s.LocalPort AS mirrored,
+       c.RespSeq AS crs, s.RespSeq AS srs, c.Protocol = s.Protocol AS same_protocol,
+       c.SpanName = s.SpanName AS same_name,
+       toUnixTimestamp64Nano(c.Timestamp) AS c_start, c.Duration AS c_dur,
+       toUnixTimestamp64Nano(s.Timestamp) AS s_start, s.Duration AS s_dur,
+       toUnixTimestamp64Milli(greatest(c.Inserted, s.Inserted)) AS arrived_ms
+FROM (SELECT * FROM {db}.deeptrace_stitch_keys WHERE Kind = 'Client' AND Timestamp >= {lo})
+     AS c
+INNER JOIN (SELECT * FROM {db}.deeptrace_stitch_keys WHERE Kind = 'Server'
+            AND Timestamp >= {lo}) AS s ON c.ReqSeq = s.ReqSeq
+WHERE (c.Inserted >= {since} OR s.Inserted >= {since})
+ORDER BY c_start
+"""
+
+
+class Stitcher:
+    def __init__(self, store, config, database: str):
+        self.store = store
+        self.config = config
+        self.db = f"`{database}`"
+        self.canon: OrderedDict = OrderedDict()      # trace id -> canonical trace id
+        self.members = defaultdict(set)              # canonical -> traces mapped to it
+        self.done: OrderedDict = OrderedDict()       # server span ids decided (bounded)
+        self.clients_done: OrderedDict = OrderedDict()  # client span ids given a server
+        self.counts = defaultdict(int)
+        self.delays_ms: list = []                    # arrival -> stitched, recent pairs
+        self._since_ms = None                        # Inserted watermark (ms)
+        self._load()
+
+    def _load(self):
+        """What earlier runs decided, for the traces of the window (restart-safe)."""
+        rows = self.store.rows(
+            f"SELECT TraceId, argMax(CanonicalTraceId, Version) AS c FROM "
+            f"{self.db}.deeptrace_trace_map WHERE Stitched >= now64(3) - "
+            f"toIntervalSecond({int(self.config.window)}) GROUP BY TraceId")
+        for r in rows:
+            self._set(r["TraceId"], r["c"])
+        for r in self.store.rows(
+                f"SELECT DISTINCT SpanId FROM {self.db}.deeptrace_parent_map WHERE "
+                f"Stitched >= now64(3) - toIntervalSecond({int(self.config.window)})"):
+            self.done[r["SpanId"]] = True
+        for r in self.store.rows(
+                f"SELECT DISTINCT ParentSpanId AS c FROM {self.db}.deeptrace_parent_map WHERE "
+                f"Stitched >= now64(3) - toIntervalSecond({int(self.config.window)})"):
+            self.clients_done[r["c"]] = True
+
+    # -- canonical ids --------------------------------------------------------------------
+    def find(self, trace: str) -> str:
+        seen = 0
+        while trace in self.canon and self.canon[trace] != trace and seen < 64:
+            trace = self.canon[trace]
+            seen += 1
+        return trace
+
+    def _set(self, trace, canonical):
+        old = self.canon.get(trace)
+        if old is not None:
+            self.members[old].discard(trace)
+        self.canon[trace] = canonical
+        self.canon.move_to_end(trace)
+        self.members[canonical].add(trace)
+        while len(self.canon) > self.config.max_traces:
+            t, c = self.canon.popitem(last=False)
+            self.members[c].discard(t)
+            self.counts["traces_forgotten"] += 1
+
+    def _merge(self, server_trace, root, changed):
+        """Put `server_trace` and every trace already under it under `root`."""
+        if server_trace == root:
+            return
+        moving = {server_trace} | self.members.pop(server_trace, set())
+        for t in moving:
+            if t != root:
+                self._set(t, root)
+                changed[t] = root
+
+    # -- one round ------------------------------------------------------------------------
+    def run_once(self, now_ns: int | None = None) -> int:
+        """Stitch what is new; returns the number of server spans stitched."""
+        now_ns = now_ns or time.time_ns()
+        started_ms = int(time.time() * 1000)
+        lo = now_ns - int(self.config.window * 1e9)
+        # Rows become visible a moment after their Inserted stamp: look 5 s back each
+        # round; `done` keeps a pair from being decided twice.
+        since = (self._since_ms - 5000) if self._since_ms else 0
+        rows = self.store.rows(_PAIRS.format(
+            db=self.db, lo=f"fromUnixTimestamp64Nano(toInt64({lo}))",
+            since=f"fromUnixTimestamp64Milli(toInt64({since}))"))
+        self._since_ms = started_ms
+        by_server = defaultdict(list)
+        for r in rows:
+            if r["ss"] not in self.done:
+                by_server[r["ss"]].append(r)
+        nat_clients = defaultdict(int)
+        chosen, nat_wait = [], []
+        exact_clients = set()
+        hold_ms = int(self.config.nat_hold * 1000)
+        for ss, cands in by_server.items():
+            exact = [r for r in cands if r["mirrored"] and self._resp_ok(r)]
+            if exact:
+                if len({r["cs"] for r in exact}) > 1:
+                    self.counts["ambiguous_exact"] += 1    # the same request twice: skip
+                    continue
+                chosen.append((exact[0], "tcp_seq"))
+                exact_clients.add(exact[0]["cs"])
+                continue
+            if self.config.nat:
+                nat_wait.append([r for r in cands if not r["mirrored"] and self._nat_ok(r)])
+        for nat in nat_wait:
+            nat = [r for r in nat if r["cs"] not in exact_clients and r["cs"] not in self.clients_done]
+            if any(r["arrived_ms"] > started_ms - hold_ms for r in nat):
+                continue                                  # decided in a later round
+            if len(nat) == 1:
+                nat_clients[nat[0]["cs"]] += 1
+                chosen.append((nat[0], "tcp_seq_nat"))
+            elif len(nat) > 1:
+                self.counts["ambiguous_nat"] += 1
+                self.done[nat[0]["ss"]] = True
+        parents, changed = [], {}
+        for r, source in chosen:
+            if source == "tcp_seq_nat" and nat_clients[r["cs"]] > 1:
+                self.counts["ambiguous_nat"] += 1          # one client fits two servers
+                self.done[r["ss"]] = True
+                continue
+            self.done[r["ss"]] = True
+            self.clients_done[r["cs"]] = True
+            if r["sp"] == r["cs"]:
+                self.counts["already_linked"] += 1         # one agent saw both ends
+                continue
+            if r["sp"]:
+                self.counts["kept_agent_parent"] += 1      # e.g. traceparent: trust it
+                continue
+            root = self.find(r["ct"])
+            if self.find(r["st"]) == root:
+                self.counts["already_linked"] += 1
+                continue
+            self._merge(self.find(r["st"]), root, changed)
+            if r["st"] != root and changed.get(r["st"]) is None:
+                self._set(r["st"], root)
+                changed[r["st"]] = root
+            parents.append((r["ss"], r["st"], r["cs"], source))
+            self.counts[f"stitched_{source}"] += 1
+            self.delays_ms.append(max(0, started_ms - r["arrived_ms"]))
+        for table in (self.done, self.clients_done):
+            while len(table) > 4 * self.config.max_traces:
+                table.popitem(last=False)
+        del self.delays_ms[:-10000]
+        self._write(parents, changed)
+        self.counts["rounds"] += 1
+        return len(parents)
+
+    def _resp_ok(self, r) -> bool:
+        return r["crs"] < 0 or r["srs"] < 0 or r["crs"] == r["srs"]
+
+    def _nat_ok(self, r) -> bool:
+        skew = int(self.config.max_skew * 1e9)
+        return (r["crs"] >= 0 and r["srs"] >= 0 and r["crs"] == r["srs"]
+                and r["same_protocol"] and r["same_name"]
+                and abs(r["c_start"] - r["s_start"]) <= skew
+                and r["s_dur"] <= r["c_dur"] + 2 * skew)
+
+    def _write(self, parents, changed):
+        if not parents and not changed:
+            return
+        version = time.time_ns()
+        stamp = pa.array([version] * len(parents), pa.timestamp("ns"))
+        if parents:
+            ss, st, cs, src = zip(*parents)
+            self.store.insert_arrow("deeptrace_parent_map", pa.table({
+                "SpanId": pa.array(ss), "TraceId": pa.array(st), "ParentSpanId": pa.array(cs),
+                "Source": pa.array(src), "Version": pa.array([version] * len(parents), pa.uint64()),
+                "Stitched": stamp}))
+        if changed:
+            traces = list(changed)
+            self.store.insert_arrow("deeptrace_trace_map", pa.table({
+                "TraceId": pa.array(traces), "CanonicalTraceId": pa.array([changed[t] for t in traces]),
+                "Version": pa.array([version] * len(traces), pa.uint64()),
+                "Stitched": pa.array([version] * len(traces), pa.timestamp("ns"))}))
+
+    def stats(self) -> dict:
+        d = sorted(self.delays_ms)
+        p99 = d[min(len(d) - 1, int(len(d) * 0.99))] if d else None
+        return {**self.counts, "canonical_traces": len(self.canon), "stitch_delay_p99_ms": p99}

@@ -1,0 +1,81 @@
+"""Where the tables live: chdb (ClickHouse inside this process, persisted to a folder) or a
+ClickHouse server over HTTP (clickhouse-connect). Both take the same SQL; inserts go as
+Arrow tables (columnar, no per-row Python formatting)."""
+
+import json
+import threading
+
+
+class ChdbStore:
+    """ClickHouse in process. chdb runs one query at a time: calls are serialised."""
+
+    def __init__(self, path: str, database: str):
+        import os
+
+        from chdb import session
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        self.session = session.Session(path)
+        self.database = database
+        self.lock = threading.Lock()
+
+    def command(self, sql: str):
+        with self.lock:
+            self.session.query(sql)
+
+    def rows(self, sql: str) -> list:
+        with self.lock:
+            res = self.session.query(sql, "JSONEachRow")
+        text = res.bytes() if hasattr(res, "bytes") else bytes(res)
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def insert_arrow(self, table: str, arrow_table):
+        cols = ", ".join(arrow_table.column_names)
+        with self.lock:
+            # chdb's Python() table function reads the variable of that name here.
+            data = arrow_table  # noqa: F841
+            self.session.query(f"INSERT INTO `{self.database}`.{table} ({cols}) "
+                               f"SELECT {cols} FROM Python(data)")
+
+    def close(self):
+        with self.lock:
+            self.session.close()
+
+
+class ClickHouseStore:
+    """A ClickHouse server or cluster, over HTTP."""
+
+    def __init__(self, url: str, database: str, username: str = "default", password: str = ""):
+        import clickhouse_connect
+        from urllib.parse import urlparse
+        u = urlparse(url)
+        self.client = clickhouse_connect.get_client(
+            host=u.hostname, port=u.port or (8443 if u.scheme == "https" else 8123),
+            secure=u.scheme == "https", username=username, password=password)
+        self.database = database
+        self.lock = threading.Lock()   # one client session, used from several threads
+
+    def command(self, sql: str):
+        with self.lock:
+            self.client.command(sql)
+
+    def rows(self, sql: str) -> list:
+        with self.lock:
+            return list(self.client.query(sql).named_results())
+
+    def insert_arrow(self, table: str, arrow_table):
+        with self.lock:
+            self.client.insert_arrow(f"{self.database}.{table}", arrow_table)
+
+    def close(self):
+        self.client.close()
+
+
+def open_store(cfg):
+    if cfg.engine == "chdb":
+        return ChdbStore(cfg.path, cfg.database)
+    return ClickHouseStore(cfg.url, cfg.database, cfg.username, cfg.password)
+
+
+def quote(value) -> str:
+    """A ClickHouse string literal."""
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"

@@ -411,6 +411,7 @@ NOT_COMPONENTS = {
     ("plugins.py", "_path"),                  # an entry point's distribution
     ("traces_cli.py", "traces_command"),      # argparse
     ("traces_cli.py", "isatty"),              # a stream
+    ("traces_cli.py", "collector"),           # argparse
     ("redaction.py", "kind"), ("redaction.py", "payload"),   # records, not components
     ("redaction.py", "attributes"),
 }

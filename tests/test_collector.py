@@ -104,15 +104,15 @@ def test_agents_to_collector_to_cli(collector, capsys):
 
 def test_a_refused_write_is_retried_and_nothing_is_lost(collector):
     calls = {"n": 0}
-    real = collector.sink.store.insert_arrow
+    real = collector.sink.store.insert_otlp
 
-    def flaky(table, data):
+    def flaky(payloads):
         calls["n"] += 1
         if calls["n"] <= 2:
             raise OSError("disk full")
-        return real(table, data)
+        return real(payloads)
 
-    collector.sink.store.insert_arrow = flaky
+    collector.sink.store.insert_otlp = flaky
     world = World(5, random.Random(1))
     exp = OtlpExporter(OtlpConfig(endpoint=f"127.0.0.1:{collector.ports['grpc']}",
                                   red_metrics=False, retry_initial_backoff=0.05, max_retries=5))

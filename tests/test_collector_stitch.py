@@ -119,7 +119,7 @@ def test_three_hosts_shuffled_late_and_skewed(store):
     # Rounds run while batches are still arriving: many spans come after their partner
     # was already seen (late), and server ends often before client ends.
     for i, req in enumerate(batches):
-        sink.write(req)
+        sink.write(req.SerializeToString())
         if i % 4 == 3:
             stitcher.run_once(now_ns=T0 + 10**9)
     stitcher.run_once(now_ns=T0 + 10**9)
@@ -153,7 +153,7 @@ def test_nat_and_collisions_never_stitch_wrongly(store):
     sink = Sink(store)
     stitcher = Stitcher(store, StitcherConfig(window=3600, max_skew=1.0, nat_hold=0), "otel")
     for req in world.batches(rnd):
-        sink.write(req)
+        sink.write(req.SerializeToString())
     stitcher.run_once(now_ns=T0 + 10**9)
     q = ClickHouseQuery(store, "otel")
     # No decoy is ever stitched, and no server gets a parent other than its own client.
@@ -178,7 +178,7 @@ def test_nat_needs_timing_within_the_skew(store):
     world = World(10, rnd, skew_b=3000 * MS, skew_c=0, nat_every=1)   # 3 s > max_skew
     sink = Sink(store)
     for req in world.batches(rnd):
-        sink.write(req)
+        sink.write(req.SerializeToString())
     stitcher = Stitcher(store, StitcherConfig(window=3600, max_skew=1.0, nat_hold=0), "otel")
     stitcher.run_once(now_ns=T0 + 10**9)
     assert stitcher.stats().get("stitched_tcp_seq_nat", 0) == 0

@@ -49,12 +49,15 @@ class _Map:
         self.offsets, self.keys, self.values = [0], [], []
 
     def add(self, kvs):
-        keys, values = self.keys, self.values
+        keys_append, values_append = self.keys.append, self.values.append
         for kv in kvs:
-            keys.append(kv.key)
+            keys_append(kv.key)
             v = kv.value
-            values.append(v.string_value if v.WhichOneof("value") == "string_value" else _value(v))
-        self.offsets.append(len(keys))
+            which = v.WhichOneof("value")
+            # The agents send strings and ints; everything else takes the general path.
+            values_append(v.string_value if which == "string_value" else
+                          str(v.int_value) if which == "int_value" else _value(v))
+        self.offsets.append(len(self.keys))
 
     def repeat(self, other, n):
         """`other`'s one map, `n` times (a resource's attributes on each of its spans)."""

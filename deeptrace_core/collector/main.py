@@ -79,6 +79,9 @@ def run(config_path: str) -> int:
         print(f"deeptrace: config error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    done = threading.Event()      # handlers first: a SIGTERM right after start is clean
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
     try:
         collector = Collector(config).start()
     except (OSError, ValueError) as exc:
@@ -87,9 +90,6 @@ def run(config_path: str) -> int:
     print(f"deeptrace collector: running (otlp grpc :{collector.ports.get('grpc')}, "
           f"http :{collector.ports.get('http')}, api :{collector.ports['api']}, "
           f"storage {config.storage.engine})", file=sys.stderr, flush=True)
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
     done.wait()
     collector.stop()
     print(f"deeptrace collector final: {collector.stats()}", file=sys.stderr)

@@ -136,3 +136,49 @@ LEFT JOIN (SELECT TraceId, argMax(CanonicalTraceId, Version) AS Canonical
 LEFT JOIN (SELECT SpanId, argMax(ParentSpanId, Version) AS Parent
            FROM {db}.deeptrace_parent_map GROUP BY SpanId) AS p ON p.SpanId = t.SpanId""",
     ]
+
+
+# OTLP requests straight into otel_traces: ClickHouse parses the protobuf itself
+# (otlp_trace.proto), so no span or attribute passes through Python. Values as the
+# clickhouseexporter writes them: an attribute's value as text (an array as JSON).
+_SCALAR = ("string_value Nullable(String), bool_value Nullable(Bool), "
+           "int_value Nullable(Int64), double_value Nullable(Float64)")
+_KV = (f"Array(Tuple(key String, value Tuple({_SCALAR}, array_value Tuple(values "
+       f"Array(Tuple({_SCALAR}))), bytes_value Nullable(String))))")
+OTLP_STRUCTURE = (
+    f"resource_spans Array(Tuple(resource Tuple(attributes {_KV}), scope_spans Array(Tuple("
+    f"scope Tuple(name String, version String), spans Array(Tuple(trace_id String, "
+    f"span_id String, trace_state String, parent_span_id String, name String, kind Int32, "
+    f"start_time_unix_nano UInt64, end_time_unix_nano UInt64, attributes {_KV}, "
+    f"status Tuple(message String, code Int32)))))))")
+
+
+def _text(x):
+    return (f"coalesce({x}.string_value, toString({x}.int_value), "
+            f"if({x}.bool_value, 'true', 'false'), toString({x}.double_value))")
+
+
+_VALUE = (f"if(notEmpty(kv.value.array_value.values), concat('[', arrayStringConcat(arrayMap("
+          f"e -> toJSONString({_text('e')}), kv.value.array_value.values), ','), ']'), "
+          f"coalesce({_text('kv.value')}, base64Encode(kv.value.bytes_value), ''))")
+
+
+def _attrs(arr):
+    return f"mapFromArrays(arrayMap(kv -> kv.key, {arr}), arrayMap(kv -> {_VALUE}, {arr}))"
+
+
+def otlp_insert(database: str, source: str, proto_path: str) -> str:
+    """INSERT of length-delimited ExportTraceServiceRequest messages read by `source`
+    (a table function, e.g. file('...', Protobuf, STRUCTURE))."""
+    return f"""INSERT INTO `{database}`.otel_traces ({', '.join(INSERT_COLUMNS)})
+SELECT fromUnixTimestamp64Nano(toInt64(s.start_time_unix_nano)), lower(hex(s.trace_id)),
+       lower(hex(s.span_id)), lower(hex(s.parent_span_id)), s.trace_state, s.name,
+       ['Unspecified', 'Internal', 'Server', 'Client', 'Producer', 'Consumer'][s.kind + 1],
+       res['service.name'], res, ss.scope.name, ss.scope.version, {_attrs('s.attributes')},
+       if(s.end_time_unix_nano > s.start_time_unix_nano,
+          s.end_time_unix_nano - s.start_time_unix_nano, 0),
+       ['Unset', 'Ok', 'Error'][s.status.code + 1], s.status.message
+FROM (SELECT rs, {_attrs('rs.resource.attributes')} AS res FROM {source}
+      ARRAY JOIN resource_spans AS rs)
+ARRAY JOIN rs.scope_spans AS ss ARRAY JOIN ss.spans AS s
+SETTINGS format_schema = '{proto_path}:ExportTraceServiceRequest'"""

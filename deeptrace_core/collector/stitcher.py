@@ -151,7 +151,7 @@ class Stitcher:
             elif len(nat) > 1:
                 self.counts["ambiguous_nat"] += 1
                 self.done[nat[0]["ss"]] = True
-        parents, changed = [], {}
+        parents, changed, delays = [], {}, []
         for r, source in chosen:
             if source == "tcp_seq_nat" and nat_clients[r["cs"]] > 1:
                 self.counts["ambiguous_nat"] += 1          # one client fits two servers
@@ -174,13 +174,16 @@ class Stitcher:
                 self._set(r["st"], root)
                 changed[r["st"]] = root
             parents.append((r["ss"], r["st"], r["cs"], source))
-            self.counts[f"stitched_{source}"] += 1
-            self.delays_ms.append(max(0, started_ms - r["arrived_ms"]))
+            delays.append(max(0, started_ms - r["arrived_ms"]))
         for table in (self.done, self.clients_done):
             while len(table) > 4 * self.config.max_traces:
                 table.popitem(last=False)
-        del self.delays_ms[:-10000]
         self._write(parents, changed)
+        # Counted once written, so a reader of the counts finds what they count.
+        for _, _, _, source in parents:
+            self.counts[f"stitched_{source}"] += 1
+        self.delays_ms += delays
+        del self.delays_ms[:-10000]
         self.counts["rounds"] += 1
         return len(parents)
 

@@ -2,21 +2,40 @@
 ClickHouse server over HTTP (clickhouse-connect). Both take the same SQL; inserts go as
 Arrow tables (columnar, no per-row Python formatting)."""
 
+import itertools
 import json
+import os
 import threading
+
+from . import schema
+
+PROTO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "otlp_trace.proto")
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
 
 
 class ChdbStore:
     """ClickHouse in process. chdb runs one query at a time: calls are serialised."""
 
     def __init__(self, path: str, database: str):
-        import os
-
         from chdb import session
         os.makedirs(path, mode=0o700, exist_ok=True)
         self.session = session.Session(path)
         self.database = database
         self.lock = threading.Lock()
+        # Requests wait here for ClickHouse to read them (private: they hold payloads).
+        self.incoming = os.path.join(path, "incoming")
+        os.makedirs(self.incoming, mode=0o700, exist_ok=True)
+        self._seq = itertools.count()
 
     def command(self, sql: str):
         with self.lock:
@@ -35,6 +54,20 @@ class ChdbStore:
             data = arrow_table  # noqa: F841
             self.session.query(f"INSERT INTO `{self.database}`.{table} ({cols}) "
                                f"SELECT {cols} FROM Python(data)")
+
+    def insert_otlp(self, payloads: list):
+        """Serialized ExportTraceServiceRequests into otel_traces, parsed by ClickHouse."""
+        path = os.path.join(self.incoming, f"{os.getpid()}-{next(self._seq)}.bin")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for p in payloads:
+                    f.write(_varint(len(p)))
+                    f.write(p)
+            source = f"file({quote(path)}, Protobuf, {quote(schema.OTLP_STRUCTURE)})"
+            self.command(schema.otlp_insert(self.database, source, PROTO))
+        finally:
+            os.unlink(path)
 
     def close(self):
         with self.lock:
@@ -65,6 +98,16 @@ class ClickHouseStore:
     def insert_arrow(self, table: str, arrow_table):
         with self.lock:
             self.client.insert_arrow(f"{self.database}.{table}", arrow_table)
+
+    def insert_otlp(self, payloads: list):
+        """A server cannot read our files: requests are converted here (slower)."""
+        import pyarrow as pa
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+        from .convert import to_arrow
+        tables = [to_arrow(trace_service_pb2.ExportTraceServiceRequest.FromString(p))[0]
+                  for p in payloads]
+        self.insert_arrow("otel_traces", pa.concat_tables(tables))
 
     def close(self):
         self.client.close()

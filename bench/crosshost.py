@@ -26,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 HOSTS = ("client", "a", "b", "db")
 
 
-def agent_yaml(topo, role, otlp_port, wait=1.0):
+def agent_yaml(topo, role, otlp_port, wait=2.0):
     ports = ", ".join(str(p) for p in topo.ports.values())
     return f"""\
 agent:
@@ -98,7 +98,7 @@ def own_host_only(spans, topo) -> dict:
     return wrong
 
 
-def run(requests=2000, clients=16, front="threads", out=None, quiet=False, wait=1.0):
+def run(requests=2000, clients=16, front="threads", out=None, quiet=False, wait=2.0):
     from deeptrace_core.collector.config import parse
     from deeptrace_core.collector.main import Collector
 

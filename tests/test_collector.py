@@ -154,3 +154,38 @@ def test_collector_config_errors_and_the_shipped_file(tmp_path):
         proc.terminate()
         err = proc.communicate(timeout=60)[1]
     assert proc.returncode == 0 and "deeptrace collector final:" in err
+
+
+def test_stitched_traces_are_re_exported_downstream(tmp_path):
+    """export.otlp: once settled, spans go to a downstream OTLP backend with their
+    canonical trace ids and stitched parents, each once."""
+    from test_otlp_exporter import GrpcReceiver
+    down = GrpcReceiver().start()
+    up_cfg = collector_config(tmp_path)
+    up_cfg.export.otlp.endpoint = down.endpoint
+    up_cfg.export.otlp.settle = 1.0
+    up_cfg.export.otlp.interval = 0.3
+    up = Collector(up_cfg).start()
+    try:
+        world = World(20, random.Random(9), t0=time.time_ns() + 10**9)   # C: 0.5 s early
+        for host in "ABC":
+            exp = OtlpExporter(OtlpConfig(endpoint=f"127.0.0.1:{up.ports['grpc']}",
+                                          red_metrics=False))
+            exp.export(world.spans[host])
+            assert exp.flush(20)
+            exp.shutdown()
+        assert wait(lambda: len(down.spans()) >= 140, timeout=40), len(down.spans())
+        time.sleep(1)                                 # nothing is sent twice
+        spans = [s for _, s in down.spans()]
+        assert len(spans) == 140
+        traces = {}
+        for s in spans:
+            traces.setdefault(s.trace_id.hex(), []).append(s)
+        assert len(traces) == 20 and {len(v) for v in traces.values()} == {7}
+        parents = {s.span_id.hex(): s.parent_span_id.hex() for s in spans}
+        for server, client in world.truth.items():
+            assert parents[server] == client
+        assert up.stats()["export"]["spans_sent"] == 140
+    finally:
+        up.stop()
+        down.stop()

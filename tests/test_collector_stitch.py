@@ -44,12 +44,13 @@ def span(role, comm, trace, start, dur, local, peer, seq, resp, op, protocol="ht
 class World:
     """N requests front(A) -> api(B) -> redis + postgres (C), as three agents see them."""
 
-    def __init__(self, n, rnd, skew_b=500 * MS, skew_c=-500 * MS, nat_every=0, wrap_every=0):
+    def __init__(self, n, rnd, skew_b=500 * MS, skew_c=-500 * MS, nat_every=0, wrap_every=0,
+                 t0=T0):
         self.spans = {"A": [], "B": [], "C": []}
         self.truth = {}            # server span id -> expected parent (client span id)
         self.roots = []            # (trace id of A, expected span count)
         for i in range(n):
-            t = T0 + i * 5 * MS
+            t = t0 + i * 5 * MS
             ta, tb, tc1, tc2 = (new_id(16) for _ in range(4))
             seq = rnd.getrandbits(32)
             if wrap_every and i % wrap_every == 0:

@@ -72,11 +72,30 @@ class Api:
 
 
 @attrs.define
+class OtlpExport:
+    """``export.otlp``: re-send stitched traces downstream; empty endpoint: off."""
+
+    endpoint: str = ""
+    protocol: str = attrs.field(default="grpc", validator=v.in_(("grpc", "http/protobuf")))
+    headers: dict[str, str] = attrs.Factory(dict)
+    # How long after a span's end it goes out: its stitch is settled by then.
+    settle: float = attrs.field(default=10.0, validator=[v.ge(1), v.le(3600)], metadata=SECONDS)
+    interval: float = attrs.field(default=2.0, validator=[v.gt(0), v.le(3600)], metadata=SECONDS)
+    max_batch: int = attrs.field(default=1000, validator=[v.ge(1), v.le(100_000)])
+
+
+@attrs.define
+class Export:
+    otlp: OtlpExport = attrs.Factory(OtlpExport)
+
+
+@attrs.define
 class CollectorConfig:
     receivers: Receivers = attrs.Factory(Receivers)
     storage: Storage = attrs.Factory(Storage)
     stitcher: Stitcher = attrs.Factory(Stitcher)
     api: Api = attrs.Factory(Api)
+    export: Export = attrs.Factory(Export)
 
 
 def load(path: str, env=None) -> CollectorConfig:

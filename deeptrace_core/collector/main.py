@@ -23,6 +23,10 @@ class Collector:
         self.sink = receiver.Sink(self.store)
         self.stitcher = Stitcher(self.store, config.stitcher, st.database)
         self.query = ClickHouseQuery(self.store, st.database)
+        self.reexporter = None
+        if config.export.otlp.endpoint:
+            from .export import Reexporter
+            self.reexporter = Reexporter(self.store, st.database, config.export.otlp)
         self.servers = []
         self.ports = {}
         self.stop_event = threading.Event()
@@ -40,7 +44,19 @@ class Collector:
         self.servers.append(("http", server))
         self._thread = threading.Thread(target=self._stitch_loop, name="stitcher", daemon=True)
         self._thread.start()
+        if self.reexporter is not None:
+            self._export_thread = threading.Thread(target=self._export_loop, name="export",
+                                                   daemon=True)
+            self._export_thread.start()
         return self
+
+    def _export_loop(self):
+        while not self.stop_event.wait(self.config.export.otlp.interval):
+            try:
+                self.reexporter.run_once()
+            except Exception as exc:
+                self.reexporter.counts["requests_failed"] += 1
+                log.warning("re-export round failed: %r", exc)
 
     def _stitch_loop(self):
         while not self.stop_event.wait(self.config.stitcher.interval):
@@ -51,7 +67,10 @@ class Collector:
                 log.warning("stitcher round failed: %r", exc)
 
     def stats(self) -> dict:
-        return {"receiver": dict(self.sink.counts), "stitcher": self.stitcher.stats()}
+        out = {"receiver": dict(self.sink.counts), "stitcher": self.stitcher.stats()}
+        if self.reexporter is not None:
+            out["export"] = dict(self.reexporter.counts)
+        return out
 
     def stop(self):
         self.stop_event.set()
@@ -62,6 +81,9 @@ class Collector:
                 server.shutdown()
         if self._thread:
             self._thread.join(10)
+        if self.reexporter is not None:
+            self._export_thread.join(10)
+            self.reexporter.close()
         try:
             self.stitcher.run_once()            # what arrived last is stitched too
         except Exception as exc:

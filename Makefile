@@ -2,7 +2,7 @@
 VENV := .venv
 CONFIG ?= config/agent.yaml
 
-.PHONY: setup run test test-kernels bench accuracy clean
+.PHONY: setup run test test-kernels bench accuracy fuzz clean
 
 setup:
 	bash scripts/setup.sh
@@ -29,6 +29,11 @@ bench: setup
 accuracy: setup
 	$(VENV)/bin/python -m bench.accuracy
 	$(VENV)/bin/python -m bench.accuracy --asyncio
+
+# Every parser and the Python detectors under atheris, 10^6 inputs each (bench/fuzz.py);
+# crashes land in tests/fuzz_corpus, which `make test` replays.
+fuzz: setup
+	$(VENV)/bin/python -m bench.fuzz
 
 clean:
 	rm -rf $(VENV) *.egg-info build

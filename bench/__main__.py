@@ -10,6 +10,9 @@ Sections (NAME), each measured with and without the agent in the same run, inter
   rate       nginx at a fixed 10,000 requests/s: agent CPU, RSS, spans vs requests, loss
   lossless   the highest lossless request rate (stepping up), the loss at twice that, and
              above capacity: stats still reported, SIGTERM to exit, an exact account
+  hostile    the default config under attack (issue 13's table, over real sockets to real
+             servers) beside ordinary traffic at 1,000 requests/s, against an ordinary-only
+             run: RSS growth, CPU per hostile record, ordinary spans, escapes, secrets
 
 Three tools for the optimisation work itself (not part of the table): `python -m
 bench.bpfcost` (BPF run time per program from the kernel's bpf_stats while the syscall
@@ -32,7 +35,7 @@ import traceback
 from . import report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SECTIONS = ("startup", "syscalls", "http", "rate", "lossless")
+SECTIONS = ("startup", "syscalls", "http", "rate", "lossless", "hostile")
 
 FULL = {"startup": {"repeats": 3},
         "syscalls": {"n_calls": 100_000, "rounds": 4},
@@ -40,12 +43,14 @@ FULL = {"startup": {"repeats": 3},
         "rate": {"seconds": 8, "rounds": 2},
         # 8 s: the ring (16 MB) holds ~1 s at 30,000/s, which a short window would count
         # as capacity.
-        "lossless": {"seconds": 8}}
+        "lossless": {"seconds": 8},
+        "hostile": {"seconds": 40, "scale": 1.0}}
 QUICK = {"startup": {"repeats": 1, "trace_only": False},
          "syscalls": {"n_calls": 10_000, "rounds": 1},
          "http": {"conns": (16,), "seconds": 2, "rounds": 1},
          "rate": {"seconds": 2, "rounds": 1},
-         "lossless": {"seconds": 2, "steps": (5_000, 10_000, 20_000), "bisect": False}}
+         "lossless": {"seconds": 2, "steps": (5_000, 10_000, 20_000), "bisect": False},
+         "hostile": {"seconds": 12, "scale": 0.25}}
 
 
 def log(msg):
@@ -78,6 +83,10 @@ def run_section(name, params):
             return res, rate.rows_lossless(res)
         finally:
             servers.stop()
+    if name == "hostile":
+        from . import hostile
+        res = hostile.run(log=log, **params)
+        return res, hostile.rows(res)
     raise ValueError(name)
 
 

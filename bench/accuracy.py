@@ -1,6 +1,8 @@
 """Trace-linking accuracy on a real microservice chain (run as root).
 
     python -m bench.accuracy [--requests 2000] [--clients 16] [--asyncio] [--traceparent]
+                             [--front threads|asyncio|node-seq|node-all|node-pool|node-timer|
+                                      node-fresh] [--no-kernel-l7] [--no-event-loop]
 
 Builds the namespace topology of ``bench.topology`` (load client -> A -> B -> Redis +
 PostgreSQL), starts the agent as a subprocess (``python -m deeptrace_core.cli``) with the
@@ -13,7 +15,8 @@ ground-truth logs:
 
 * expected spans per request (all derived from the ground-truth logs): the load client's
   span (the root), A server, A client -> B, B server, B's Redis GET and SET and its
-  PostgreSQL SELECT (client side), and the Redis and PostgreSQL server sides;
+  PostgreSQL SELECT (client side), and the Redis and PostgreSQL server sides; with a
+  Node front also A's second call (GET /c/<id>) and B's server side of it;
 * **parent-link accuracy**: of the spans that should have a parent, the fraction whose
   ``parent_span_id`` is exactly the right span (a missing or duplicated span counts as
   wrong); also given over the links whose both ends were exported ("present");
@@ -22,7 +25,13 @@ ground-truth logs:
 * span counts, link-source histogram (per kind), and the agent's own counters (lost
   events by cause, the spans stage and the linker).
 
-Prints a table and writes ``bench/results/accuracy-<threads|asyncio>[-traceparent].json``.
+``--no-kernel-l7`` detects protocols in the spans stage instead of the kernel (the probe
+then also sends connect() records, which attribute an event loop's new connections);
+``--no-event-loop`` runs the linker without its event-loop rule (the baseline).
+
+Prints a table and writes
+``bench/results/accuracy-<front>[-traceparent][-stage-l7][-no-event-loop].json``
+(``--out`` names another file, e.g. to keep a run before a change).
 """
 
 import argparse
@@ -36,7 +45,8 @@ import time
 from collections import Counter, defaultdict
 
 from bench.agent import LOSS_KEYS, parse_counters
-from bench.topology import KINDS, PARENT, SUBNET, Topology, classify, die_with_parent
+from bench.topology import ALL_KINDS as KINDS
+from bench.topology import FRONTS, PARENT, SUBNET, Topology, classify, die_with_parent
 from deeptrace_core.testing import stop_process
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -58,7 +68,8 @@ def ours(span) -> bool:
 def expected_kinds(truth: dict) -> dict:
     """rid -> {kind: ground-truth record of that call} from the services' logs only."""
     a = {r["id"]: r for r in truth["a"]}
-    b = {r["id"]: r for r in truth["b"]}
+    b = {r["id"]: r for r in truth["b"] if r.get("svc", "b") == "b"}
+    c = {r["id"]: r for r in truth["b"] if r.get("svc") == "c"}  # B's /c (Node fronts)
     out = {}
     for rec in truth["load"]:
         rid = rec["id"]
@@ -68,6 +79,9 @@ def expected_kinds(truth: dict) -> dict:
         for call in a[rid]["calls"]:
             if call.get("op") == f"GET /b/{rid}" and call.get("status") == 200:
                 exp["a_client"] = call
+            elif call.get("op") == f"GET /c/{rid}" and call.get("status") == 200 and rid in c:
+                exp["a_client_c"] = call
+                exp["c_server"] = c[rid]
         exp["b_server"] = b[rid]
         for call in b[rid]["calls"]:
             if call["proto"] == "redis":
@@ -85,9 +99,9 @@ def _addresses_ok(kind, span, gt) -> bool:
     rem = f"{_plain(span['remote_addr'])}:{span['remote_port']}"
     if kind == "load":
         return loc == gt.get("local") and rem == gt.get("remote")
-    if kind in ("a_server", "b_server"):
+    if kind in ("a_server", "b_server", "c_server"):
         return loc == gt.get("local") and rem == gt.get("peer")
-    if kind.endswith("_client"):
+    if kind.endswith("_client") or kind == "a_client_c":
         return loc == gt.get("local") and rem == gt.get("remote")
     return loc == gt.get("remote") and rem == gt.get("local")  # a server side of a call
 
@@ -208,6 +222,7 @@ def connections_used(truth: dict) -> dict:
     load = {r.get("local") for r in truth["load"] if r.get("local")}
     a_b = {c.get("local") for r in truth["a"] for c in r["calls"] if c.get("local")}
     redis = {c["local"] for r in truth["b"] for c in r["calls"] if c["proto"] == "redis"}
+    # (A->B counts the connections of both of a Node front's calls: one agent pool.)
     pg = {c["local"] for r in truth["b"] for c in r["calls"] if c["proto"] == "postgresql"}
     return {"client->A": len(load), "A->B": len(a_b), "B->redis": len(redis),
             "B->postgresql": len(pg)}
@@ -260,16 +275,18 @@ def _interrupt(signum, frame):
 
 
 def run(requests=2000, clients=16, asyncio_a=False, traceparent=False, wait=1.0,
-        out=None, quiet=False, keep=False):
+        out=None, quiet=False, keep=False, front=None, kernel_l7=True, event_loop=True):
     t_begin = time.monotonic()
-    topo = Topology(asyncio_a=asyncio_a, pool=clients, a_pool=4, keep=keep)
+    front = front or ("asyncio" if asyncio_a else "threads")
+    topo = Topology(front=front, pool=clients, a_pool=4, keep=keep)
     agent = None
     try:
         topo.up()
         spans_path = os.path.join(topo.workdir, "spans.jsonl")
         cfg = os.path.join(topo.workdir, "agent.yaml")
         with open(cfg, "w") as f:
-            f.write(topo.agent_yaml(spans_path, wait=wait, ringbuf_pages=2048))
+            f.write(topo.agent_yaml(spans_path, wait=wait, ringbuf_pages=2048,
+                                    kernel_l7=kernel_l7, event_loop=event_loop))
         agent = AgentProcess(cfg, os.path.join(topo.workdir, "agent.stderr"))
         agent.wait_running()
         time.sleep(0.5)
@@ -288,9 +305,11 @@ def run(requests=2000, clients=16, asyncio_a=False, traceparent=False, wait=1.0,
         probe = stats.get("probe.trace", {})
         result.update({
             "config": {"requests": requests, "clients": clients,
-                       "a": "asyncio" if asyncio_a else "thread-per-request",
+                       "a": "thread-per-request" if front == "threads" else front,
                        "traceparent": traceparent, "linker_wait_s": wait,
-                       "b_pool": clients, "a_pool": 4 if asyncio_a else None,
+                       "kernel_l7": kernel_l7, "event_loop_rule": event_loop,
+                       "b_pool": clients,
+                       "a_pool": 4 if front in ("asyncio", "node-pool") else None,
                        "load_client_traced": True},
             "load": {**summary, "requests_per_s": round(summary["sent"] / summary["seconds"], 1)
                      if summary["seconds"] else None},
@@ -307,8 +326,9 @@ def run(requests=2000, clients=16, asyncio_a=False, traceparent=False, wait=1.0,
             agent.stop(10)
         topo.down()
     if out is None:
-        name = f"accuracy-{'asyncio' if asyncio_a else 'threads'}" + \
-            ("-traceparent" if traceparent else "") + ".json"
+        name = f"accuracy-{front}" + ("-traceparent" if traceparent else "") + \
+            ("" if kernel_l7 else "-stage-l7") + ("" if event_loop else "-no-event-loop") + \
+            ".json"
         out = os.path.join(HERE, "results", name)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
@@ -325,7 +345,9 @@ def run(requests=2000, clients=16, asyncio_a=False, traceparent=False, wait=1.0,
 def table(r) -> str:
     c = r["config"]
     lines = [f"DeepTrace trace-linking accuracy: A {c['a']}, {c['requests']} requests, "
-             f"{c['clients']} clients, traceparent={'yes' if c['traceparent'] else 'no'}",
+             f"{c['clients']} clients, traceparent={'yes' if c['traceparent'] else 'no'}, "
+             f"protocols detected in the {'kernel' if c.get('kernel_l7', True) else 'stage'}, "
+             f"event-loop rule {'on' if c.get('event_loop_rule', True) else 'off'}",
              f"load: {r['load']['sent']} sent, {r['load']['errors']} errors, "
              f"{r['load']['seconds']} s ({r['load']['requests_per_s']} req/s); "
              f"connections {r['connections']}",
@@ -369,9 +391,21 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--clients", type=int, default=16)
-    p.add_argument("--asyncio", action="store_true", help="A is an asyncio service")
+    p.add_argument("--asyncio", action="store_true",
+                   help="A is an asyncio service (same as --front asyncio)")
+    p.add_argument("--front", choices=FRONTS,
+                   help="what serves A: thread-per-request (default), asyncio, or a Node "
+                        "http server calling B twice: sequential awaits (node-seq), "
+                        "Promise.all (node-all), Promise.all through a 4-socket agent "
+                        "pool (node-pool), setTimeout then Promise.all (node-timer), Promise.all "
+                        "without keep-alive (node-fresh)")
     p.add_argument("--traceparent", action="store_true",
                    help="the load client sends a W3C traceparent header")
+    p.add_argument("--no-kernel-l7", action="store_true",
+                   help="detect protocols in the stage, not the kernel: the probe then also "
+                        "sends connect() records (an event loop's new connections)")
+    p.add_argument("--no-event-loop", action="store_true",
+                   help="the linker without its event-loop rule (the baseline it replaced)")
     p.add_argument("--wait", type=float, default=1.0, help="the linker's wait (seconds)")
     p.add_argument("--out", help="result JSON (default bench/results/accuracy-*.json)")
     p.add_argument("--keep", action="store_true",
@@ -383,7 +417,8 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         run(args.requests, args.clients, args.asyncio, args.traceparent, args.wait, args.out,
-            keep=args.keep)
+            keep=args.keep, front=args.front, kernel_l7=not args.no_kernel_l7,
+            event_loop=not args.no_event_loop)
     except KeyboardInterrupt:
         print("bench.accuracy: interrupted (topology torn down)", file=sys.stderr)
         return 130

@@ -145,7 +145,8 @@ def proc_status_kb(pid, key) -> int:
 class Agent:
     """One agent run. Use as a context manager; `started()` waits for attach."""
 
-    def __init__(self, config_text: str, name="agent"):
+    def __init__(self, config_text: str, name="agent", stdout_path=None):
+        self.stdout_path = stdout_path   # the agent's stdout (console exporter), else dropped
         self.dir = tempfile.mkdtemp(prefix=f"dtb-{name}-")
         self.config_path = os.path.join(self.dir, "agent.yaml")
         with open(self.config_path, "w") as f:
@@ -158,10 +159,12 @@ class Agent:
 
     def start(self, timeout=120):
         self._err = open(self.stderr_path, "wb")
+        self._out = open(self.stdout_path, "wb") if self.stdout_path else None
         t0 = time.monotonic()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "deeptrace_core.cli", "--config", self.config_path],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._err, cwd=REPO,
+            stdin=subprocess.DEVNULL, stdout=self._out or subprocess.DEVNULL, stderr=self._err,
+            cwd=REPO,
             start_new_session=True)
         deadline = t0 + timeout
         while True:
@@ -246,8 +249,9 @@ class Agent:
     def stop(self, timeout=60) -> dict:
         if self.proc is not None:
             stop_process(self.proc, timeout)
-        if getattr(self, "_err", None):
-            self._err.close()
+        for f in (getattr(self, "_err", None), getattr(self, "_out", None)):
+            if f:
+                f.close()
         self.final = parse_counters(self.text(), "final")
         return self.final
 

@@ -49,7 +49,7 @@ def _requests(n_batches, seed):
     return out[:n_batches]
 
 
-def _sender(port, payloads, seconds, result, window=8):
+def _sender(port, payloads, seconds, result, window=32):
     import grpc
     ch = grpc.insecure_channel(f"127.0.0.1:{port}")
     call = ch.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export",
@@ -57,7 +57,8 @@ def _sender(port, payloads, seconds, result, window=8):
     from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
     counts = [trace_service_pb2.ExportTraceServiceRequest.FromString(p) for p in payloads]
     counts = [sum(len(ss.spans) for rs in r.resource_spans for ss in rs.scope_spans) for r in counts]
-    # Many agents send at once: keep `window` requests in flight, as many agents would.
+    # Many agents send at once, each one request at a time (as the agents' exporter does):
+    # `window` requests in flight per sender process stand for that many agents.
     sent, i, inflight = 0, 0, []
     end = time.monotonic() + seconds
     while time.monotonic() < end or inflight:

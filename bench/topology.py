@@ -22,9 +22,14 @@ their ``comm`` says what they are: dt-svc-a, dt-svc-a-aio, dt-svc-b, dt-load):
 * B: thread-per-request (ThreadingHTTPServer, HTTP/1.1 keep-alive). A pool of
   (Redis, PostgreSQL) connection pairs opened at start-up is shared by its threads.
 * A: thread-per-request; each thread keeps one keep-alive connection to B.
-* A (``asyncio_a=True``): one asyncio event loop, minimal HTTP/1.1 with keep-alive; calls
-  to B go over a small pool of keep-alive connections shared by all requests, opened on
-  demand. (Connections whose server side sits in a blocking read are opened after the
+* A (``front="node-seq|node-all|node-pool|node-timer"``): a Node.js ``http`` server
+  (``bench/node_a.js``) that calls B twice per request, GET /b/<id> and GET /c/<id> (B
+  answers /c at once), over a keep-alive ``http.Agent``: sequential awaits, Promise.all,
+  Promise.all through a full pool (``maxSockets`` = ``a_pool``), a setTimeout before
+  Promise.all, or Promise.all without keep-alive (node-fresh: every call connects).
+* A (``front="asyncio"``, or ``asyncio_a=True``): one asyncio event loop, minimal
+  HTTP/1.1 with keep-alive; calls to B go over a small pool of keep-alive connections
+  shared by all requests, opened on demand. (Connections whose server side sits in a blocking read are opened after the
   agent starts: a read that entered before the probe attached is never seen, so the
   first request on such a connection would be missing on the server side.)
 * the load client: threads each with its own keep-alive connection, unique request ids,
@@ -64,7 +69,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBNET = "10.77.0"
 HOSTS = {"client": 10, "a": 11, "b": 12, "db": 13}
 ROLES = ("net", "client", "a", "b", "db")
-COMMS = {"a": "dt-svc-a", "a-aio": "dt-svc-a-aio", "b": "dt-svc-b", "load": "dt-load"}
+COMMS = {"a": "dt-svc-a", "a-aio": "dt-svc-a-aio", "a-node": "dt-svc-a-node",
+         "b": "dt-svc-b", "load": "dt-load"}
+FRONTS = ("threads", "asyncio", "node-seq", "node-all", "node-pool", "node-timer",
+          "node-fresh")
+NODE_JS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "node_a.js")
 # Request ids: q<6 hex: run tag>n<6 digits> (load) or ...t<6 digits> (trickle after it).
 ID_RE = re.compile(r"(q[0-9a-f]{6}[nt]\d{6})")
 _instances = 0
@@ -170,7 +179,7 @@ class Topology:
     """Build with ``up()`` (or ``with Topology() as t``), tear down with ``down()``."""
 
     def __init__(self, prefix="dt-", asyncio_a=False, pool=16, a_pool=4, keep=False,
-                 base_port=None):
+                 base_port=None, front=None):
         global _instances
         _instances += 1
         self.prefix = prefix
@@ -181,7 +190,10 @@ class Topology:
         # Below the ephemeral range (32768-), so no other socket on the machine has them.
         base = base_port or random.randrange(20000, 32000, 10)
         self.ports = {"a": base, "b": base + 1, "redis": base + 2, "postgres": base + 3}
-        self.asyncio_a = asyncio_a
+        self.front = front or ("asyncio" if asyncio_a else "threads")
+        if self.front not in FRONTS:
+            raise ValueError(f"front {self.front!r}: one of {', '.join(FRONTS)}")
+        self.asyncio_a = self.front == "asyncio"
         self.pool, self.a_pool, self.keep = pool, a_pool, keep
         self.procs = {}
         self.workdir = None
@@ -191,6 +203,8 @@ class Topology:
     # where each thing is, for assertions and analysis
     @property
     def comm_a(self):
+        if self.front.startswith("node-"):
+            return COMMS["a-node"]
         return COMMS["a-aio"] if self.asyncio_a else COMMS["a"]
 
     def endpoint(self, svc):
@@ -223,13 +237,16 @@ class Topology:
                                 "--redis", _addr(self.endpoint("redis")),
                                 "--pg", _addr(self.endpoint("postgres")),
                                 "--pool", str(self.pool), "--log", self.logs["b"]])
-            if self.asyncio_a:
-                argv = ["serve-a-async", "--pool", str(self.a_pool)]
+            where = ["--listen", _addr(self.endpoint("a")), "--b", _addr(self.endpoint("b")),
+                     "--log", self.logs["a"]]
+            if self.front.startswith("node-"):
+                self._service("a", where + ["--variant", self.front[5:],
+                                            "--pool", str(self.a_pool)],
+                              cmd=["node", NODE_JS])
+            elif self.asyncio_a:
+                self._service("a", ["serve-a-async", "--pool", str(self.a_pool), *where])
             else:
-                argv = ["serve-a"]
-            self._service("a", argv + ["--listen", _addr(self.endpoint("a")),
-                                       "--b", _addr(self.endpoint("b")),
-                                       "--log", self.logs["a"]])
+                self._service("a", ["serve-a", *where])
         except BaseException:
             self.down()
             raise
@@ -332,9 +349,9 @@ class Topology:
             return True
         self._wait("postgres", setup, timeout=60)
 
-    def _service(self, name, argv):
-        p = self._spawn(name, name, [sys.executable, "-m", "bench.topology", *argv],
-                        stdout=subprocess.PIPE)
+    def _service(self, name, argv, cmd=None):
+        cmd = cmd or [sys.executable, "-m", "bench.topology"]
+        p = self._spawn(name, name, [*cmd, *argv], stdout=subprocess.PIPE)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             r, _, _ = select.select([p.stdout], [], [], 0.2)
@@ -392,25 +409,28 @@ class Topology:
         return out
 
     def agent_yaml(self, spans_path, wait=1.0, payload_bytes=512, ringbuf_pages=1024,
-                   stats_interval=5.0, extra_processors=""):
+                   stats_interval=5.0, extra_processors="", kernel_l7=True, event_loop=True):
         """The agent config: trace probe on this run's ports with the three protocols,
-        spans -> traces, jsonl exporter."""
+        spans -> traces, jsonl exporter. kernel_l7=False: the probe sends every call on
+        these ports and the stage detects the protocols; only then does it send
+        socket/connect/accept records, which carry an event loop's connect() times."""
         ports = ", ".join(str(p) for p in self.ports.values())
+        kernel = "    protocols: [http1, redis, postgresql]\n" if kernel_l7 else ""
+        loop = "" if event_loop else "    event_loop: false\n"
         return f"""\
 agent:
   stats_interval: {stats_interval}s
 probes:
   trace:
     ports: [{ports}]
-    protocols: [http1, redis, postgresql]
-    payload_bytes: {payload_bytes}
+{kernel}    payload_bytes: {payload_bytes}
     ringbuf_pages: {ringbuf_pages}
 processors:
   spans:
     protocols: [http1, redis, postgresql]
   traces:
     wait: {wait}s
-{extra_processors}exporters:
+{loop}{extra_processors}exporters:
   jsonl:
     path: {spans_path}
     append: false
@@ -460,8 +480,12 @@ pipelines:
 # -- span classification (shared by the e2e test and the accuracy benchmark) ------------
 KINDS = ("load", "a_server", "a_client", "b_server", "redis_get_client", "redis_set_client",
          "pg_client", "redis_get_server", "redis_set_server", "pg_server")
+# The Node fronts' second call: A's GET /c/<id> to B, and B's server side of it.
+NODE_KINDS = ("a_client_c", "c_server")
+ALL_KINDS = KINDS + NODE_KINDS
 # kind -> the kind of its expected parent (None: the root of the request's trace)
 PARENT = {"load": None, "a_server": "load", "a_client": "a_server", "b_server": "a_client",
+          "a_client_c": "a_server", "c_server": "a_client_c",
           "redis_get_client": "b_server", "redis_set_client": "b_server",
           "pg_client": "b_server", "redis_get_server": "redis_get_client",
           "redis_set_server": "redis_set_client", "pg_server": "pg_client"}
@@ -488,6 +512,8 @@ def classify(span: dict):
             kind = "load" if role == "client" else "a_server"
         elif path.startswith("/b/"):
             kind = "a_client" if role == "client" else "b_server"
+        elif path.startswith("/c/"):
+            kind = "a_client_c" if role == "client" else "c_server"
     elif proto == "redis" and op in ("GET", "SET"):
         kind = f"redis_{op.lower()}_{role}"
     elif proto == "postgresql":
@@ -582,6 +608,14 @@ def serve_b(args):
 
     class B(_Handler):
         def do_GET(self):
+            m = re.fullmatch(r"/c/([A-Za-z0-9_-]+)", self.path)
+            if m:  # the Node fronts' second back-end call: answered at once
+                t0 = time.time_ns()
+                gt.write({"svc": "c", "id": m.group(1), "pid": pid,
+                          "tid": threading.get_native_id(), "peer": _addr(self.client_address),
+                          "local": _addr(self.connection.getsockname()), "t0": t0,
+                          "t1": time.time_ns(), "calls": []})
+                return self.reply(200, b'{"c":true}')
             m = re.fullmatch(r"/b/([A-Za-z0-9_-]+)", self.path)
             if not m:
                 return self.reply(404, b'{"error":"not found"}')
@@ -832,6 +866,7 @@ def _main(argv=None):
     sub = p.add_subparsers(dest="cmd", required=True)
     u = sub.add_parser("up", help="build the topology and wait for Ctrl-C")
     u.add_argument("--asyncio", action="store_true")
+    u.add_argument("--front", choices=FRONTS)
     u.add_argument("--prefix", default="dt-")
     c = sub.add_parser("cleanup", help="delete leftovers of crashed runs")
     c.add_argument("--prefix", default="dt-")
@@ -869,7 +904,7 @@ def _main(argv=None):
         print("deleted:", " ".join(cleanup_leftovers(args.prefix)) or "nothing")
     elif args.cmd == "up":
         signal.signal(signal.SIGTERM, _interrupt)
-        with Topology(prefix=args.prefix, asyncio_a=args.asyncio) as t:
+        with Topology(prefix=args.prefix, asyncio_a=args.asyncio, front=args.front) as t:
             print(json.dumps({"namespaces": t.ns, "addresses": t.addr, "ports": t.ports,
                               "pids": t.pids, "workdir": t.workdir}, indent=2), flush=True)
             try:

@@ -154,6 +154,7 @@ class View:
         self._tp_fds = []
         self._perf = []
         self._kprobes = []
+        self._uprobes = []   # BCC event names
         self.funcs = {}      # this probe's loaded programs, by their names in its source
         self._closed = False
 
@@ -195,6 +196,21 @@ class View:
         self._b.attach_kretprobe(event=event, fn_name=self._name(fn_name))
         self._kprobes.append((self._b.detach_kretprobe, event, self._name(fn_name)))
 
+    def attach_uprobe(self, *, name, addr, fn_name):
+        """Attach `fn_name` at `addr` (vaddr) of file `name`, in every process (pid -1)."""
+        self._uprobe(self._b.attach_uprobe, name, addr, fn_name)
+
+    def attach_uretprobe(self, *, name, addr, fn_name):
+        self._uprobe(self._b.attach_uretprobe, name, addr, fn_name)
+
+    def _uprobe(self, attach, name, addr, fn_name):
+        # Detached by event name at cleanup: the path (/proc/PID/root/...) may be gone.
+        before = set(self._b.uprobe_fds)
+        attach(name=name, addr=addr, fn_name=self._name(fn_name))
+        self._uprobes.extend(set(self._b.uprobe_fds) - before)
+        key = fn_name.decode() if isinstance(fn_name, bytes) else fn_name
+        self.funcs[key] = self._b.funcs[self._name(fn_name)]
+
     def ring_buffer_consume(self):
         self._b.ring_buffer_consume()
 
@@ -219,4 +235,10 @@ class View:
             except Exception as exc:
                 log.error("detaching kprobe %s failed: %r", event, exc)
         self._kprobes.clear()
+        for ev_name in self._uprobes:
+            try:
+                self._b.detach_uprobe_event(ev_name)
+            except Exception as exc:
+                log.error("detaching uprobe %s failed: %r", ev_name, exc)
+        self._uprobes.clear()
         self._shared.release()

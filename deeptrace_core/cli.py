@@ -8,6 +8,7 @@
   deeptrace plugin new protocol NAME  write a new protocol plugin distribution (tests pass)
   deeptrace probe render NAME         print the final BPF C of a probe
   deeptrace traces [show ID]          recent traces from the local store, or one as a tree
+  deeptrace ui [--db PATH] [--port P] the web UI on the local store (127.0.0.1)
   deeptrace collector --config FILE   receive agents' spans over OTLP, store them in
                                       ClickHouse and stitch traces across hosts
 """
@@ -20,6 +21,7 @@ import sys
 import time
 
 from . import __version__, doctor, scaffold, traces_cli
+from .ui import server as ui_server
 from .api import Context
 from .bpf import BPFUnavailable, check_privileges
 from .config import ConfigError, load_config
@@ -42,6 +44,7 @@ def _parser():
     v.add_argument("-c", "--config", required=True)
     sub.add_parser("plugins", help="list plugins")
     traces_cli.add_parser(sub)
+    ui_server.add_parser(sub)
     scaffold.add_parser(sub)
     sub.add_parser("doctor", help="check this machine")
     co = sub.add_parser("collector", help="run the cross-host collector")
@@ -182,7 +185,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     handlers = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins,
                 "doctor": cmd_doctor, "probe": cmd_probe_render, "traces": traces_cli.run,
-                "plugin": scaffold.run, "collector": cmd_collector}
+                "plugin": scaffold.run, "collector": cmd_collector, "ui": ui_server.run}
     command = args.command or ("run" if args.config else None)
     if command is None:
         _parser().print_help()

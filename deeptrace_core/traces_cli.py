@@ -96,14 +96,15 @@ def add_parser(subparsers):
 
 # -- reading the store --------------------------------------------------------------------
 
-def open_store(path: str) -> sqlite3.Connection:
-    """A read-only connection to the store at `path`, or StoreError with the reason."""
+def open_store(path: str, check_same_thread: bool = True) -> sqlite3.Connection:
+    """A read-only connection to the store at `path`, or StoreError with the reason
+    (check_same_thread=False: for a server's threads, which serialise their use)."""
     if not os.path.exists(path):
         raise StoreError(f"no trace store at {path} (the store exporter creates it; "
                          "choose another file with --db)")
     try:
         uri = "file:" + _uri_path(os.path.abspath(path)) + "?mode=ro"
-        conn = sqlite3.connect(uri, uri=True, timeout=10)
+        conn = sqlite3.connect(uri, uri=True, timeout=10, check_same_thread=check_same_thread)
         conn.row_factory = sqlite3.Row
         conn.execute("SELECT 1 FROM spans LIMIT 1").fetchall()
     except sqlite3.Error as exc:

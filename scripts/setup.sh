@@ -15,7 +15,11 @@ fi
 PKGS=(python3-bpfcc bpfcc-tools libbpfcc linux-headers-amd64 dwarves bpftool
       iproute2 nftables iptables curl make gcc procps kmod
       redis-server memcached nginx-light mariadb-server postgresql wrk hyperfine
-      qemu-system-x86 busybox-static)   # the last two: the kernel test job (tests/kernels)
+      golang-go   # Go crypto/tls peers, built by tests/test_tls_go.py
+      nodejs      # Node.js services: the event-loop tests and fronts, TLS peers
+      python3-grpcio   # gRPC over TLS on the system OpenSSL (the wheel's BoringSSL exports no SSL_*)
+      qemu-system-x86 busybox-static   # these two: the kernel test job (tests/kernels)
+      chromium chromium-driver)          # the web UI tests (tests/test_ui*.py)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -83,7 +87,7 @@ stamp=.venv/.deeptrace-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -nt "$stamp" ] \
    || [ plugins/protocols/redis/pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip wheel  # wheel: --no-build-isolation reinstalls in tests
-  .venv/bin/python -m pip install -q -e '.[test,collector]'
+  .venv/bin/python -m pip install -q -e '.[test,collector,fuzz]'
   # Our Redis plugin is its own distribution, found only through its entry point.
   .venv/bin/python -m pip install -q -e plugins/protocols/redis
   touch "$stamp"

@@ -65,8 +65,9 @@ def _pg_bin(tool):
     return os.path.join(base, version, "bin", tool)
 
 
-def postgres():
-    """A private cluster owned by the postgres user (the server refuses to run as root)."""
+def postgres(*options):
+    """A private cluster owned by the postgres user (the server refuses to run as root).
+    `options`: more server settings, "name=value" each (passed as -c)."""
     port = free_port()
     d = tempfile.mkdtemp(prefix="dt-pg-")
     pw = pwd.getpwnam("postgres")
@@ -75,7 +76,8 @@ def postgres():
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                    user="postgres")
     return Server("postgres", [_pg_bin("postgres"), "-D", d, "-p", str(port), "-k", d,
-                               "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"],
+                               "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
+                               *(a for o in options for a in ("-c", o))],
                   port, user="postgres")
 
 

@@ -6,12 +6,15 @@
   GET /api/services                          ["frontend", ...]
   GET /api/map?since_ns=                     [{"source", "target", "calls", "rate", ...}]
   GET /api/stats                             receiver and stitcher counters
+  GET /, /search, /trace/<id>, /map, ...     the web UI (deeptrace_core/ui) on these tables
 """
 
 import http.server
 import json
 import threading
 import urllib.parse
+
+from deeptrace_core.ui import server as ui_server
 
 from .query import QueryError
 
@@ -24,6 +27,8 @@ def start(address, query, stats):
 
         def do_GET(self):
             url = urllib.parse.urlsplit(self.path)
+            if ui_server.handles(url.path):     # the same web UI as `deeptrace ui`
+                return ui_server.reply(self, query)
             args = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query).items()}
             try:
                 for k in _INT:

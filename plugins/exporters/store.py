@@ -31,7 +31,7 @@ from deeptrace_core.traces_cli import DEFAULT_DB
 
 log = logging.getLogger("deeptrace.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2   # 2: tid and host (added to older files by connect())
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS spans (
     trace_id       TEXT    NOT NULL,
@@ -56,7 +56,9 @@ CREATE TABLE IF NOT EXISTS spans (
     request_size   INTEGER,
     response_size  INTEGER,
     attributes     TEXT,
-    link_source    TEXT
+    link_source    TEXT,
+    tid            INTEGER,
+    host           TEXT
 );
 -- a trace's spans (show, per-trace aggregates, root lookup by span id)
 CREATE INDEX IF NOT EXISTS spans_trace ON spans (trace_id, span_id);
@@ -68,7 +70,8 @@ CREATE INDEX IF NOT EXISTS spans_service ON spans (service, start_ns);
 COLUMNS = ("trace_id", "span_id", "parent_span_id", "start_ns", "end_ns", "duration_ns",
            "service", "operation", "protocol", "role", "status", "error", "pid", "comm",
            "cmdline", "local_addr", "local_port", "remote_addr", "remote_port",
-           "request_size", "response_size", "attributes", "link_source")
+           "request_size", "response_size", "attributes", "link_source", "tid", "host")
+_HOST = os.uname().nodename   # the store is one host's: the web UI shows where a span came from
 INSERT = f"INSERT INTO spans ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 
 
@@ -94,7 +97,7 @@ def span_row(span) -> tuple:
             span.local_port, span.remote_addr, span.remote_port,
             getattr(span, "request_size", None), getattr(span, "response_size", None),
             json.dumps(attributes, separators=(",", ":"), default=str) if attributes else None,
-            getattr(span, "link_source", None))
+            getattr(span, "link_source", None), getattr(span, "tid", None), _HOST)
 
 
 def connect(path: str) -> sqlite3.Connection:
@@ -110,6 +113,10 @@ def connect(path: str) -> sqlite3.Connection:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.executescript(SCHEMA)
+        have = {r[1] for r in conn.execute("PRAGMA table_info(spans)")}
+        for col, kind in (("tid", "INTEGER"), ("host", "TEXT")):   # files of version 1
+            if col not in have:
+                conn.execute(f"ALTER TABLE spans ADD COLUMN {col} {kind}")
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     except Exception:
         conn.close()

@@ -9,7 +9,22 @@ Order of trust, recorded per span in ``link_source``:
      the other). Exact; no timing involved.
   3. ``thread``: within a process, the client calls a thread makes while serving a
      request are children of that request's server span (thread-per-request servers).
-  4. ``statistical``: otherwise (thread pools, asyncio), the server spans of the same
+  4. ``event_loop``: a thread that serves requests concurrently (the spans stage marks
+     its spans ``deeptrace.thread_concurrent``: Node, asyncio, any epoll loop) runs one
+     callback at a time, and each callback starts with the read of its own socket. So,
+     in the order of that thread's calls: a server span's request read makes it the
+     thread's current context; a client span's response read makes its parent current;
+     a client span's request write takes the current context as its parent -- or, for
+     the first call on a connection the thread opened, the context at its connect()
+     (``deeptrace.connect_ns``, from the stage). What this cannot decide is marked
+     ``deeptrace.link_deferred`` and left to the fallback: ``no_context`` (nothing
+     current), ``outside_context`` (the current span does not contain the call: deferred
+     work, e.g. a timer), ``no_connect_time`` (the first call seen on a connection whose
+     connect() was not seen: the probe sends connect records only when the protocols are
+     detected in the stage, not the kernel), ``shared_read`` (the current requests came
+     in one read: pipelined), ``order_unreliable`` (the thread's recent calls misfit too
+     often for its order to be trusted: asyncio, timers, a full pool).
+  5. ``statistical``: otherwise (thread pools, deferred work), the server spans of the same
      process whose interval contains the client span are candidates, scored by how
      similar their request texts are (ids passed from the incoming request to the
      outgoing one), by the learned timing of confident links between the same
@@ -25,7 +40,8 @@ so every span of a trace leaves with the same trace id.
 import hashlib
 import math
 import time
-from collections import OrderedDict, defaultdict
+from bisect import bisect_right
+from collections import OrderedDict, defaultdict, deque
 
 import attrs
 from attrs import validators as v
@@ -34,6 +50,21 @@ from deeptrace_core.hookspecs import hookimpl
 from deeptrace_core.span import new_id
 
 TOLERANCE_NS = 200_000  # syscall timestamps of nested calls may touch: 0.2 ms slack
+CONCURRENT = "deeptrace.thread_concurrent"
+SERVER_START, CLIENT_END = 0, 1    # the events that change an event loop's context
+MAX_CHAIN = 64                     # client ends followed back to a server start
+# A thread whose calls often fall outside the context its order gives (asyncio: writes
+# lag their read by loop iterations; timers; pooled connections handed over) is not run
+# callback-by-read: past this share of misfits (of at least FIT_MIN recent decisions)
+# its calls go to the fallback. Node services measured ~1%, asyncio, timers, a full
+# agent pool 34-58% (bench.accuracy).
+MISFIT_MAX = 0.10
+FIT_MIN = 16
+FIT_WINDOW = 256                   # the counts halve past this: recent behaviour decides
+LOOP_HOLD = 4                      # at most this many `wait`s for the pipeline to catch up
+LOOP_THREADS = 4096                # event-loop threads remembered (LRU, counted)
+LOOP_CONNS = 65536                 # event-loop client connections seen (LRU): a forgotten
+                                   # one only has its next call deferred
 
 
 @attrs.define
@@ -43,6 +74,9 @@ class TracesConfig:
     max_hold: float = attrs.field(default=30.0, validator=v.gt(0), metadata={"unit": "seconds"})
     max_spans: int = attrs.field(default=200_000, validator=[v.ge(1), v.le(10_000_000)])
     statistical: bool = True
+    # The event-loop rule (link_source event_loop); off, such threads' calls go to the
+    # statistical fallback as they did before it (bench.accuracy --no-event-loop).
+    event_loop: bool = True
     min_confidence: float = attrs.field(default=0.0, validator=[v.ge(0), v.le(1)])
     # Operation pairs (and server operations) the statistical fallback remembers; the
     # least recently learned go first (counted as learned_evicted). Paths with ids in
@@ -95,6 +129,9 @@ def _grams(text: str) -> set:
 
 
 def _request_text(span) -> str:
+    text = getattr(span, "text", None)
+    if text is not None:                 # a _Recent keeps it, not the attributes
+        return text
     a = span.attributes
     return " ".join(str(a.get(k, "")) for k in ("url.path", "url.query", "db.query.text")) \
         or span.operation
@@ -104,7 +141,8 @@ _UNLEARNED = (0, 0.0, 0.0)
 
 
 class _Held:
-    __slots__ = ("span", "arrived", "decided", "children", "grams")
+    __slots__ = ("span", "arrived", "decided", "children", "grams", "parent_h", "loop_done",
+                 "first_call", "on_loop")
 
     def __init__(self, span, now):
         self.span = span
@@ -112,6 +150,89 @@ class _Held:
         self.decided = False
         self.children = []
         self.grams = None
+        self.parent_h = None    # the parent's _Held once linked (an event loop's context)
+        self.loop_done = False  # the event-loop rule ran for it (linked or deferred)
+        self.first_call = False  # the first call seen on its connection
+        self.on_loop = False     # on an event loop's timeline: kept, slimmed, once released
+
+
+class _Slim:
+    """What a timeline needs of a released span: the exporters own the span itself, and
+    an event loop's timeline would otherwise keep every span of its window alive."""
+    __slots__ = ("span_id", "trace_id", "role", "pid", "start_ns", "end_ns")
+
+    def __init__(self, span):
+        self.span_id, self.trace_id, self.role = span.span_id, span.trace_id, span.role
+        self.pid, self.start_ns, self.end_ns = span.pid, span.start_ns, span.end_ns
+
+
+class _Recent:
+    """What the statistical fallback needs of a released server span: a whole span (its
+    attributes dict) is ~1 KB, and 20,000 of them were a fifth of the agent's memory."""
+    __slots__ = ("span_id", "trace_id", "role", "pid", "start_ns", "end_ns", "operation",
+                 "text")
+
+    def __init__(self, span):
+        self.span_id, self.trace_id, self.operation = span.span_id, span.trace_id, span.operation
+        self.role, self.pid = span.role, span.pid
+        self.start_ns, self.end_ns = span.start_ns, span.end_ns
+        self.text = _request_text(span)
+
+
+class _Loop:
+    """One event-loop thread's context switches, in time order: ts[i] is the time of
+    ev[i] = (SERVER_START, server _Held) or (CLIENT_END, client _Held). Spans arrive when
+    they end, so a server's start is inserted behind later events: the bisect is
+    O(log n), the insert moves only the events of that request's own lifetime."""
+    __slots__ = ("ts", "ev", "decided_upto", "fit", "misfit")
+
+    def __init__(self):
+        self.ts = []
+        self.ev = []
+        self.decided_upto = 0   # latest time a decision looked up: earlier events are late
+        self.fit = self.misfit = 0  # recent calls inside / outside the context found
+
+    def judge(self, fits: bool) -> bool:
+        """Count one decision; whether this thread's order is to be trusted."""
+        if fits:
+            self.fit += 1
+        else:
+            self.misfit += 1
+        n = self.fit + self.misfit
+        if n >= FIT_WINDOW:
+            self.fit //= 2
+            self.misfit //= 2
+        return n < FIT_MIN or self.misfit <= MISFIT_MAX * n
+
+    def add(self, t, event):
+        ts = self.ts
+        if not ts or t >= ts[-1]:
+            ts.append(t)
+            self.ev.append(event)
+        else:
+            i = bisect_right(ts, t)
+            ts.insert(i, t)
+            self.ev.insert(i, event)
+
+    def at(self, t):
+        """The latest event at or before t, or None; "shared" when it and the one before
+        it are request reads at the same time: requests pipelined in one read, whose
+        handlers ran in one callback in an order the calls do not show."""
+        i = bisect_right(self.ts, t) - 1
+        if i < 0:
+            return None
+        event = self.ev[i]
+        if i and event[0] == SERVER_START and self.ts[i - 1] == self.ts[i] and \
+                self.ev[i - 1][0] == SERVER_START:
+            return "shared"
+        return event
+
+    def drop_before(self, horizon) -> int:
+        i = bisect_right(self.ts, horizon)
+        if i:
+            del self.ts[:i]
+            del self.ev[:i]
+        return i
 
 
 class TraceLinker:
@@ -123,6 +244,10 @@ class TraceLinker:
         self.held: dict = {}                       # span_id -> _Held
         self.released: OrderedDict = OrderedDict()  # span_id -> trace_id (recent, bounded)
         self.by_seq: dict = {}                     # (client tuple, seq) -> client span_id
+        # (monotonic time, table, key) in time order: `released` and `by_seq` entries go
+        # after max_hold + wait (a partner cannot arrive later), not only past max_spans,
+        # so memory follows the traffic of that window rather than of max_spans spans.
+        self._aging: deque = deque()
         self.waiting_server: dict = {}             # (client tuple, seq) -> server span_id
         self.servers_by_pid = defaultdict(list)    # pid -> held/recent server spans
         self.clients_by_thread = defaultdict(list)  # (pid, tid) -> undecided client span_ids
@@ -133,6 +258,11 @@ class TraceLinker:
         self.counts = defaultdict(int)
         self._next_expiry = 0.0
         self.recent_servers: OrderedDict = OrderedDict()  # released server spans, bounded
+        # Event-loop threads, learned from the stage's mark (LRU), and their timelines.
+        self.loops: OrderedDict = OrderedDict()    # (pid, tid) -> _Loop
+        self.loop_events = 0                       # events over all timelines (bounded)
+        self.loop_conns: OrderedDict = OrderedDict()  # (pid, conn_id) of loop clients
+        self.watermark = 0   # the latest end of any span arrived: how far the records got
 
     # -- intake ---------------------------------------------------------------------------
     def process(self, batch):
@@ -154,6 +284,9 @@ class TraceLinker:
         if len(self.held) > self.config.max_spans:
             oldest = next(iter(self.held.values()))
             self._root(oldest, out, forced=True)
+        if span.end_ns > self.watermark:
+            self.watermark = span.end_ns
+        self._loop_event(h)
         header = _traceparent(span)
         if span.role == "client":
             if header:  # the application propagates: its outgoing parent-id is this span's id
@@ -162,6 +295,7 @@ class TraceLinker:
             key = _request_key(span, client=True)
             if key:
                 self.by_seq[key] = span.span_id
+                self._aging.append((now, self.by_seq, key))
                 waiting = self.waiting_server.pop(key, None)
                 if waiting in self.held:
                     self._link(self.held[waiting], h, "tcp_seq", out)
@@ -182,6 +316,125 @@ class TraceLinker:
                 elif key:
                     self.waiting_server[key] = span.span_id
             self._adopt_thread_children(h, out)
+
+    # -- the event-loop rule --------------------------------------------------------------
+    def _loop_event(self, h):
+        """Put a span's context switch on its thread's timeline, when the thread is (or
+        has been marked as) an event loop."""
+        span = h.span
+        key = (span.pid, span.tid)
+        loop = self.loops.get(key)
+        if loop is None:
+            if not span.attributes.get(CONCURRENT) or not self.config.event_loop:
+                return
+            loop = self.loops[key] = _Loop()
+            if len(self.loops) > LOOP_THREADS:
+                _, gone = self.loops.popitem(last=False)
+                self.loop_events -= len(gone.ts)
+                self.counts["event_loop_threads_evicted"] += 1
+        else:
+            self.loops.move_to_end(key)
+        if span.role == "server":
+            t, event = span.start_ns, (SERVER_START, h)
+        elif "deeptrace.no_response" in span.attributes:
+            return      # no response read: it never resumed anything on the thread
+        else:
+            t, event = span.end_ns, (CLIENT_END, h)
+            conn = (span.pid, span.conn_id)
+            if conn in self.loop_conns:
+                self.loop_conns.move_to_end(conn)
+            else:
+                h.first_call = True
+                self.loop_conns[conn] = True
+                if len(self.loop_conns) > LOOP_CONNS:
+                    self.loop_conns.popitem(last=False)
+        if t < loop.decided_upto:
+            # Arrived after a decision that looked past its time: that decision may be
+            # wrong (a request longer than the linker's wait). Counted, not undone.
+            self.counts["event_loop_late"] += 1
+        loop.add(t, event)
+        h.on_loop = True
+        self.loop_events += 1
+
+    def _loop_parent(self, h, depth=0):
+        """(parent _Held or None, why not): the context current on the client span's
+        thread when it wrote its request (or connected, for a connection's first call)."""
+        c = h.span
+        if h.parent_h is not None:
+            return h.parent_h, None
+        loop = self.loops.get((c.pid, c.tid))
+        if loop is None:
+            return None, "no_context"
+        t = c.attributes.get("deeptrace.connect_ns")
+        if t is None:
+            if h.first_call:
+                # A new connection (or one opened before we looked) whose connect() we
+                # did not see: the probe sends connect records only without kernel
+                # protocol detection. The loop ran other callbacks while it connected,
+                # so the context at the write says nothing.
+                return None, "no_connect_time"
+            t = c.start_ns
+        if t > loop.decided_upto:
+            loop.decided_upto = t
+        event = loop.at(t)
+        if event is None:
+            return None, "no_context"
+        if event == "shared":
+            return None, "shared_read"
+        if event[0] == SERVER_START:
+            return self._contains(event[1], c)
+        prev = event[1]     # a response read: its caller's context resumed
+        if prev.parent_h is None:
+            if prev.loop_done or depth >= MAX_CHAIN:
+                return None, "no_context"   # that call's parent was not decided by order
+            parent, why = self._loop_parent(prev, depth + 1)
+            if parent is None:
+                return None, why
+            return self._contains(parent, c)
+        return self._contains(prev.parent_h, c)
+
+    @staticmethod
+    def _contains(parent_h, c):
+        p = parent_h.span
+        if p.role != "server" or p.pid != c.pid:
+            return None, "no_context"
+        if p.start_ns - TOLERANCE_NS <= c.start_ns and c.end_ns <= p.end_ns + TOLERANCE_NS:
+            return parent_h, None
+        # The current request had answered (or not started) around this call: the call
+        # was made by deferred work (a timer, a pooled connection handed over), which the
+        # order of the thread's calls cannot attribute.
+        return None, "outside_context"
+
+    def _loop_pending(self, h, now) -> bool:
+        """Whether an event-loop call should wait longer: a request that was current
+        when it wrote may still be on its way (it arrives when it ends). Under a backlog
+        (the ring buffer read in rounds) time at the linker runs ahead of the records, so
+        the call waits until spans ending `wait` after it have arrived, for at most
+        LOOP_HOLD waits."""
+        c = h.span
+        if (c.pid, c.tid) not in self.loops or \
+                self.watermark >= c.end_ns + int(self.config.wait * 1e9):
+            return False
+        return now - h.arrived < LOOP_HOLD * self.config.wait
+
+    def _event_loop(self, h, out) -> bool:
+        """Link a held client span on an event-loop thread by the order of its thread's
+        calls; False (and the reason on the span) when that order cannot decide."""
+        c = h.span
+        loop = self.loops.get((c.pid, c.tid))
+        if loop is None:
+            return False
+        parent, why = self._loop_parent(h)
+        h.loop_done = True
+        if why in (None, "outside_context") and not loop.judge(parent is not None) \
+                and parent is not None:
+            parent, why = None, "order_unreliable"
+        if parent is None:
+            c.attributes["deeptrace.link_deferred"] = why
+            self.counts[f"event_loop_deferred_{why}"] += 1
+            return False
+        self._link(h, parent, "event_loop", out)
+        return True
 
     def _rename(self, h, new_span_id):
         old = h.span.span_id
@@ -220,6 +473,7 @@ class TraceLinker:
         child.parent_span_id = parent_h.span.span_id
         child.link_source = child.link_source or source
         child_h.decided = True
+        child_h.parent_h = parent_h
         self.counts[f"links_{source}"] += 1
         pid = parent_h.span.span_id
         if pid in self.held:
@@ -258,11 +512,17 @@ class TraceLinker:
                 span.trace_id = new_id(16)
             self.held.pop(span.span_id, None)
             self.released[span.span_id] = span.trace_id
+            self._aging.append((time.monotonic(), self.released, span.span_id))
             if span.role == "server":  # may still be a statistical parent for a while
-                self.recent_servers[span.span_id] = span
+                self.recent_servers[span.span_id] = _Recent(span)
                 if len(self.recent_servers) > 20000:
                     self.recent_servers.popitem(last=False)
             out.append(span)
+            if cur.on_loop:  # a timeline needs its times, ids and (a client's) parent
+                cur.span = _Slim(span)
+                cur.grams = None
+                if span.role == "server":
+                    cur.parent_h = None
             for ch in cur.children:
                 ch.span.trace_id = span.trace_id
                 stack.append(ch)
@@ -280,13 +540,19 @@ class TraceLinker:
             # make spans give up on parents that are just behind them in the queue.
             waited = now - h.arrived
             if not h.decided and waited >= wait:
-                if h.span.role == "client" and self.config.statistical and \
-                        self._statistical(h, out):
+                if h.span.role == "client" and self._loop_pending(h, now):
+                    continue
+                if h.span.role == "client" and (self._event_loop(h, out) or (
+                        self.config.statistical and self._statistical(h, out))):
                     continue
                 self._root(h, out)
             elif h.decided and now - h.arrived >= max_hold:
                 self._root(h, out, forced=True)  # its parent never got released
         self._prune(wall)
+        aging, horizon = self._aging, now - (max_hold + wait)
+        while aging and aging[0][0] < horizon:
+            _, table, key = aging.popleft()
+            table.pop(key, None)
 
     def _prune(self, wall):
         horizon = wall - int((self.config.max_hold + self.config.wait) * 1e9)
@@ -308,6 +574,22 @@ class TraceLinker:
         if len(self.waiting_server) > self.config.max_spans:
             for k in list(self.waiting_server)[: len(self.waiting_server) // 2]:
                 del self.waiting_server[k]
+        self._prune_loops(horizon)
+
+    def _prune_loops(self, horizon):
+        """Timelines keep what a held span may still look up (as servers_by_pid does),
+        and at most max_spans events in all: past that, the longest loses its oldest
+        half (counted: a call whose context went is left to the fallback)."""
+        for key in list(self.loops):
+            loop = self.loops[key]
+            self.loop_events -= loop.drop_before(horizon)
+            if not loop.ts:
+                del self.loops[key]
+        while self.loop_events > self.config.max_spans:
+            loop = max(self.loops.values(), key=lambda lp: len(lp.ts))
+            n = loop.drop_before(loop.ts[len(loop.ts) // 2])
+            self.loop_events -= n
+            self.counts["event_loop_evicted"] += n
 
     # -- the statistical fallback ---------------------------------------------------------
     def _statistical(self, h, out) -> bool:
@@ -383,8 +665,8 @@ class TraceLinker:
         out = []
         for h in list(self.held.values()):
             if h.span.span_id in self.held and not h.decided:
-                if not (h.span.role == "client" and self.config.statistical
-                        and self._statistical(h, out)):
+                if not (h.span.role == "client" and (self._event_loop(h, out) or (
+                        self.config.statistical and self._statistical(h, out)))):
                     self._root(h, out)
         for h in list(self.held.values()):
             if h.span.span_id in self.held:
@@ -392,7 +674,7 @@ class TraceLinker:
         return out
 
     def stats(self) -> dict:
-        return {**self.counts, "held": len(self.held)}
+        return {**self.counts, "held": len(self.held), "event_loop_threads": len(self.loops)}
 
 
 @hookimpl

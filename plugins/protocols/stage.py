@@ -31,6 +31,22 @@ if tuple(a.name for a in attrs.fields(Span))[:len(_SPAN_ARGS)] != _SPAN_ARGS:
     raise ImportError("deeptrace_core.span.Span's fields changed order: update _SPAN_ARGS "
                       "and SpanStage._span")
 DETECT_TRIES = 4        # records looked at before a connection is left alone
+CONNECTS = 65536        # connect() times kept for connections without data yet
+TLS_TUPLES = 65536      # TLS connections remembered, so their ciphertext is never parsed
+# How long a TLS handshake span waits for the tls probe's plaintext of its connection:
+# then it is the only span the connection gives (its plaintext could not be read).
+TLS_WAIT = 2.0
+
+
+def looks_like_tls(data: bytes) -> bool:
+    """Whether a connection's first captured bytes are a TLS record: a ClientHello or
+    ServerHello, or (capture started mid-connection) application data, an alert or
+    change_cipher_spec, under the record versions TLS 1.0-1.3 use."""
+    if len(data) < 6 or data[1] != 3 or not 1 <= data[2] <= 3:
+        return False
+    if data[0] == 22:                      # handshake: hello first
+        return data[5] in (1, 2)
+    return 20 <= data[0] <= 23
 
 
 def _enabled(inst, attribute, value):
@@ -60,7 +76,7 @@ class SpansConfig:
 
 class _Conn:
     __slots__ = ("proto", "name", "parser", "role", "fifo", "keyed", "last_ns", "tries",
-                 "req_tid", "errors", "rec")
+                 "req_tid", "errors", "rec", "tls", "connect_ns", "tls_attrs")
 
     def __init__(self):
         self.proto = NOT_YET
@@ -74,6 +90,9 @@ class _Conn:
         self.req_tid = 0
         self.errors = 0
         self.rec = None  # the latest record: addresses and process for spans built later
+        self.tls = False  # its records are TLS plaintext (the tls probe)
+        self.tls_attrs = None  # then: its handshake's attributes (server name, version)
+        self.connect_ns = 0  # when this process connect()ed it, until its first request
 
 
 class SpanStage:
@@ -98,6 +117,17 @@ class SpanStage:
         # be attributed by thread, and its spans say so (deeptrace.thread_concurrent).
         self.open_server = defaultdict(int)
         self.concurrent_threads: OrderedDict = OrderedDict()
+        # (pid, local port, remote address, remote port) of connections the tls probe
+        # decrypted: the trace probe's records of their ciphertext are never parsed.
+        self.tls_tuples: OrderedDict = OrderedDict()
+        # Handshake spans (the tls protocol) waiting for plaintext of their connection:
+        # same tuple -> (span, monotonic deadline).
+        self.handshakes: OrderedDict = OrderedDict()
+        self._tls_counts = self.counts["tls"]
+        # (pid, conn_id) -> when the process called connect() on it: an event loop's
+        # first call on a new connection belongs to whoever was current then, and the
+        # linker reads it from that call's span (deeptrace.connect_ns).
+        self.connects: OrderedDict = OrderedDict()
 
     def _protocol_config(self, name, cls):
         """The protocol's config_class instance: as loaded from YAML, or built from a
@@ -120,6 +150,8 @@ class SpanStage:
     # -- the hot path ---------------------------------------------------------------------
     def process(self, batch):
         spans = []
+        tls = self._tls_counts
+        handshakes = tls["spans"]
         for rec in batch:
             if getattr(rec, "kind", None) == "socket":
                 self._record(rec, spans)
@@ -127,7 +159,47 @@ class SpanStage:
         if now >= self._next_expiry:
             self._expire(clock.wall_ns(), spans)   # the records' clock, not time.time_ns()
             self._next_expiry = now + 1.0
+        if self.handshakes or tls["spans"] != handshakes:   # only then: a walk over spans
+            spans = self._hold_handshakes(spans, now)
         return spans
+
+    # -- TLS handshake spans --------------------------------------------------------------
+    def _hold_handshakes(self, spans, now):
+        """A handshake span (protocol tls) leaves only for a connection whose plaintext
+        the tls probe did not send within TLS_WAIT; otherwise its attributes go on the
+        plaintext's spans."""
+        held = self.handshakes
+        out = []
+        for span in spans:
+            if span.protocol != "tls":
+                out.append(span)
+                continue
+            tup = (span.pid, span.local_port, span.remote_addr, span.remote_port)
+            if tup in self.tls_tuples:   # its plaintext came first (maybe closed already)
+                self._decrypted_handshake(self.conns.get(self.tls_tuples[tup]), span)
+                continue
+            held[tup] = (span, now + TLS_WAIT)
+            if len(held) > self.config.max_connections:
+                out.append(held.popitem(last=False)[1][0])
+        while held:
+            span, deadline = next(iter(held.values()))
+            if deadline > now:
+                break
+            held.popitem(last=False)
+            self.counts["tls"]["handshakes_unread"] += 1
+            out.append(span)
+        return out
+
+    def _decrypted_handshake(self, conn, span):
+        if conn is not None:
+            conn.tls_attrs = {k: v for k, v in span.attributes.items() if k.startswith("tls.")}
+        self.counts["tls"]["handshakes_decrypted"] += 1
+
+    def flush(self):
+        """At shut-down: the handshake spans still waiting."""
+        out = [span for span, _ in self.handshakes.values()]
+        self.handshakes.clear()
+        return out
 
     def _record(self, rec, spans):
         key = (rec.pid, rec.conn_id) if rec.l4 == "tcp" else \
@@ -135,10 +207,27 @@ class SpanStage:
         if rec.direction == "none":
             if rec.syscall == "close":
                 self._close(key, rec, spans)
+            elif rec.syscall == "connect" and rec.l4 == "tcp":
+                self.connects[key] = rec.ts_enter_ns
+                if len(self.connects) > CONNECTS:
+                    self.connects.popitem(last=False)
+                    self.counts["connect"]["evicted"] += 1
             return
         conn = self.conns.get(key)
         if conn is None:
             conn = self.conns[key] = _Conn()
+            if self.connects:
+                conn.connect_ns = self.connects.pop(key, 0)
+            if rec.tls:
+                conn.tls = True
+                tup = (rec.pid, rec.local_port, rec.remote_addr, rec.remote_port)
+                self.tls_tuples[tup] = key
+                if len(self.tls_tuples) > TLS_TUPLES:
+                    self.tls_tuples.popitem(last=False)
+                if self.handshakes:
+                    held = self.handshakes.pop(tup, None)
+                    if held is not None:
+                        self._decrypted_handshake(conn, held[0])
             if len(self.conns) > self.config.max_connections:
                 old_key, old = self.conns.popitem(last=False)
                 self._flush(old, old.rec, spans, "evicted")
@@ -172,7 +261,19 @@ class SpanStage:
             self._message(conn, msg, rec, spans)
 
     def _classify(self, conn, rec) -> bool:
-        if rec.protocol in self.protocols and rec.role:
+        if not conn.tls and (looks_like_tls(rec.payload) or (
+                rec.pid, rec.local_port, rec.remote_addr, rec.remote_port) in self.tls_tuples):
+            # Ciphertext: never parsed by a protocol, whatever a detector would say of its
+            # bytes; only its hellos, by the tls handshake parser if it is enabled.
+            hs = self.protocols.get("tls")
+            r = hs.detect(rec.payload, rec.local_port, rec.remote_port, rec.l4) if hs else 0
+            if not r:
+                conn.proto = False
+                self.counts["tls"]["ciphertext_connections"] += 1
+                return False
+            sent = rec.direction == "egress"
+            name, role = "tls", "client" if (r == REQUEST) == sent else "server"
+        elif rec.protocol in self.protocols and rec.role:
             name, role = rec.protocol, rec.role
         else:
             name = role = None
@@ -208,7 +309,14 @@ class SpanStage:
                 if replaced is not None:
                     counts["requests_replaced"] += 1
                     self._closed(rec.pid, replaced)
-            if conn.role == "server":
+            if conn.connect_ns:
+                if conn.role == "client":
+                    msg.attributes["deeptrace.connect_ns"] = conn.connect_ns
+                conn.connect_ns = 0
+            # A TLS handshake (the tls parser's ClientHello) is no request the thread
+            # serves: counted, it marked thread-per-request HTTPS servers concurrent, so
+            # their client calls lost the thread rule (tests/test_tls_more.py's chain).
+            if conn.role == "server" and conn.name != "tls":
                 thread = (rec.pid, conn.req_tid or rec.tid)
                 if self.open_server[thread] > 0:
                     self.concurrent_threads[thread] = True
@@ -271,6 +379,10 @@ class SpanStage:
             attributes["deeptrace.no_response"] = missing
         if (pid, tid) in self.concurrent_threads:
             attributes["deeptrace.thread_concurrent"] = True
+        if conn.tls:
+            attributes["deeptrace.tls"] = True
+            if conn.tls_attrs:
+                attributes.update(conn.tls_attrs)
         self.counts[conn.name]["spans"] += 1
         # Positional, in _SPAN_ARGS order (checked at import): with one branch on resp
         # instead of five, 6-7% less CPU per span than 23 keywords (replayed records).
@@ -283,6 +395,7 @@ class SpanStage:
 
     # -- connection end, timeouts, eviction -----------------------------------------------
     def _close(self, key, rec, spans):
+        self.connects.pop(key, None)
         conn = self.conns.pop(key, None)
         if conn is not None:
             self._flush(conn, rec, spans, "connection closed")

@@ -61,6 +61,10 @@ class SocketRecord:
     peek: bool = False
     protocol: str | None = None   # L7 protocol detected in the kernel, if enabled
     role: str | None = None       # this process's role on the connection: client/server
+    # TLS plaintext from the tls probe: `syscall` names the SSL call, `bytes` and
+    # `payload` are plaintext, and tcp_seq_start/end the ciphertext's TCP range (the
+    # socket calls under the SSL call), so end - start is not `bytes` there.
+    tls: bool = False
 
     kind = "socket"
 

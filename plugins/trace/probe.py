@@ -37,6 +37,16 @@ def _payload_sizes(inst, attribute, value):
             raise ValueError(f"{name}: {size} is not within 0..{MAX_PAYLOAD} bytes")
 
 
+def _record_budgets(inst, attribute, value):
+    for name, n in value.items():
+        if name not in inst.protocols:
+            raise ValueError(f"{name!r} is not detected in the kernel (allowed: the "
+                             f"protocols listed in `protocols`: "
+                             f"{', '.join(inst.protocols) or 'none'})")
+        if not 1 <= n <= 250:
+            raise ValueError(f"{name}: {n} is not within 1..250 records")
+
+
 @attrs.define
 class TraceConfig:
     """``probes.trace`` in the YAML config."""
@@ -65,6 +75,10 @@ class TraceConfig:
     # less for protocols whose bodies say nothing (http1: 512), more where frames that
     # matter follow large ones (http2: 4096; else they fall in uncaptured holes).
     protocol_payload_bytes: dict[str, int] = attrs.field(factory=dict, validator=_payload_sizes)
+    # Records sent per connection of a detected protocol, at most; then it is dropped in
+    # the kernel like an undetected one (tls: its hellos say what there is to say, the
+    # rest is ciphertext).
+    protocol_max_records: dict[str, int] = attrs.field(factory=dict, validator=_record_budgets)
     l7_max_tries: int = attrs.field(default=4, validator=[v.ge(1), v.le(250)])
 
 
@@ -200,6 +214,11 @@ class TraceProbe:
         if caps:  # protocol i (slot order) -> its cap, in payload_cap()
             defines["PROTO_CAP_CASES"] = " ".join(f"case {i}: return {n};"
                                                   for i, n in sorted(caps.items()))
+        budgets = {i: c.protocol_max_records[cls.name] for i, cls in enumerate(self.protocols, 1)
+                   if cls.name in c.protocol_max_records}
+        if budgets:  # protocol i (slot order) -> its record budget, in proto_records()
+            defines["PROTO_RECORDS_CASES"] = " ".join(f"case {i}: return {n};"
+                                                      for i, n in sorted(budgets.items()))
         return defines
 
     def l7_source(self) -> tuple[str, str]:

@@ -9,9 +9,9 @@
 // msghdr, sockaddr) are fixed.
 //
 // Compile-time knobs (set by probe.py): PAYLOAD_CAP (bytes kept), PROTO_CAP_CASES (the
-// per-protocol caps, if any), PAYLOAD_MAX (the largest cap's power-of-two ceiling, for
-// verifier bounds), MAX_IOV, MMSG_MAX_IOV, MAX_MMSG,
-// CONN_MAX, RINGBUF_PAGES, WAKEUP_BYTES, SELF_TGID, FILTER_PIDS, FILTER_COMMS,
+// per-protocol caps, if any), PROTO_RECORDS_CASES (per-protocol record budgets, if any),
+// PAYLOAD_MAX (the largest cap's power-of-two ceiling, for verifier bounds), MAX_IOV,
+// MMSG_MAX_IOV, MAX_MMSG, CONN_MAX, RINGBUF_PAGES, WAKEUP_BYTES, SELF_TGID, FILTER_PIDS, FILTER_COMMS,
 // FILTER_EXCLUDE_COMMS, FILTER_PORTS, FILTER_NETNS, FILTER_CGROUPS, CGROUP_MAX_LEVEL, SKC_CHUNK, L7_ENABLED, L7_COUNT, L7_MAX_TRIES (and the l7_try_<i> programs).
 
 #define AF_INET 2
@@ -442,13 +442,34 @@ static __always_inline struct conn_val_t *conn_new(u32 tgid, s32 fd, u64 sk, u64
 // grows with the number of protocols instead of multiplying across them.
 BPF_PROG_ARRAY(l7_progs, L7_COUNT);
 
-// 1 if the record should be sent: its connection speaks an enabled protocol.
+#ifdef PROTO_RECORDS_CASES
+// The most records sent for a connection of protocol `proto` (0: no limit): for those
+// whose first messages say all there is to learn (tls: the hellos, then ciphertext).
+static __always_inline u32 proto_records(u8 proto) {
+    switch (proto) {
+    PROTO_RECORDS_CASES
+    }
+    return 0;
+}
+#endif
+
+// 1 if the record should be sent: its connection speaks an enabled protocol (and, for a
+// protocol with a record budget, has some left: `tries` counts its records once detected).
 static __always_inline int l7_pass(struct event_t *e, struct conn_val_t *c) {
     if (!c)
         return 0;
     e->l7_proto = c->proto;
     e->l7_role = c->role;
-    return c->proto != 0 && c->proto != PROTO_NONE;
+    if (c->proto == 0 || c->proto == PROTO_NONE)
+        return 0;
+#ifdef PROTO_RECORDS_CASES
+    u32 budget = proto_records(c->proto);
+    if (budget && ++c->tries > budget) {
+        c->proto = PROTO_NONE;   // the rest of the connection costs a lookup
+        return 0;
+    }
+#endif
+    return 1;
 }
 #endif
 
@@ -952,6 +973,7 @@ static __always_inline int l7_step(void *ctx, struct event_t *e, struct conn_val
         return 0;  // decided meanwhile by another thread's call
     if (r) {
         c->proto = idx;
+        c->tries = 0;  // from now on it counts the records sent (l7_pass)
         // A request sent (or a response received) makes this process the client.
         c->role = ((r == L7_REQUEST) == (e->direction == DIR_EGRESS)) ? ROLE_CLIENT : ROLE_SERVER;
         if (l7_pass(e, c))

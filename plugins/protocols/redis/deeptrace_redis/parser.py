@@ -45,7 +45,7 @@ AGGREGATES = frozenset(b"*%~>|")
 class _State:
     """One direction's position inside a message (RESP is a tree of counted tokens)."""
     __slots__ = ("stack", "started", "top", "scalar", "elems", "nelems", "count", "want",
-                 "skip", "finished")
+                 "skip", "finished", "scanned")
 
     def __init__(self):
         self.reset()
@@ -61,6 +61,7 @@ class _State:
         self.want = None       # (length, type) of a bulk whose body comes next
         self.skip = 0          # bytes of a bulk body (and its CRLF) still to step over
         self.finished = False  # the message ends once `skip` is done
+        self.scanned = 0       # bytes of an unfinished line searched for its end already
 
 
 def _int(b: bytes) -> int:
@@ -134,6 +135,20 @@ class RedisParser(CursorParser):
 
     # -- framing ----------------------------------------------------------------------
 
+    def parse(self, side, stream):
+        # One-byte writes after an unfinished line: look for its end in place, from where
+        # the last search stopped, before copying anything (else each record would copy
+        # and search the whole line again: quadratic).
+        st = self._st[side]
+        if st.scanned:
+            n = stream.captured()
+            if n == len(stream) and n < MAX_LINE and \
+                    stream.find(b"\n", max(0, st.scanned - 1)) < 0:
+                st.scanned = n
+                return []
+            st.scanned = 0
+        return super().parse(side, stream)
+
     def _run(self, req, st, c, out):
         while True:
             if st.skip:                        # a bulk body, captured or not
@@ -172,6 +187,7 @@ class RedisParser(CursorParser):
                     c.i = len(c.buf)           # drop all of it, not one syscall's bytes
                     raise ParseError("line too long")
                 if not c.hole:
+                    st.scanned = len(c.buf) - c.i   # the line starts at the read position
                     return
                 # The line is cut by a hole: keep what its head says, then resync.
                 if not st.started:
@@ -294,6 +310,7 @@ class RedisParser(CursorParser):
                 c.i = len(c.buf)               # drop all of it, not one syscall's bytes
                 raise ParseError("inline command too long")
             if not c.hole:
+                st.scanned = len(c.buf) - c.i
                 return False
             line, incomplete = c.buf[c.i:], True
         else:

@@ -13,6 +13,8 @@ Sections (NAME), each measured with and without the agent in the same run, inter
   hostile    the default config under attack (issue 13's table, over real sockets to real
              servers) beside ordinary traffic at 1,000 requests/s, against an ordinary-only
              run: RSS growth, CPU per hostile record, ordinary spans, escapes, secrets
+  collector  `deeptrace collector` on chdb fed by agents' OTLP requests: spans/s written,
+             stitch delay p99, its RSS; what the stitch keys cost the agent per span
 
 Three tools for the optimisation work itself (not part of the table): `python -m
 bench.bpfcost` (BPF run time per program from the kernel's bpf_stats while the syscall
@@ -35,7 +37,7 @@ import traceback
 from . import report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SECTIONS = ("startup", "syscalls", "http", "rate", "lossless", "hostile")
+SECTIONS = ("startup", "syscalls", "http", "rate", "lossless", "hostile", "collector")
 
 FULL = {"startup": {"repeats": 3},
         "syscalls": {"n_calls": 100_000, "rounds": 4},
@@ -44,13 +46,15 @@ FULL = {"startup": {"repeats": 3},
         # 8 s: the ring (16 MB) holds ~1 s at 30,000/s, which a short window would count
         # as capacity.
         "lossless": {"seconds": 8},
-        "hostile": {"seconds": 40, "scale": 1.0}}
+        "hostile": {"seconds": 40, "scale": 1.0},
+        "collector": {"seconds": 20.0}}
 QUICK = {"startup": {"repeats": 1, "trace_only": False},
          "syscalls": {"n_calls": 10_000, "rounds": 1},
          "http": {"conns": (16,), "seconds": 2, "rounds": 1},
          "rate": {"seconds": 2, "rounds": 1},
          "lossless": {"seconds": 2, "steps": (5_000, 10_000, 20_000), "bisect": False},
-         "hostile": {"seconds": 12, "scale": 0.25}}
+         "hostile": {"seconds": 12, "scale": 0.25},
+         "collector": {"seconds": 5.0}}
 
 
 def log(msg):
@@ -87,6 +91,10 @@ def run_section(name, params):
         from . import hostile
         res = hostile.run(log=log, **params)
         return res, hostile.rows(res)
+    if name == "collector":
+        from . import collector
+        res = collector.run(log=log, **params)
+        return res, collector.rows(res)
     raise ValueError(name)
 
 

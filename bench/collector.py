@@ -153,14 +153,25 @@ def run(seconds=20.0, log=print):
 
 def rows(res):
     ing, cost = res["ingest"], res["agent_stitch_keys"]
+    g = (f"collector (chdb; {ing['senders']} sender processes x 32 agents' requests in "
+         f"flight, 512 spans each)")
+    delay = ing["stitch_delay_p99_ms"]
     return [
-        ("collector ingest (chdb, spans/s acknowledged)", None, ing["spans_per_s"], None,
-         ">= 50000", ing["spans_per_s"] >= 50000),
-        ("stitch delay p99 (ms)", None, ing["stitch_delay_p99_ms"], None, "<= 5000",
-         ing["stitch_delay_p99_ms"] is not None and ing["stitch_delay_p99_ms"] <= 5000),
-        ("collector RSS idle -> peak (MB)", ing["rss_idle_mb"], ing["rss_peak_mb"], None, "report", None),
-        ("agent: stitch keys per span (us, bytes)", None, cost["us_per_span"],
-         f"{cost['bytes_per_span']} B", "report", None),
+        {"group": g, "figure": "ingest, spans/s acknowledged (= written)", "baseline": "",
+         "traced": f"{ing['spans_per_s']:,}", "delta": f"{ing['spans_stored']:,} stored",
+         "target": ">= 50,000", "ok": ing["spans_per_s"] >= 50_000,
+         "note": "" if ing["spans_per_s"] >= 50_000 else
+         f"short by {50_000 - ing['spans_per_s']:,}/s: each insert costs 0.1-0.5 s here"},
+        {"group": g, "figure": "stitch delay p99 (ms, arrival to stitched)", "baseline": "",
+         "traced": str(delay), "delta": f"{ing['stitched']:,} stitched", "target": "<= 5000",
+         "ok": delay is not None and delay <= 5000, "note": ""},
+        {"group": g, "figure": "collector RSS idle / peak (MB)",
+         "baseline": f"{ing['rss_idle_mb']:.0f}", "traced": f"{ing['rss_peak_mb']:.0f}",
+         "delta": f"+{ing['rss_peak_mb'] - ing['rss_idle_mb']:.0f}", "target": "report",
+         "ok": None, "note": ""},
+        {"group": g, "figure": "agent: stitch keys per span (us to encode, bytes)",
+         "baseline": "", "traced": f"{cost['us_per_span']:.2f}",
+         "delta": f"{cost['bytes_per_span']} B", "target": "report", "ok": None, "note": ""},
     ]
 
 
@@ -175,7 +186,7 @@ def main(argv=None):
     with open(args.out, "w") as f:
         json.dump(res, f, indent=2)
     for r in rows(res):
-        print(r)
+        print(f"{r['figure']}: {r['baseline']} {r['traced']} ({r['delta']}) target {r['target']}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -236,6 +237,9 @@ pipelines:
 """)
     agent = subprocess.Popen([*DEEPTRACE, "--config", str(cfg)], stderr=subprocess.PIPE,
                              text=True, start_new_session=True)
+    # The reads below block: an agent that hangs fails the test instead of hanging it.
+    watchdog = threading.Timer(120, agent.kill)
+    watchdog.start()
     try:
         line = agent.stderr.readline()
         while "running" not in line:
@@ -260,6 +264,7 @@ pipelines:
         err = agent.communicate(timeout=10)[1]
         took = time.monotonic() - t
     finally:
+        watchdog.cancel()
         if agent.poll() is None:
             agent.kill()
             agent.wait()

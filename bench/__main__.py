@@ -15,6 +15,8 @@ Sections (NAME), each measured with and without the agent in the same run, inter
              run: RSS growth, CPU per hostile record, ordinary spans, escapes, secrets
   collector  `deeptrace collector` on chdb fed by agents' OTLP requests: spans/s written,
              stitch delay p99, its RSS; what the stitch keys cost the agent per span
+  tls        added time per SSL_write/SSL_read (untraced, empty uprobes, the tls probe)
+             and nginx over HTTPS under wrk with and without the agent
 
 Three tools for the optimisation work itself (not part of the table): `python -m
 bench.bpfcost` (BPF run time per program from the kernel's bpf_stats while the syscall
@@ -37,7 +39,7 @@ import traceback
 from . import report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SECTIONS = ("startup", "syscalls", "http", "rate", "lossless", "hostile", "collector")
+SECTIONS = ("startup", "syscalls", "http", "rate", "lossless", "hostile", "collector", "tls")
 
 FULL = {"startup": {"repeats": 3},
         "syscalls": {"n_calls": 100_000, "rounds": 4},
@@ -47,14 +49,16 @@ FULL = {"startup": {"repeats": 3},
         # as capacity.
         "lossless": {"seconds": 8},
         "hostile": {"seconds": 40, "scale": 1.0},
-        "collector": {"seconds": 20.0}}
+        "collector": {"seconds": 20.0},
+        "tls": {"rounds": 5, "calls": 20000, "https_seconds": 5, "https_rounds": 2}}
 QUICK = {"startup": {"repeats": 1, "trace_only": False},
          "syscalls": {"n_calls": 10_000, "rounds": 1},
          "http": {"conns": (16,), "seconds": 2, "rounds": 1},
          "rate": {"seconds": 2, "rounds": 1},
          "lossless": {"seconds": 2, "steps": (5_000, 10_000, 20_000), "bisect": False},
          "hostile": {"seconds": 12, "scale": 0.25},
-         "collector": {"seconds": 5.0}}
+         "collector": {"seconds": 5.0},
+         "tls": {"rounds": 1, "calls": 5000, "https_seconds": 2, "https_rounds": 1}}
 
 
 def log(msg):
@@ -95,6 +99,10 @@ def run_section(name, params):
         from . import collector
         res = collector.run(log=log, **params)
         return res, collector.rows(res)
+    if name == "tls":
+        from . import tls
+        res = tls.section(log=log, **params)
+        return res, tls.section_rows(res)
     raise ValueError(name)
 
 

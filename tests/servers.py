@@ -35,8 +35,11 @@ def memcached():
                                 "-u", "root"], port)
 
 
-def nginx():
+def nginx(ssl=None):
+    """`ssl`: (certificate, key) paths: HTTPS on the port (bench/tls.py)."""
     port = free_port()
+    tls = (f" ssl;\n    ssl_certificate {ssl[0]};\n    ssl_certificate_key {ssl[1]}"
+           if ssl else "")
     d = tempfile.mkdtemp(prefix="dt-nginx-")
     conf = os.path.join(d, "nginx.conf")
     with open(conf, "w") as f:
@@ -50,7 +53,7 @@ http {{
   client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;
   fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
   server {{
-    listen 127.0.0.1:{port};
+    listen 127.0.0.1:{port}{tls};
     location / {{ return 200 "hello from nginx\\n"; }}
     location /missing {{ return 404 "no\\n"; }}
   }}

@@ -355,3 +355,29 @@ def test_op_numbers_mean_one_thing_in_c_and_python():
         rec = dec(raw, 0, len(raw))
         assert rec.syscall == names[c_name]
         assert rec.direction == ("egress" if "WRITE" in c_name else "ingress")
+
+
+def test_a_tls_handshake_is_not_a_request_the_thread_serves(registry):
+    """A server thread's TLS handshake (the ClientHello the kernel detected), still open
+    when its decrypted request is staged (another ring), must not mark the thread as an
+    event loop: its client calls would lose the linker's thread rule."""
+    ch, sh = hellos()
+    stage = stage_with(registry, "http1", "tls")
+    conn = (1 << 62) | 9
+    req = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+    resp = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    spans = stage.process([rec(ch, "ingress", conn_id=9, lport=443, rport=5009),
+                           rec(req, "ingress", tls=True, conn_id=conn, lport=443, rport=5009),
+                           rec(sh, "egress", conn_id=9, lport=443, rport=5009),
+                           rec(resp, "egress", tls=True, conn_id=conn, lport=443, rport=5009)])
+    (server,) = [s for s in spans if s.protocol == "http1"]
+    assert server.role == "server" and server.operation == "GET /a"
+    assert "deeptrace.thread_concurrent" not in server.attributes
+    # Two requests read before the first is answered still mark the thread.
+    spans = stage.process([rec(req, "ingress", tls=True, conn_id=conn + 1, lport=443,
+                               rport=5010),
+                           rec(req, "ingress", tls=True, conn_id=conn + 2, lport=443,
+                               rport=5011),
+                           rec(resp, "egress", tls=True, conn_id=conn + 1, lport=443,
+                               rport=5010)])
+    assert [s.attributes.get("deeptrace.thread_concurrent") for s in spans] == [True]

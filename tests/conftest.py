@@ -14,6 +14,12 @@ import time
 
 import pytest
 
+# gRPC's fork support (on by default) runs atfork handlers in every child this process
+# forks once gRPC was used (the OTLP and collector tests): they switch context in the child
+# before its exec, which the CPU probe's tests count against /proc's figures of the main
+# thread. Children here never use gRPC before exec, so the handlers only disturb.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+
 # One rule for every suite, the plugin distributions' too (deeptrace_core.testing).
 from deeptrace_core.testing import bpf_unavailable_reason, require_bpf  # noqa: F401
 

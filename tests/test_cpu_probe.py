@@ -126,7 +126,11 @@ def test_two_hogs_pinned_to_one_core_share_it(cpu):
         print(f"hog {h.pid}: cpu {total:.3f} s (kernel {r['c1']:.3f} s), share {share:.1%}, "
               f"runqueue waits {hist.count} mean {hist.sum / hist.count * 1e3:.2f} ms")
         invol = mine[("process.context_switches", "involuntary")].value
-        assert invol >= hist.count - 5 and invol > 20   # preempted again and again
+        vol = mine[("process.context_switches", "voluntary")].value
+        # Preempted again and again. Every run-queue wait follows a switch-out: a preemption
+        # or, for the few waits of the interpreter's start-up (reading its files on a busy
+        # disk), a sleep.
+        assert invol > 20 and invol + vol >= hist.count - 5, (invol, vol, hist.count)
     # Together they kept the core busy: close to 100% of it (the rest is other tasks
     # that ran on that core meanwhile: kernel threads, the test runner's own wake-ups).
     print(f"pair: {sum(spins) / window:.1%} of one core over {window:.3f} s")

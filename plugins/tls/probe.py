@@ -17,7 +17,9 @@ import attrs
 from attrs import validators as v
 
 from deeptrace_core import bpf
+from deeptrace_core.metricprobe import power_of_two
 from deeptrace_core.ringbuf import RingBuffer
+from deeptrace_plugins.trace.probe import _pow2_at_least
 
 from .decoder import EV_CLOSE, EV_LOADED, STAT_NAMES, Control, make_decoder
 from .discovery import LOADER_SYMBOL, Scanner
@@ -74,11 +76,6 @@ PROGRAMS = {
 }
 
 
-def _power_of_two(inst, attribute, value):
-    if value <= 0 or value & (value - 1):
-        raise ValueError(f"{attribute.name} must be a power of two, got {value}")
-
-
 @attrs.define
 class TlsConfig:
     """``probes.tls`` in the YAML config."""
@@ -89,20 +86,13 @@ class TlsConfig:
     include: list[str] = attrs.field(factory=list)
     exclude: list[str] = attrs.field(factory=list)
     payload_bytes: int = attrs.field(default=1024, validator=[v.ge(1), v.le(MAX_PAYLOAD)])
-    ringbuf_pages: int = attrs.field(default=1024, validator=_power_of_two)
+    ringbuf_pages: int = attrs.field(default=1024, validator=power_of_two)
     poll_ms: int = attrs.field(default=100, validator=[v.ge(1), v.le(10000)])
     max_connections: int = attrs.field(default=65536, validator=[v.ge(16), v.le(1 << 22)])
     # Besides the loader's trigger, every process is rescanned this often (static
     # binaries have no loader); 0: never.
     rescan_interval: float = attrs.field(default=30.0, validator=[v.ge(0), v.le(86400)],
                                          metadata={"unit": "seconds"})
-
-
-def _pow2_at_least(n: int) -> int:
-    p = 32
-    while p < n:
-        p <<= 1
-    return p
 
 
 class TlsProbe:

@@ -11,6 +11,11 @@ import attrs
 _bits = random.SystemRandom().getrandbits(64)
 _rng = random.Random(_bits)
 
+# Set by the spans stage on a client span whose process served no request when the call
+# began: nothing here can be its parent, so the linker releases it at once (a span held
+# for nothing is memory; bench.hostile). The linker takes the mark off.
+NO_SERVER_OPEN = "deeptrace.no_server_open"
+
 
 def new_id(nbytes: int) -> str:
     # | 1: never all zeros (invalid). to_bytes().hex() is faster than an f-string format.

@@ -345,3 +345,24 @@ def test_a_wall_clock_step_does_not_time_requests_out(monkeypatch):
     st = stage(request_timeout=60)
     spans = st.process([rec(b"ASK - old\n", conn=1, t=-61 * 10**9)])
     assert [s.attributes.get("deeptrace.no_response") for s in spans] == ["timeout"]
+
+
+def test_client_calls_made_while_the_process_serves_nothing_are_marked():
+    """A call its process made while serving no request has no parent on this host: the
+    stage marks it, so the linker holds it for a poll round, not `wait` (issue 13: held
+    spans were most of the agent's memory under a burst from a local client)."""
+    st = stage()
+    spans = st.process([
+        rec(b"ASK - alone\n", conn=1, t=0, tid=5),                   # no request served
+        rec(b"ANS - ok\n", "ingress", conn=1, t=10, tid=5),
+        rec(b"ASK a x\n", "ingress", conn=2, t=20, tid=5, role="server"),
+        rec(b"ASK - inner\n", conn=1, t=30, tid=6),                  # while x is open
+        rec(b"ANS - ok\n", "ingress", conn=1, t=40, tid=6),
+        rec(b"ANS a ok\n", "egress", conn=2, t=50, tid=5, role="server"),
+        rec(b"ASK - after\n", conn=1, t=60, tid=6),                  # x answered
+        rec(b"ANS - ok\n", "ingress", conn=1, t=70, tid=6)])
+    marks = [(s.operation, s.role, s.attributes.get("deeptrace.no_server_open"))
+             for s in spans]
+    assert marks == [("alone", "client", True), ("inner", "client", None),
+                     ("x", "server", None), ("after", "client", True)]
+    assert not st.open_server and not st.open_server_pid

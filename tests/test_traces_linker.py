@@ -216,7 +216,9 @@ def test_event_loop_call_waits_for_the_records_to_catch_up():
     time.sleep(0.05 * LOOP_HOLD + 0.02)
     linker.process([])
     assert c.span_id not in linker.held
-    assert c.attributes["deeptrace.link_deferred"] == "outside_context"
+    # s0 arrived before the thread's first call: a thread that only served keeps no
+    # timeline, so nothing was current (rather than s0, which had answered).
+    assert c.attributes["deeptrace.link_deferred"] == "no_context"
 
 
 def test_event_loop_requests_pipelined_in_one_read_are_left_to_the_fallback():
@@ -303,6 +305,8 @@ def test_event_loop_timelines_are_bounded():
     global BASE
     BASE = time.time_ns() - 200 * MS
     linker = TraceLinker(TracesConfig(wait=60, max_spans=50))
+    # A timeline starts with the thread's first call (threads that only serve keep none).
+    linker.process([loop_client(0, 0, 0.01, "/b/r0")])
     for i in range(300):
         linker.process([loop_server(i, i * 0.1, i * 0.1 + 0.05)])
         linker._prune(time.time_ns())
@@ -319,7 +323,8 @@ def test_thread_per_request_never_uses_the_event_loop_rule():
 
 
 def test_statistical_parent_may_already_be_released():
-    """A server span with traceparent leaves at once; a thread-pool call still finds it."""
+    """A server span with traceparent leaves at once; a thread-pool call still finds it
+    (its process is known to make calls: an earlier one came)."""
     global BASE
     BASE = time.time_ns() - 200 * MS
     tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -327,8 +332,9 @@ def test_statistical_parent_may_already_be_released():
              op="GET /a", **{"url.path": "/a/x1", "http.request.header.traceparent": tp})
     c = span("client", 1, 12, 10, 40, ("10.0.0.1", 3), ("10.0.0.5", 80), seq=5, op="GET /b",
              **{"url.path": "/b/x1"})
+    earlier = span("client", 1, 13, -50, -40, ("10.0.0.1", 4), ("10.0.0.5", 80), seq=9)
     linker = TraceLinker(TracesConfig(wait=0.05))
-    out = linker.process([s])  # released at once (traceparent)
+    out = linker.process([earlier, s])  # s released at once (traceparent)
     out += linker.process([c])
     deadline = time.monotonic() + 2
     while linker.held and time.monotonic() < deadline:
@@ -428,18 +434,70 @@ def test_stage_passes_connect_time_to_the_linker():
 def test_released_ids_and_recent_servers_are_bounded_by_time_and_slim():
     """Issue 13 (hostile bench): memory followed max_spans, not the traffic of the linking
     window, and released server spans were kept whole. Released ids and sequence keys go
-    max_hold + wait after they came; a recent server keeps only what scoring reads."""
+    the recall window (never shorter than LOOP_HOLD + 1 waits) to 1.25x that after they
+    came; a recent server keeps only what scoring reads."""
     global BASE
     BASE = time.time_ns() - 200 * MS
     s = span("server", 1, 11, 0, 100, ("10.0.0.1", 8001), ("10.0.0.9", 1), seq=1,
              op="GET /a", **{"url.path": "/a/x1", "url.query": "q=1"})
     c = span("client", 2, 21, 5, 120, ("10.0.0.9", 1), ("10.0.0.1", 8001), seq=1, op="GET /a")
-    out, linker = run([s, c], max_hold=1.0)
-    assert s.parent_span_id == c.span_id and len(linker.released) == 2
+    call = span("client", 1, 12, 10, 20, ("10.0.0.1", 3), ("10.0.0.5", 80), seq=5)
+    out, linker = run([call, s, c], max_hold=1.0, recall=0.4, wait=0.05)
+    assert s.parent_span_id == c.span_id and len(linker.released) == 3
     assert linker.by_seq and not hasattr(linker.recent_servers[s.span_id], "attributes")
     assert linker.recent_servers[s.span_id].text == "/a/x1 q=1 "
-    time.sleep(1.2)                      # past max_hold + wait
+    time.sleep(0.3)                      # within the window: still found
+    linker.process([])
+    assert len(linker.released) == 3 and s.span_id in linker.recent_servers
+    time.sleep(0.3)                      # past 1.25 x recall
     linker.process([])
     time.sleep(0.06)
     linker.process([])
-    assert linker.released == {} and linker.by_seq == {}
+    assert len(linker.released) == 0 and len(linker.by_seq) == 0
+    assert len(linker.recent_servers) == 0
+
+
+def test_a_call_made_while_its_process_served_nothing_is_held_briefly():
+    """The stage's deeptrace.no_server_open mark: such a client span is released after
+    ORPHAN_HOLD, not `wait`, with the server span it is the tcp_seq parent of; the mark
+    is taken off. An unmarked client span still waits."""
+    from deeptrace_plugins.processors.traces import ORPHAN_HOLD
+    global BASE
+    BASE = time.time_ns() - 200 * MS
+    C, A = ("10.0.0.9", 5555), ("10.0.0.1", 8001)
+    srv = span("server", 1, 11, 1, 100, A, C, seq=100, op="GET /a")
+    cli = span("client", 9, 9, 0, 101, C, A, seq=100, op="GET /a",
+               **{"deeptrace.no_server_open": True})
+    other = span("client", 8, 8, 0, 101, ("10.0.0.8", 1), ("10.0.0.7", 80), seq=5)
+    linker = TraceLinker(TracesConfig(wait=5.0))
+    t0 = time.monotonic()
+    out = linker.process([srv, cli, other])
+    while len(out) < 2 and time.monotonic() - t0 < 3:
+        time.sleep(0.02)
+        out += linker.process([])
+    assert ORPHAN_HOLD <= time.monotonic() - t0 < 2
+    assert out == [cli, srv] and srv.parent_span_id == cli.span_id
+    assert cli.parent_span_id is None and "deeptrace.no_server_open" not in cli.attributes
+    assert other.span_id in linker.held and linker.stats()["roots_no_server_open"] == 1
+
+
+def test_a_process_that_only_serves_leaves_nothing_behind():
+    """Issue 13 (bench.hostile, 20,000 distinct paths to nginx): a process that makes no
+    calls (a database, a cache, nginx as a file server) cannot be anyone's parent but by
+    tcp_seq, whose key is the client's. Its spans leave no timeline, no statistical
+    candidate and no released id; its clients' ids stay for their late partners."""
+    global BASE
+    BASE = time.time_ns() - 200 * MS
+    spans = []
+    for i in range(200):
+        client = ("10.0.0.9", 40000 + i)
+        spans.append(span("server", 1, 11, i, i + 0.5, ("10.0.0.1", 80), client, seq=i,
+                          op=f"GET /u/{i}", **LOOP))
+        spans.append(span("client", 9, 9, i - 0.1, i + 0.6, client, ("10.0.0.1", 80), seq=i,
+                          op=f"GET /u/{i}", **{"deeptrace.no_server_open": True}))
+    out, linker = run(spans)
+    assert len(out) == 400 and all(s.parent_span_id == c.span_id
+                                   for s, c in zip(spans[::2], spans[1::2]))
+    assert not linker.loops and len(linker.recent_servers) == 0
+    assert not linker.servers_by_pid
+    assert len(linker.released) == 200 and len(linker.by_seq) == 200

@@ -47,7 +47,7 @@ import attrs
 from attrs import validators as v
 
 from deeptrace_core.hookspecs import hookimpl
-from deeptrace_core.span import new_id
+from deeptrace_core.span import NO_SERVER_OPEN, new_id
 
 TOLERANCE_NS = 200_000  # syscall timestamps of nested calls may touch: 0.2 ms slack
 CONCURRENT = "deeptrace.thread_concurrent"
@@ -63,6 +63,8 @@ FIT_MIN = 16
 FIT_WINDOW = 256                   # the counts halve past this: recent behaviour decides
 LOOP_HOLD = 4                      # at most this many `wait`s for the pipeline to catch up
 LOOP_THREADS = 4096                # event-loop threads remembered (LRU, counted)
+ORPHAN_HOLD = 0.3                  # s: a poll round or two, for the other ring's records
+RECENT_SERVERS = 20000             # released server spans kept as statistical candidates
 LOOP_CONNS = 65536                 # event-loop client connections seen (LRU): a forgotten
                                    # one only has its next call deferred
 
@@ -82,6 +84,13 @@ class TracesConfig:
     # least recently learned go first (counted as learned_evicted). Paths with ids in
     # them make a new operation per request: the tables must not grow with traffic.
     max_learned: int = attrs.field(default=10_000, validator=[v.ge(1), v.le(1_000_000)])
+    # How long a released span stays findable by what comes after it: its tcp_seq
+    # partner (from the same ring, so within the pipeline's batching) or a call whose
+    # decision was held back (LOOP_HOLD waits; the window is never shorter than that).
+    # Memory follows the traffic of this window: 32 s of it (max_hold + wait) was ~30 MB
+    # at 2,000 spans/s (bench.hostile). Later partners become roots.
+    recall: float = attrs.field(default=10.0, validator=[v.gt(0), v.le(3600)],
+                                metadata={"unit": "seconds"})
 
 
 def _addr(a: str) -> str:
@@ -142,18 +151,19 @@ _UNLEARNED = (0, 0.0, 0.0)
 
 class _Held:
     __slots__ = ("span", "arrived", "decided", "children", "grams", "parent_h", "loop_done",
-                 "first_call", "on_loop")
+                 "first_call", "on_loop", "orphan")
 
     def __init__(self, span, now):
         self.span = span
         self.arrived = now
         self.decided = False
-        self.children = []
+        self.children = ()      # a list once it has any: most spans never do
         self.grams = None
         self.parent_h = None    # the parent's _Held once linked (an event loop's context)
         self.loop_done = False  # the event-loop rule ran for it (linked or deferred)
         self.first_call = False  # the first call seen on its connection
         self.on_loop = False     # on an event loop's timeline: kept, slimmed, once released
+        self.orphan = False      # a client call made while its process served nothing
 
 
 class _Slim:
@@ -177,6 +187,73 @@ class _Recent:
         self.role, self.pid = span.role, span.pid
         self.start_ns, self.end_ns = span.start_ns, span.end_ns
         self.text = _request_text(span)
+
+
+class _Recall:
+    """A map whose entries are forgotten `window` to 1.25 x `window` seconds after they
+    were set: five generations, the oldest dropped as a new one starts. Cheaper than a
+    per-entry time (no tuple per entry) and O(1) to expire. A generation also starts
+    early when it holds a quarter of `limit` entries (counted in `early`)."""
+    __slots__ = ("gens", "period", "started", "per_gen", "early")
+    GENS = 5
+
+    def __init__(self, window: float, limit: int):
+        self.gens = deque([{}])
+        self.period = window / (self.GENS - 1)
+        self.started = time.monotonic()
+        self.per_gen = max(1, limit // (self.GENS - 1))
+        self.early = 0
+
+    def _new_gen(self, now):
+        self.gens.append({})
+        self.started = now
+        while len(self.gens) > self.GENS:
+            self.gens.popleft()
+
+    def rotate(self, now):
+        # One generation per period gone by (a quiet linker may not look for a while).
+        periods = int((now - self.started) / self.period)
+        for _ in range(min(periods, self.GENS)):
+            self._new_gen(now)
+
+    def __setitem__(self, key, value):
+        gen = self.gens[-1]
+        if len(gen) >= self.per_gen:
+            self.early += 1
+            self._new_gen(time.monotonic())
+            gen = self.gens[-1]
+        gen[key] = value
+
+    def get(self, key, default=None):
+        for gen in reversed(self.gens):
+            if key in gen:
+                return gen[key]
+        return default
+
+    def __getitem__(self, key):
+        for gen in reversed(self.gens):
+            if key in gen:
+                return gen[key]
+        raise KeyError(key)
+
+    def __contains__(self, key):
+        return any(key in gen for gen in self.gens)
+
+    def setdefault(self, key, value):
+        for gen in reversed(self.gens):
+            if key in gen:
+                return gen[key]
+        self[key] = value
+        return value
+
+    def pop(self, key, default=None):
+        found = default
+        for gen in self.gens:
+            found = gen.pop(key, found)
+        return found
+
+    def __len__(self):
+        return sum(len(gen) for gen in self.gens)
 
 
 class _Loop:
@@ -242,12 +319,11 @@ class TraceLinker:
     def __init__(self, config: TracesConfig, context=None):
         self.config = config
         self.held: dict = {}                       # span_id -> _Held
-        self.released: OrderedDict = OrderedDict()  # span_id -> trace_id (recent, bounded)
-        self.by_seq: dict = {}                     # (client tuple, seq) -> client span_id
-        # (monotonic time, table, key) in time order: `released` and `by_seq` entries go
-        # after max_hold + wait (a partner cannot arrive later), not only past max_spans,
-        # so memory follows the traffic of that window rather than of max_spans spans.
-        self._aging: deque = deque()
+        # Released spans and client sequence keys, for what comes after them: kept for
+        # the recall window (not max_hold: memory follows that window's traffic).
+        self.window = window = max(config.recall, (LOOP_HOLD + 1) * config.wait)
+        self.released = _Recall(window, config.max_spans)  # span_id -> trace_id
+        self.by_seq = _Recall(window, config.max_spans)  # (client tuple, seq) -> span_id
         self.waiting_server: dict = {}             # (client tuple, seq) -> server span_id
         self.servers_by_pid = defaultdict(list)    # pid -> held/recent server spans
         self.clients_by_thread = defaultdict(list)  # (pid, tid) -> undecided client span_ids
@@ -257,7 +333,11 @@ class TraceLinker:
         self.learned_ops: OrderedDict = OrderedDict()
         self.counts = defaultdict(int)
         self._next_expiry = 0.0
-        self.recent_servers: OrderedDict = OrderedDict()  # released server spans, bounded
+        # Released server spans, slim, as statistical candidates (recall window, bounded).
+        self.recent_servers = _Recall(window, RECENT_SERVERS)
+        # Processes that made calls lately: only their server spans can be parents. A
+        # server's calls end before it and arrive first, so it is known when it comes.
+        self.calling_pids = _Recall(window, 65536)
         # Event-loop threads, learned from the stage's mark (LRU), and their timelines.
         self.loops: OrderedDict = OrderedDict()    # (pid, tid) -> _Loop
         self.loop_events = 0                       # events over all timelines (bounded)
@@ -295,13 +375,19 @@ class TraceLinker:
             key = _request_key(span, client=True)
             if key:
                 self.by_seq[key] = span.span_id
-                self._aging.append((now, self.by_seq, key))
                 waiting = self.waiting_server.pop(key, None)
                 if waiting in self.held:
                     self._link(self.held[waiting], h, "tcp_seq", out)
+            if span.attributes.pop(NO_SERVER_OPEN, False) and not header:
+                # Its process served nothing when it called (as far as the stage had read:
+                # a server request from the other ring, TLS or plaintext, may be a poll
+                # round behind): held briefly, not for `wait`.
+                h.orphan = True
             self.clients_by_thread[(span.pid, span.tid)].append(span.span_id)
+            self.calling_pids[span.pid] = True
         else:
-            self.servers_by_pid[span.pid].append(span.span_id)
+            if span.pid in self.calling_pids:   # a statistical candidate
+                self.servers_by_pid[span.pid].append(span.span_id)
             if header:
                 span.trace_id, span.parent_span_id, span.link_source = header
                 h.decided = True
@@ -325,7 +411,11 @@ class TraceLinker:
         key = (span.pid, span.tid)
         loop = self.loops.get(key)
         if loop is None:
-            if not span.attributes.get(CONCURRENT) or not self.config.event_loop:
+            # A timeline starts with a thread's first call: a server's own calls end
+            # before it and arrive first, so threads that only serve (databases, caches,
+            # nginx) keep none (bench.hostile: 20,000 such events were ~10 MB).
+            if span.role == "server" or not span.attributes.get(CONCURRENT) or \
+                    not self.config.event_loop:
                 return
             loop = self.loops[key] = _Loop()
             if len(self.loops) > LOOP_THREADS:
@@ -477,7 +567,10 @@ class TraceLinker:
         self.counts[f"links_{source}"] += 1
         pid = parent_h.span.span_id
         if pid in self.held:
-            parent_h.children.append(child_h)
+            if parent_h.children:
+                parent_h.children.append(child_h)
+            else:
+                parent_h.children = [child_h]
         else:  # already released: it carries its trace id
             self.released.setdefault(pid, parent_h.span.trace_id)
             self._link_released(child_h, pid, source, out)
@@ -511,12 +604,11 @@ class TraceLinker:
             if span.trace_id is None:
                 span.trace_id = new_id(16)
             self.held.pop(span.span_id, None)
-            self.released[span.span_id] = span.trace_id
-            self._aging.append((time.monotonic(), self.released, span.span_id))
-            if span.role == "server":  # may still be a statistical parent for a while
+            if span.role == "client":   # a tcp_seq partner may come after it
+                self.released[span.span_id] = span.trace_id
+            elif span.pid in self.calling_pids:  # a parent of calls still on their way
+                self.released[span.span_id] = span.trace_id
                 self.recent_servers[span.span_id] = _Recent(span)
-                if len(self.recent_servers) > 20000:
-                    self.recent_servers.popitem(last=False)
             out.append(span)
             if cur.on_loop:  # a timeline needs its times, ids and (a client's) parent
                 cur.span = _Slim(span)
@@ -526,9 +618,7 @@ class TraceLinker:
             for ch in cur.children:
                 ch.span.trace_id = span.trace_id
                 stack.append(ch)
-            cur.children = []
-        while len(self.released) > self.config.max_spans:
-            self.released.popitem(last=False)
+            cur.children = ()
 
     def _expire(self, now, out):
         wait, max_hold = self.config.wait, self.config.max_hold
@@ -539,7 +629,10 @@ class TraceLinker:
             # Counted from arrival, not from the span's end: a lagging pipeline must not
             # make spans give up on parents that are just behind them in the queue.
             waited = now - h.arrived
-            if not h.decided and waited >= wait:
+            if h.orphan and not h.decided and waited >= min(wait, ORPHAN_HOLD):
+                self.counts["roots_no_server_open"] += 1
+                self._root(h, out)
+            elif not h.decided and waited >= wait:
                 if h.span.role == "client" and self._loop_pending(h, now):
                     continue
                 if h.span.role == "client" and (self._event_loop(h, out) or (
@@ -549,10 +642,8 @@ class TraceLinker:
             elif h.decided and now - h.arrived >= max_hold:
                 self._root(h, out, forced=True)  # its parent never got released
         self._prune(wall)
-        aging, horizon = self._aging, now - (max_hold + wait)
-        while aging and aging[0][0] < horizon:
-            _, table, key = aging.popleft()
-            table.pop(key, None)
+        for table in (self.released, self.by_seq, self.recent_servers, self.calling_pids):
+            table.rotate(now)
 
     def _prune(self, wall):
         horizon = wall - int((self.config.max_hold + self.config.wait) * 1e9)
@@ -568,13 +659,12 @@ class TraceLinker:
         for key in [k for k, ids in self.clients_by_thread.items()
                     if not any(i in self.held for i in ids)]:
             del self.clients_by_thread[key]
-        if len(self.by_seq) > self.config.max_spans:
-            for k in list(self.by_seq)[: len(self.by_seq) // 2]:
-                del self.by_seq[k]
         if len(self.waiting_server) > self.config.max_spans:
             for k in list(self.waiting_server)[: len(self.waiting_server) // 2]:
                 del self.waiting_server[k]
-        self._prune_loops(horizon)
+        # A timeline's events older than the recall window could only answer calls that
+        # started before it (held that long: rare); what looks there finds no context.
+        self._prune_loops(wall - int(self.window * 1e9))
 
     def _prune_loops(self, horizon):
         """Timelines keep what a held span may still look up (as servers_by_pid does),
@@ -674,7 +764,9 @@ class TraceLinker:
         return out
 
     def stats(self) -> dict:
-        return {**self.counts, "held": len(self.held), "event_loop_threads": len(self.loops)}
+        early = self.released.early + self.by_seq.early + self.recent_servers.early
+        return {**self.counts, "held": len(self.held), "event_loop_threads": len(self.loops),
+                **({"recall_full": early} if early else {})}
 
 
 @hookimpl

@@ -18,7 +18,7 @@ from attrs import validators as v
 from deeptrace_core import clock
 from deeptrace_core.hookspecs import hookimpl
 from deeptrace_core.l7 import REQ, REQUEST, RESP, check_protocols
-from deeptrace_core.span import Span
+from deeptrace_core.span import NO_SERVER_OPEN, Span
 
 log = logging.getLogger("deeptrace.spans")
 NOT_YET = None          # no protocol recognised yet on this connection
@@ -116,6 +116,9 @@ class SpanStage:
         # answering the first is an event loop (asyncio, epoll servers): its calls cannot
         # be attributed by thread, and its spans say so (deeptrace.thread_concurrent).
         self.open_server = defaultdict(int)
+        # The same per process: a call made while its process serves no request has no
+        # parent here, and the linker need not hold it (deeptrace.no_server_open).
+        self.open_server_pid = defaultdict(int)
         self.concurrent_threads: OrderedDict = OrderedDict()
         # (pid, local port, remote address, remote port) of connections the tls probe
         # decrypted: the trace probe's records of their ciphertext are never parsed.
@@ -309,6 +312,8 @@ class SpanStage:
                 if replaced is not None:
                     counts["requests_replaced"] += 1
                     self._closed(rec.pid, replaced)
+            if conn.role == "client" and rec.pid not in self.open_server_pid:
+                msg.attributes[NO_SERVER_OPEN] = True
             if conn.connect_ns:
                 if conn.role == "client":
                     msg.attributes["deeptrace.connect_ns"] = conn.connect_ns
@@ -323,6 +328,7 @@ class SpanStage:
                     if len(self.concurrent_threads) > 10000:
                         self.concurrent_threads.popitem(last=False)
                 self.open_server[thread] += 1
+                self.open_server_pid[rec.pid] += 1
                 msg.attributes["deeptrace.server_thread"] = thread[1]
             if msg.key is not None:
                 conn.keyed[msg.key] = msg
@@ -354,6 +360,9 @@ class SpanStage:
             self.open_server[thread] -= 1
             if self.open_server[thread] <= 0:
                 del self.open_server[thread]
+            self.open_server_pid[pid] -= 1
+            if self.open_server_pid[pid] <= 0:
+                del self.open_server_pid[pid]
         return tid
 
     def _span(self, conn, req, resp, rec, missing=None):

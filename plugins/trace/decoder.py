@@ -113,7 +113,9 @@ def make_decoder(protocols=()):
     connection, so their strings are cached rather than rebuilt per record."""
     unpack, hsize = HEADER.unpack_from, HEADER.size
     mono_to_wall = _MONO_TO_WALL
-    syscalls = [SYSCALLS.get(i, str(i)) for i in range(65536)]
+    # sysno is a u16 of our own numbering: names for the known ones, one shared "?" for
+    # the rest (65,536 digit strings were 4 MB of the agent's idle memory).
+    syscalls = [SYSCALLS.get(i, "?") for i in range(65536)]
     directions = [DIRECTIONS.get(i, str(i)) for i in range(256)]
     l4s = [L4.get(i, str(i)) for i in range(256)]
     roles = [ROLES.get(i) for i in range(256)]

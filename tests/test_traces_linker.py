@@ -501,3 +501,21 @@ def test_a_process_that_only_serves_leaves_nothing_behind():
     assert not linker.loops and len(linker.recent_servers) == 0
     assert not linker.servers_by_pid
     assert len(linker.released) == 200 and len(linker.by_seq) == 200
+
+
+def test_statistical_fallback_follows_a_word_only_one_candidate_shares():
+    """Two requests in flight in one process (a thread pool, or an event loop's deferred
+    call) both contain the call; the later one is closer in time, but only the earlier
+    one shares the call's id: the id decides (bench.accuracy node-pool: 45% -> 97% whole
+    traces; 4-gram similarity alone barely told ids apart, and timing won)."""
+    global BASE
+    BASE = time.time_ns() - 200 * MS
+    old = span("server", 1, 11, 0, 100, ("10.0.0.1", 80), ("10.0.0.9", 1), seq=1,
+               op="GET /a", **{"url.path": "/api/v1/users/q4d7e1-0017"})
+    new = span("server", 1, 12, 9.9, 100, ("10.0.0.1", 80), ("10.0.0.9", 2), seq=2,
+               op="GET /a", **{"url.path": "/api/v1/users/q4d7e1-0018"})
+    c = span("client", 1, 13, 10, 20, ("10.0.0.1", 5000), ("10.0.0.5", 80), seq=3,
+             op="GET /b", **{"url.path": "/api/v1/orders/q4d7e1-0017"})
+    out, linker = run([old, new, c])
+    assert c.parent_span_id == old.span_id and c.link_source == "statistical"
+    assert c.attributes["deeptrace.link_confidence"] > 0.5

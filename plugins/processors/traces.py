@@ -39,6 +39,7 @@ so every span of a trace leaves with the same trace id.
 
 import hashlib
 import math
+import re
 import time
 from bisect import bisect_right
 from collections import OrderedDict, defaultdict, deque
@@ -137,6 +138,16 @@ def _grams(text: str) -> set:
     return {text[i:i + 4] for i in range(max(0, len(text) - 3))}
 
 
+_TOKEN = re.compile(r"[0-9A-Za-z_.:-]{2,}")
+
+
+def _tokens(text: str) -> frozenset:
+    """Words of a request's text (an id such as 7f3a-0012 is one): a word that only one
+    candidate shares with the call names its parent far better than 4-grams, which every
+    request of the same shape mostly shares."""
+    return frozenset(_TOKEN.findall(text[:512]))
+
+
 def _request_text(span) -> str:
     text = getattr(span, "text", None)
     if text is not None:                 # a _Recent keeps it, not the attributes
@@ -150,8 +161,8 @@ _UNLEARNED = (0, 0.0, 0.0)
 
 
 class _Held:
-    __slots__ = ("span", "arrived", "decided", "children", "grams", "parent_h", "loop_done",
-                 "first_call", "on_loop", "orphan")
+    __slots__ = ("span", "arrived", "decided", "children", "grams", "tokens", "parent_h",
+                 "loop_done", "first_call", "on_loop", "orphan")
 
     def __init__(self, span, now):
         self.span = span
@@ -159,6 +170,7 @@ class _Held:
         self.decided = False
         self.children = ()      # a list once it has any: most spans never do
         self.grams = None
+        self.tokens = None
         self.parent_h = None    # the parent's _Held once linked (an event loop's context)
         self.loop_done = False  # the event-loop rule ran for it (linked or deferred)
         self.first_call = False  # the first call seen on its connection
@@ -612,7 +624,7 @@ class TraceLinker:
             out.append(span)
             if cur.on_loop:  # a timeline needs its times, ids and (a client's) parent
                 cur.span = _Slim(span)
-                cur.grams = None
+                cur.grams = cur.tokens = None
                 if span.role == "server":
                     cur.parent_h = None
             for ch in cur.children:
@@ -698,7 +710,17 @@ class TraceLinker:
                 candidates.append(sh)
         if not candidates:
             return False
-        scores = [self._score(sh, h) for sh in candidates]
+        # How many candidates share each of the call's words: a word only one shares is
+        # worth the most (its weight is 1 / that count).
+        if h.tokens is None:
+            h.tokens = _tokens(_request_text(c))
+        df = defaultdict(int)
+        for sh in candidates:
+            if sh.tokens is None:
+                sh.tokens = _tokens(_request_text(sh.span))
+            for t in sh.tokens & h.tokens:
+                df[t] += 1
+        scores = [self._score(sh, h, df) for sh in candidates]
         total = sum(scores)
         best = max(range(len(candidates)), key=scores.__getitem__)
         confidence = scores[best] / total if total > 0 else 1.0 / len(candidates)
@@ -708,7 +730,7 @@ class TraceLinker:
         self._link(h, candidates[best], "statistical", out)
         return True
 
-    def _score(self, server_h, client_h) -> float:
+    def _score(self, server_h, client_h, df=None) -> float:
         s, c = server_h.span, client_h.span
         if server_h.grams is None:
             server_h.grams = _grams(_request_text(s))
@@ -726,7 +748,8 @@ class TraceLinker:
             timing = math.exp(-0.5 * ((gap - mean) / std) ** 2)
         else:
             timing = 1.0 / (1.0 + gap)
-        return (0.05 + 10 * similarity) * cooc * (0.1 + timing)
+        words = sum(1.0 / df[t] for t in server_h.tokens & client_h.tokens) if df else 0.0
+        return (0.05 + 10 * similarity + 20 * words) * cooc * (0.1 + timing)
 
     def _learn(self, s, c):
         """Confident (thread) links teach the fallback what normal looks like."""

@@ -198,10 +198,11 @@ def test_event_loop_call_waits_for_the_records_to_catch_up():
     BASE = time.time_ns() - 200 * MS
     s0 = loop_server(0, 0, 3)                              # marks the thread a loop
     c = loop_client(1, 10, 20, "/b/r2", connect=10)        # written while S2 was current
-    s2 = loop_server(2, 5, 80)                             # arrives late, ends later
-    linker = TraceLinker(TracesConfig(wait=0.05))
+    s2 = loop_server(2, 5, 300)             # arrives late, ends `wait` after c ends
+    # wait 0.2 s: a loaded machine's sleeps overshoot, LOOP_HOLD waits must not pass
+    linker = TraceLinker(TracesConfig(wait=0.2))
     linker.process([s0, c])
-    time.sleep(0.08)
+    time.sleep(0.3)
     linker.process([])
     assert not c.parent_span_id and c.span_id in linker.held   # past its wait, still held
     linker.process([s2])

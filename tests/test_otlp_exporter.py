@@ -302,6 +302,7 @@ def test_spans_and_metrics_arrive_exactly(receiver):
         "client.address": "10.0.0.2", "client.port": 50000,
         "network.local.address": "10.0.0.1", "network.local.port": 8080,
         "deeptrace.protocol": "http1", "deeptrace.conn_id": 7, "deeptrace.link_source": "tcp_seq",
+        "thread.id": 4243,
         # the stitch keys: the request's and the response's TCP stream positions
         "deeptrace.request.seq_start": 4294967000, "deeptrace.request.seq_end": 4294967100,
         "deeptrace.response.seq_start": 77, "deeptrace.response.seq_end": 277}
@@ -320,7 +321,7 @@ def test_spans_and_metrics_arrive_exactly(receiver):
         "network.transport": "tcp", "network.type": "ipv4",
         "network.peer.address": "10.0.0.1", "network.peer.port": 8080, "server.port": 8080,
         "network.local.address": "10.0.0.2", "network.local.port": 50001,
-        "deeptrace.protocol": "redis", "deeptrace.conn_id": 9}
+        "deeptrace.protocol": "redis", "deeptrace.conn_id": 9, "thread.id": 5151}
 
     res, s = got["QUERY example.com"]
     a = attributes(s.attributes)

@@ -41,7 +41,8 @@ the role, name = operation (or protocol), ids from the span (a fresh trace id wh
 has none), status ERROR when ``error``; attributes are the span's own plus
 ``network.transport``, ``network.type``, ``network.peer.address/port``,
 ``server.address/port``, ``client.address/port`` (SERVER), ``network.local.address/port``,
-``deeptrace.protocol``, ``deeptrace.conn_id``, ``deeptrace.link_source`` and the stitch
+``deeptrace.protocol``, ``deeptrace.conn_id``, ``deeptrace.link_source``, ``thread.id``
+and the stitch
 keys a collector joins two hosts' ends of one request on: ``deeptrace.request.seq_start/
 seq_end`` and ``deeptrace.response.seq_start/seq_end`` (TCP stream positions). The span's
 own win on a clash (e.g. ``server.address`` from an HTTP Host header). Every resource
@@ -487,9 +488,11 @@ class Converter:
             net.update({"server.address": s.remote_addr, "server.port": s.remote_port})
         # The stitch keys a collector joins the two ends of a request on, across hosts:
         # both ends' addresses and the TCP stream positions of the request and response.
+        # thread.id: which thread served or called (the collector's and other readers'
+        # view of thread-per-request linking).
         net.update({"network.local.address": s.local_addr, "network.local.port": s.local_port,
                     "deeptrace.protocol": s.protocol, "deeptrace.conn_id": s.conn_id,
-                    "deeptrace.link_source": s.link_source})
+                    "deeptrace.link_source": s.link_source, "thread.id": s.tid})
         if s.request_seq is not None:
             net["deeptrace.request.seq_start"], net["deeptrace.request.seq_end"] = s.request_seq
         if s.response_seq is not None:

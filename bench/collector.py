@@ -20,7 +20,7 @@ import json
 import multiprocessing
 import os
 import platform
-import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,47 +31,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
 
-def _requests(n_batches, seed):
-    """Agents' export requests (serialized) of a three-host chain, 512 spans each."""
-    sys.path.insert(0, os.path.join(REPO, "tests"))
-    from test_collector_stitch import World
-
-    from deeptrace_plugins.exporters.otlp import Converter
-    from deeptrace_plugins.exporters.red import ServiceNamer
-    rnd = random.Random(seed)
-    out = []
-    while len(out) < n_batches:
-        world = World(512 // 7 * 4, rnd, skew_b=0, skew_c=0)
-        for host, spans in world.spans.items():
-            conv = Converter(ServiceNamer(), resource={"host.name": f"host-{host}"})
-            for i in range(0, len(spans), 512):
-                out.append(conv.traces_request(spans[i:i + 512]).SerializeToString())
-    return out[:n_batches]
-
-
-def _sender(port, payloads, seconds, result, window=32):
-    import grpc
-    ch = grpc.insecure_channel(f"127.0.0.1:{port}")
-    call = ch.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export",
-                          request_serializer=lambda b: b, response_deserializer=lambda b: b)
-    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
-    counts = [trace_service_pb2.ExportTraceServiceRequest.FromString(p) for p in payloads]
-    counts = [sum(len(ss.spans) for rs in r.resource_spans for ss in rs.scope_spans) for r in counts]
-    # Many agents send at once, each one request at a time (as the agents' exporter does):
-    # `window` requests in flight per sender process stand for that many agents.
-    sent, i, inflight = 0, 0, []
-    end = time.monotonic() + seconds
-    while time.monotonic() < end or inflight:
-        while time.monotonic() < end and len(inflight) < window:
-            inflight.append((call.future(payloads[i % len(payloads)], timeout=60),
-                             counts[i % len(payloads)]))
-            i += 1
-        fut, n = inflight.pop(0)
-        fut.result()
-        sent += n
-    result.put(sent)
-
-
 def _rss_kb(pid):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -80,52 +39,92 @@ def _rss_kb(pid):
     return 0
 
 
-def ingest(seconds=20.0, senders=2, log=print):
+def _pct(values, q):
+    v = sorted(values)
+    return round(v[min(len(v) - 1, int(len(v) * q))], 1) if v else None
+
+
+def ingest(seconds=20.0, rate=60_000, senders=2, log=print, root=REPO, label="",
+           extra_config=""):
+    """The collector (from the tree at `root`) as its own process, offered `rate` spans/s
+    by `senders` processes for `seconds`."""
+    from .otlp_load import send
     work = tempfile.mkdtemp(prefix="dt-bench-collector-")
     cfg = os.path.join(work, "collector.yaml")
     with open(cfg, "w") as f:
         f.write(f"""receivers:\n  otlp: {{grpc: "127.0.0.1:0", http: ""}}\n"""
                 f"""api: {{address: "127.0.0.1:0"}}\nstorage: {{path: "{work}/db"}}\n"""
-                "stitcher: {interval: 1s, window: 1h}\n")
+                "stitcher: {interval: 1s, window: 1h}\n" + extra_config)
     proc = subprocess.Popen([sys.executable, "-m", "deeptrace_core.cli", "collector",
-                             "--config", cfg], stderr=subprocess.PIPE, text=True, cwd=REPO)
+                             "--config", cfg], stderr=subprocess.PIPE, text=True, cwd=root)
     try:
         line = proc.stderr.readline()
         if "running" not in line:
             raise RuntimeError(f"collector did not start: {line}{proc.stderr.read()[-2000:]}")
         grpc_port = int(line.split("otlp grpc :")[1].split(",")[0])
         api_port = int(line.split("api :")[1].split(",")[0])
-        payloads = _requests(64, 1)
         idle_kb = _rss_kb(proc.pid)
         q = multiprocessing.Queue()
-        procs = [multiprocessing.Process(target=_sender, args=(grpc_port, payloads[i::senders],
-                                                               seconds, q)) for i in range(senders)]
-        t0 = time.monotonic()
+        procs = [multiprocessing.Process(target=send, args=(grpc_port, i, rate / senders,
+                                                            seconds, q)) for i in range(senders)]
+        load0 = os.getloadavg()[0]
         for p in procs:
             p.start()
         peak_kb = idle_kb
-        while any(p.is_alive() for p in procs):
+        results = []
+        while len(results) < senders:
             peak_kb = max(peak_kb, _rss_kb(proc.pid))
-            time.sleep(0.2)
-        elapsed = time.monotonic() - t0
-        sent = sum(q.get() for _ in procs)
-        time.sleep(3)         # a last stitcher round
-        with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/api/stats", timeout=60) as r:
-            stats = json.loads(r.read())
-        log(f"collector: {sent} spans acknowledged in {elapsed:.1f}s")
-        return {"spans_acknowledged": sent, "seconds": round(elapsed, 2),
-                "spans_per_s": round(sent / elapsed), "senders": senders,
-                "spans_stored": stats["receiver"]["spans"],
-                "stitch_delay_p99_ms": stats["stitcher"].get("stitch_delay_p99_ms"),
-                "stitched": stats["stitcher"].get("stitched_tcp_seq", 0),
-                "rss_idle_mb": round(idle_kb / 1024, 1), "rss_peak_mb": round(peak_kb / 1024, 1),
-                "collector_stats": stats}
+            try:
+                results.append(q.get(timeout=0.2))
+            except Exception:
+                if not any(p.is_alive() for p in procs) and q.empty():
+                    raise RuntimeError("a sender died") from None
+        for p in procs:
+            p.join()
+        elapsed = max(r["seconds"] for r in results)
+        acked = sum(r["acked_spans"] for r in results)
+        lat = [x for r in results for x in r["latencies_ms"]]
+        # Stitching catches up with the last spans: wait for its rounds to find nothing new.
+        stats, last = None, -1
+        for _ in range(60):
+            time.sleep(2)
+            with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/api/stats",
+                                        timeout=120) as r:
+                stats = json.loads(r.read())
+            done = stats["stitcher"].get("stitched_tcp_seq", 0)
+            if done == last:
+                break
+            last = done
+            peak_kb = max(peak_kb, _rss_kb(proc.pid))
+        expected_pairs = sum(r["acked_spans"] for r in results) * 3 // 7
+        out = {"label": label, "offered_spans_per_s": rate, "senders": senders,
+               "seconds": round(elapsed, 2),
+               "offered_spans": sum(r["offered_spans"] for r in results),
+               "spans_acknowledged": acked, "spans_per_s": round(acked / elapsed),
+               "spans_refused": sum(r["refused_spans"] for r in results),
+               "sender_behind": sum(r["behind"] for r in results),
+               "ack_p50_ms": _pct(lat, 0.5), "ack_p99_ms": _pct(lat, 0.99),
+               "spans_stored": stats["receiver"]["spans"],
+               "stitch_delay_p50_ms": stats["stitcher"].get("stitch_delay_p50_ms"),
+               "stitch_delay_p99_ms": stats["stitcher"].get("stitch_delay_p99_ms"),
+               "stitched": stats["stitcher"].get("stitched_tcp_seq", 0),
+               "pairs_sent": expected_pairs,
+               "rss_idle_mb": round(idle_kb / 1024, 1), "rss_peak_mb": round(peak_kb / 1024, 1),
+               "load_avg_1m": [round(load0, 2), round(os.getloadavg()[0], 2)],
+               "collector_stats": stats}
+        log(f"collector{' ' + label if label else ''}: {acked:,} spans acknowledged in "
+            f"{elapsed:.1f}s ({out['spans_per_s']:,}/s offered {rate:,}/s), ack p99 "
+            f"{out['ack_p99_ms']} ms, stitched {out['stitched']:,}/{expected_pairs:,}, "
+            f"delay p99 {out['stitch_delay_p99_ms']} ms, RSS peak {out['rss_peak_mb']} MB, "
+            f"load {out['load_avg_1m']}")
+        return out
     finally:
         proc.terminate()
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def agent_cost(n=100_000):
@@ -145,9 +144,12 @@ def agent_cost(n=100_000):
     return {"us_per_span": round(encode / n * 1e6, 3), "bytes_per_span": size}
 
 
-def run(seconds=20.0, log=print):
-    res = {"ingest": ingest(seconds, log=log), "agent_stitch_keys": agent_cost(),
+def run(seconds=20.0, rate=60_000, senders=2, log=print, compare_root=None):
+    res = {"ingest": ingest(seconds, rate, senders, log=log), "agent_stitch_keys": agent_cost(),
            "machine": {"kernel": platform.release(), "cpus": os.cpu_count()}}
+    if compare_root:
+        res["ingest_compare"] = ingest(seconds, rate, senders, log=log, root=compare_root,
+                                       label=f"({compare_root})")
     return res
 
 
@@ -179,9 +181,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--rate", type=int, default=60_000, help="offered spans/s (all senders)")
+    ap.add_argument("--senders", type=int, default=2, help="sender processes")
+    ap.add_argument("--compare-root", default=None,
+                    help="also run the collector of this source tree (e.g. an older "
+                         "checkout), same load, one after the other")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "collector.json"))
     args = ap.parse_args(argv)
-    res = run(args.seconds)
+    res = run(args.seconds, args.rate, args.senders, compare_root=args.compare_root)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=2)

@@ -25,11 +25,23 @@ class OtlpReceiver:
     grpc: str = attrs.field(default="127.0.0.1:4317", validator=_address)
     http: str = attrs.field(default="127.0.0.1:4318", validator=_address)
     max_message_bytes: int = attrs.field(default=64 << 20, validator=[v.ge(1024), v.le(1 << 30)])
+    # gRPC requests handled at once; each waits for its write (ack after the write), so
+    # this also bounds how many requests one insert can group.
+    max_concurrent_requests: int = attrs.field(default=128, validator=[v.ge(1), v.le(4096)])
 
 
 @attrs.define
 class Receivers:
     otlp: OtlpReceiver = attrs.Factory(OtlpReceiver)
+
+
+@attrs.define
+class Batch:
+    """``storage.batch``: group commit. The requests waiting are inserted as one group
+    once they reach `max_bytes` or the oldest has waited `max_delay`."""
+
+    max_bytes: int = attrs.field(default=32 << 20, validator=[v.ge(1024), v.le(1 << 30)])
+    max_delay: float = attrs.field(default=0.1, validator=[v.ge(0), v.le(10)], metadata=SECONDS)
 
 
 @attrs.define
@@ -49,6 +61,7 @@ class Storage:
     cluster: str = ""
     table_engine: str = "MergeTree()"
     ttl: float = attrs.field(default=7 * 86400.0, validator=v.gt(0), metadata=SECONDS)
+    batch: Batch = attrs.Factory(Batch)
 
 
 @attrs.define

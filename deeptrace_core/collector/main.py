@@ -20,7 +20,7 @@ class Collector:
         self.store = open_store(st)
         for sql in schema.ddl(st.database, st.cluster, st.table_engine, st.ttl / 86400):
             self.store.command(sql)
-        self.sink = receiver.Sink(self.store)
+        self.sink = receiver.Sink(self.store, st.batch.max_bytes, st.batch.max_delay)
         self.stitcher = Stitcher(self.store, config.stitcher, st.database)
         self.query = ClickHouseQuery(self.store, st.database)
         self.reexporter = None
@@ -35,7 +35,8 @@ class Collector:
     def start(self):
         r = self.config.receivers.otlp
         if r.grpc:
-            server, self.ports["grpc"] = receiver.start_grpc(r.grpc, self.sink, r.max_message_bytes)
+            server, self.ports["grpc"] = receiver.start_grpc(r.grpc, self.sink, r.max_message_bytes,
+                                                             r.max_concurrent_requests)
             self.servers.append(("grpc", server))
         if r.http:
             server, self.ports["http"] = receiver.start_http(r.http, self.sink, r.max_message_bytes)
@@ -79,6 +80,7 @@ class Collector:
                 server.stop(grace=5).wait()
             else:
                 server.shutdown()
+        self.sink.close()           # what the receivers accepted is written first
         if self._thread:
             self._thread.join(10)
         if self.reexporter is not None:

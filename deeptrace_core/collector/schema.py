@@ -94,6 +94,8 @@ SETTINGS index_granularity=8192, ttl_only_drop_parts = 1""",
 TO {db}.otel_traces_trace_id_ts
 AS SELECT TraceId, min(Timestamp) AS Start, max(Timestamp) AS End
 FROM {db}.otel_traces WHERE TraceId != '' GROUP BY TraceId""",
+        # Partitioned by arrival so the stitcher's rounds read only recent parts; kept a
+        # day, the longest stitcher window.
         f"""CREATE TABLE IF NOT EXISTS {db}.deeptrace_stitch_keys{on} (
     ReqSeq UInt32, RespSeq Int64, Kind LowCardinality(String),
     LocalAddr String, LocalPort UInt16, PeerAddr String, PeerPort UInt16,
@@ -101,8 +103,10 @@ FROM {db}.otel_traces WHERE TraceId != '' GROUP BY TraceId""",
     ParentSpanId String, Protocol LowCardinality(String), SpanName String,
     AgentId String, Inserted DateTime64(3)
 ) ENGINE = {engine}
+PARTITION BY toStartOfTenMinutes(Inserted)
 ORDER BY (ReqSeq, Timestamp)
-{ttl}""",
+TTL toDateTime(Inserted) + toIntervalDay(1)
+SETTINGS ttl_only_drop_parts = 1""",
         f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.deeptrace_stitch_keys_mv{on}
 TO {db}.deeptrace_stitch_keys
 AS SELECT {STITCH_SELECT}

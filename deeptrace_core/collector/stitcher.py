@@ -29,7 +29,13 @@ import pyarrow as pa
 
 log = logging.getLogger("deeptrace.collector.stitcher")
 
+# The pairs where either end is new since the last round. Only rows whose request
+# sequence number is among the new rows' are read on either side (the table is ordered
+# by it), and only partitions of the recent `Inserted` range: a round reads what is new
+# and its partners, not the whole window.
 _PAIRS = """
+WITH fresh AS (SELECT ReqSeq FROM {db}.deeptrace_stitch_keys
+               WHERE Inserted >= {since} AND Timestamp >= {lo})
 SELECT c.SpanId AS cs, c.TraceId AS ct, s.SpanId AS ss, s.TraceId AS st,
        s.ParentSpanId AS sp,
        c.LocalAddr = s.PeerAddr AND c.LocalPort = s.PeerPort
@@ -39,10 +45,11 @@ SELECT c.SpanId AS cs, c.TraceId AS ct, s.SpanId AS ss, s.TraceId AS st,
        toUnixTimestamp64Nano(c.Timestamp) AS c_start, c.Duration AS c_dur,
        toUnixTimestamp64Nano(s.Timestamp) AS s_start, s.Duration AS s_dur,
        toUnixTimestamp64Milli(greatest(c.Inserted, s.Inserted)) AS arrived_ms
-FROM (SELECT * FROM {db}.deeptrace_stitch_keys WHERE Kind = 'Client' AND Timestamp >= {lo})
-     AS c
+FROM (SELECT * FROM {db}.deeptrace_stitch_keys WHERE Kind = 'Client' AND Timestamp >= {lo}
+      AND Inserted >= {old} AND ReqSeq IN fresh) AS c
 INNER JOIN (SELECT * FROM {db}.deeptrace_stitch_keys WHERE Kind = 'Server'
-            AND Timestamp >= {lo}) AS s ON c.ReqSeq = s.ReqSeq
+            AND Timestamp >= {lo} AND Inserted >= {old} AND ReqSeq IN fresh) AS s
+  ON c.ReqSeq = s.ReqSeq
 WHERE (c.Inserted >= {since} OR s.Inserted >= {since})
 ORDER BY c_start
 """
@@ -60,6 +67,12 @@ class Stitcher:
         self.counts = defaultdict(int)
         self.delays_ms: list = []                    # arrival -> stitched, recent pairs
         self._since_ms = None                        # Inserted watermark (ms)
+        # NAT candidates waiting `nat_hold` for an exact partner: server span -> rows.
+        # Later rounds read only new pairs, so these are kept here, not re-read.
+        self.nat_pending: OrderedDict = OrderedDict()
+        # How long after its Inserted stamp a row may still become visible: nothing on
+        # chdb (inserts and queries take turns), a few seconds on a server.
+        self.lag_ms = int(getattr(store, "visibility_lag", 5.0) * 1000)
         self._load()
 
     def _load(self):
@@ -115,17 +128,25 @@ class Stitcher:
         now_ns = now_ns or time.time_ns()
         started_ms = int(time.time() * 1000)
         lo = now_ns - int(self.config.window * 1e9)
-        # Rows become visible a moment after their Inserted stamp: look 5 s back each
-        # round; `done` keeps a pair from being decided twice.
-        since = (self._since_ms - 5000) if self._since_ms else 0
-        rows = self.store.rows(_PAIRS.format(
+        # New since the last round, give or take the visibility lag (and a clock tick);
+        # `done` keeps a pair from being decided twice.
+        since = (self._since_ms - self.lag_ms - 1) if self._since_ms else 0
+        # A partner arrived at most a window (and the hosts' skew) before its span's start.
+        old = started_ms - int((self.config.window + self.config.max_skew + 60) * 1000)
+        rows = self.store.records(_PAIRS.format(
             db=self.db, lo=f"fromUnixTimestamp64Nano(toInt64({lo}))",
-            since=f"fromUnixTimestamp64Milli(toInt64({since}))"))
+            since=f"fromUnixTimestamp64Milli(toInt64({since}))",
+            old=f"fromUnixTimestamp64Milli(toInt64({max(0, old) if since else 0}))"))
         self._since_ms = started_ms
         by_server = defaultdict(list)
         for r in rows:
             if r["ss"] not in self.done:
                 by_server[r["ss"]].append(r)
+        for ss, held in self.nat_pending.items():   # with what arrived for them since
+            if ss not in self.done:
+                known = {r["cs"] for r in by_server.get(ss, ())}
+                by_server[ss] += [r for r in held if r["cs"] not in known]
+        self.nat_pending.clear()
         nat_clients = defaultdict(int)
         chosen, nat_wait = [], []
         exact_clients = set()
@@ -135,6 +156,7 @@ class Stitcher:
             if exact:
                 if len({r["cs"] for r in exact}) > 1:
                     self.counts["ambiguous_exact"] += 1    # the same request twice: skip
+                    self.done[ss] = True
                     continue
                 chosen.append((exact[0], "tcp_seq"))
                 exact_clients.add(exact[0]["cs"])
@@ -144,7 +166,8 @@ class Stitcher:
         for nat in nat_wait:
             nat = [r for r in nat if r["cs"] not in exact_clients and r["cs"] not in self.clients_done]
             if any(r["arrived_ms"] > started_ms - hold_ms for r in nat):
-                continue                                  # decided in a later round
+                self.nat_pending[nat[0]["ss"]] = nat      # decided in a later round
+                continue
             if len(nat) == 1:
                 nat_clients[nat[0]["cs"]] += 1
                 chosen.append((nat[0], "tcp_seq_nat"))
@@ -178,6 +201,9 @@ class Stitcher:
         for table in (self.done, self.clients_done):
             while len(table) > 4 * self.config.max_traces:
                 table.popitem(last=False)
+        while len(self.nat_pending) > self.config.max_traces:
+            self.nat_pending.popitem(last=False)
+            self.counts["nat_pending_forgotten"] += 1
         self._write(parents, changed)
         # Counted once written, so a reader of the counts finds what they count.
         for _, _, _, source in parents:
@@ -217,5 +243,8 @@ class Stitcher:
 
     def stats(self) -> dict:
         d = sorted(self.delays_ms)
-        p99 = d[min(len(d) - 1, int(len(d) * 0.99))] if d else None
-        return {**self.counts, "canonical_traces": len(self.canon), "stitch_delay_p99_ms": p99}
+
+        def pct(q):
+            return d[min(len(d) - 1, int(len(d) * q))] if d else None
+        return {**self.counts, "canonical_traces": len(self.canon),
+                "stitch_delay_p50_ms": pct(0.5), "stitch_delay_p99_ms": pct(0.99)}

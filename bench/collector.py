@@ -54,7 +54,8 @@ def ingest(seconds=20.0, rate=60_000, senders=2, log=print, root=REPO, label="",
     with open(cfg, "w") as f:
         f.write(f"""receivers:\n  otlp: {{grpc: "127.0.0.1:0", http: ""}}\n"""
                 f"""api: {{address: "127.0.0.1:0"}}\nstorage: {{path: "{work}/db"}}\n"""
-                "stitcher: {interval: 1s, window: 1h}\n" + extra_config)
+                + ("" if "stitcher:" in extra_config else "stitcher: {interval: 1s}\n")
+                + extra_config)
     proc = subprocess.Popen([sys.executable, "-m", "deeptrace_core.cli", "collector",
                              "--config", cfg], stderr=subprocess.PIPE, text=True, cwd=root)
     try:

@@ -62,6 +62,12 @@ class Storage:
     table_engine: str = "MergeTree()"
     ttl: float = attrs.field(default=7 * 86400.0, validator=v.gt(0), metadata=SECONDS)
     batch: Batch = attrs.Factory(Batch)
+    # chdb: ClickHouse's memory limit in this process (bytes; 0: its own default, 90% of
+    # RAM). A query past it fails: an insert is refused and the agent retries it.
+    max_memory: int = attrs.field(default=2 << 30, validator=[v.ge(0), v.le(1 << 40)])
+    # The clickhouseexporter's bloom-filter indexes on attribute keys and values (faster
+    # searches by attribute, about twice the insert CPU). Applies to a new otel_traces.
+    attribute_indexes: bool = False
 
 
 @attrs.define

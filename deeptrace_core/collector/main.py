@@ -18,7 +18,8 @@ class Collector:
         self.config = config
         st = config.storage
         self.store = open_store(st)
-        for sql in schema.ddl(st.database, st.cluster, st.table_engine, st.ttl / 86400):
+        for sql in schema.ddl(st.database, st.cluster, st.table_engine, st.ttl / 86400,
+                              st.attribute_indexes):
             self.store.command(sql)
         self.sink = receiver.Sink(self.store, st.batch.max_bytes, st.batch.max_delay)
         self.stitcher = Stitcher(self.store, config.stitcher, st.database)

@@ -38,12 +38,17 @@ TRACES_COLUMNS = """
         TraceState String,
         Attributes Map(LowCardinality(String), String)
     ) CODEC(ZSTD(1)),
-    INDEX idx_trace_id TraceId TYPE bloom_filter(0.001) GRANULARITY 1,
+    INDEX idx_trace_id TraceId TYPE bloom_filter(0.001) GRANULARITY 1,{attr_indexes}
+    INDEX idx_duration Duration TYPE minmax GRANULARITY 1"""
+
+# The clickhouseexporter's indexes on attribute keys and values: they speed up searches
+# by attribute, and cost about half of the insert's CPU (bench/collector.py), so they
+# are made only with `storage.attribute_indexes`.
+ATTR_INDEXES = """
     INDEX idx_res_attr_key mapKeys(ResourceAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
     INDEX idx_res_attr_value mapValues(ResourceAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
     INDEX idx_span_attr_key mapKeys(SpanAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
-    INDEX idx_span_attr_value mapValues(SpanAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
-    INDEX idx_duration Duration TYPE minmax GRANULARITY 1"""
+    INDEX idx_span_attr_value mapValues(SpanAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,"""
 
 # Columns we insert, in order (Events and Links are left empty: agents send none).
 INSERT_COLUMNS = ("Timestamp", "TraceId", "SpanId", "ParentSpanId", "TraceState", "SpanName",
@@ -66,15 +71,17 @@ STITCH_SELECT = f"""
     now64(3) AS Inserted"""
 
 
-def ddl(database: str, cluster: str = "", engine: str = "MergeTree()", ttl_days: float = 7) -> list:
+def ddl(database: str, cluster: str = "", engine: str = "MergeTree()", ttl_days: float = 7,
+        attribute_indexes: bool = False) -> list:
     """The statements that create every table (idempotent)."""
+    columns = TRACES_COLUMNS.format(attr_indexes=ATTR_INDEXES if attribute_indexes else "")
     on = f" ON CLUSTER `{cluster}`" if cluster else ""
     db = f"`{database}`"
     days = max(1, int(round(ttl_days)))
     ttl = f"TTL toDateTime(Timestamp) + toIntervalDay({days})"
     return [
         f"CREATE DATABASE IF NOT EXISTS {db}{on}",
-        f"""CREATE TABLE IF NOT EXISTS {db}.otel_traces{on} ({TRACES_COLUMNS}
+        f"""CREATE TABLE IF NOT EXISTS {db}.otel_traces{on} ({columns}
 ) ENGINE = {engine}
 PARTITION BY toDate(Timestamp)
 ORDER BY (ServiceName, SpanName, toDateTime(Timestamp))

@@ -198,8 +198,9 @@ class Stitcher:
                 changed[r["st"]] = root
             parents.append((r["ss"], r["st"], r["cs"], source))
             delays.append(max(0, started_ms - r["arrived_ms"]))
+        # Rounds read only new pairs: `done` needs the recent ones, not the window's.
         for table in (self.done, self.clients_done):
-            while len(table) > 4 * self.config.max_traces:
+            while len(table) > self.config.max_traces:
                 table.popitem(last=False)
         while len(self.nat_pending) > self.config.max_traces:
             self.nat_pending.popitem(last=False)

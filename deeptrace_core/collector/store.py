@@ -6,6 +6,7 @@ import itertools
 import json
 import os
 import threading
+import time
 
 from . import schema
 
@@ -36,10 +37,23 @@ class ChdbStore:
     # starts after its insert's Inserted stamp.
     visibility_lag = 0.0
 
-    def __init__(self, path: str, database: str):
+    # ClickHouse's caches are sized for a server of its own (5 GiB each by default); the
+    # collector's queries touch recent parts only.
+    SETTINGS = {"mark_cache_size": 64 << 20, "index_mark_cache_size": 16 << 20,
+                "primary_index_cache_size": 64 << 20, "uncompressed_cache_size": 0}
+    PURGE_EVERY = 1.0     # s: hand freed memory back to the system at most this often
+
+    def __init__(self, path: str, database: str, max_memory: int = 0):
         from chdb import session
         os.makedirs(path, mode=0o700, exist_ok=True)
-        self.session = session.Session(path)
+        settings = dict(self.SETTINGS)
+        if max_memory:
+            # A query past it fails (an insert is then refused and retried by the agent).
+            settings["max_server_memory_usage"] = max_memory
+        self.session = session.Session(path + "?" + "&".join(f"{k}={v}" for k, v in
+                                                              settings.items()))
+        self._purged = time.monotonic()
+        self._purge = True
         self.database = database
         self.lock = threading.Lock()
         # Requests wait here for ClickHouse to read them (private: they hold payloads).
@@ -66,12 +80,19 @@ class ChdbStore:
         return _dicts(pa.ipc.open_file(pa.py_buffer(data)).read_all())
 
     def insert_arrow(self, table: str, arrow_table):
+        """Through an Arrow file: ClickHouse reads it without the GIL (its Python() table
+        function would read Python objects, holding it)."""
+        import pyarrow as pa
         cols = ", ".join(arrow_table.column_names)
-        with self.lock:
-            # chdb's Python() table function reads the variable of that name here.
-            data = arrow_table  # noqa: F841
-            self.session.query(f"INSERT INTO `{self.database}`.{table} ({cols}) "
-                               f"SELECT {cols} FROM Python(data)")
+        path = os.path.join(self.incoming, f"{os.getpid()}-{next(self._seq)}.arrow")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f, pa.ipc.new_file(f, arrow_table.schema) as w:
+                w.write_table(arrow_table)
+            self.command(f"INSERT INTO `{self.database}`.{table} ({cols}) "
+                         f"SELECT {cols} FROM file({quote(path)}, Arrow)")
+        finally:
+            os.unlink(path)
 
     def insert_otlp(self, payloads: list):
         """Serialized ExportTraceServiceRequests into otel_traces, parsed by ClickHouse."""
@@ -86,6 +107,18 @@ class ChdbStore:
             self.command(schema.otlp_insert(self.database, source, PROTO))
         finally:
             os.unlink(path)
+        self._release_memory()
+
+    def _release_memory(self):
+        """jemalloc keeps what an insert freed (a few hundred MB after each big one) until
+        told: purged after an insert, at most every PURGE_EVERY seconds (~40 ms)."""
+        if not self._purge or time.monotonic() - self._purged < self.PURGE_EVERY:
+            return
+        try:
+            self.command("SYSTEM JEMALLOC PURGE")
+        except Exception:             # a build without jemalloc: nothing to hand back
+            self._purge = False
+        self._purged = time.monotonic()
 
     def close(self):
         with self.lock:
@@ -141,7 +174,7 @@ class ClickHouseStore:
 
 def open_store(cfg):
     if cfg.engine == "chdb":
-        return ChdbStore(cfg.path, cfg.database)
+        return ChdbStore(cfg.path, cfg.database, cfg.max_memory)
     return ClickHouseStore(cfg.url, cfg.database, cfg.username, cfg.password)
 
 

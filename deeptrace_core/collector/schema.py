@@ -73,7 +73,13 @@ STITCH_SELECT = f"""
 
 def ddl(database: str, cluster: str = "", engine: str = "MergeTree()", ttl_days: float = 7,
         attribute_indexes: bool = False) -> list:
-    """The statements that create every table (idempotent)."""
+    """The statements that create every table (idempotent). With `cluster`, each runs
+    ON CLUSTER and every table uses `engine` (e.g. ReplicatedMergeTree: one shard,
+    replicas), our map tables its Replacing variant; a Replicated engine's path must
+    tell the tables apart ({table} or {uuid}), or they would share one."""
+    if "Replicated" in engine and "{table}" not in engine and "{uuid}" not in engine:
+        raise ValueError(f"storage.table_engine {engine!r}: a Replicated engine's path "
+                         "needs {table} or {uuid}, one path per table")
     columns = TRACES_COLUMNS.format(attr_indexes=ATTR_INDEXES if attribute_indexes else "")
     on = f" ON CLUSTER `{cluster}`" if cluster else ""
     db = f"`{database}`"

@@ -43,7 +43,7 @@ class ChdbStore:
                 "primary_index_cache_size": 64 << 20, "uncompressed_cache_size": 0}
     PURGE_EVERY = 1.0     # s: hand freed memory back to the system at most this often
 
-    def __init__(self, path: str, database: str, max_memory: int = 0):
+    def __init__(self, path: str, database: str, max_memory: int = 0, streams: int = 0):
         from chdb import session
         os.makedirs(path, mode=0o700, exist_ok=True)
         settings = dict(self.SETTINGS)
@@ -54,6 +54,7 @@ class ChdbStore:
                                                               settings.items()))
         self._purged = time.monotonic()
         self._purge = True
+        self.streams = streams or os.cpu_count() or 1
         self.database = database
         self.lock = threading.Lock()
         # Requests wait here for ClickHouse to read them (private: they hold payloads).
@@ -95,18 +96,27 @@ class ChdbStore:
             os.unlink(path)
 
     def insert_otlp(self, payloads: list):
-        """Serialized ExportTraceServiceRequests into otel_traces, parsed by ClickHouse."""
-        path = os.path.join(self.incoming, f"{os.getpid()}-{next(self._seq)}.bin")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        """Serialized ExportTraceServiceRequests into otel_traces, parsed by ClickHouse,
+        in one INSERT. The group is split over up to `streams` files read as one glob:
+        one file is one parsing stream, several are parsed and inserted in parallel."""
+        n = max(1, min(self.streams, len(payloads)))
+        stem = f"{os.getpid()}-{next(self._seq)}"
+        paths = []
         try:
-            with os.fdopen(fd, "wb") as f:
-                for p in payloads:
-                    f.write(_varint(len(p)))
-                    f.write(p)
-            source = f"file({quote(path)}, Protobuf, {quote(schema.OTLP_STRUCTURE)})"
-            self.command(schema.otlp_insert(self.database, source, PROTO))
+            for i in range(n):
+                paths.append(os.path.join(self.incoming, f"{stem}-{i}.bin"))
+                fd = os.open(paths[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    for p in payloads[i::n]:
+                        f.write(_varint(len(p)))
+                        f.write(p)
+            pattern = os.path.join(self.incoming, f"{stem}-{{0..{n - 1}}}.bin")
+            source = f"file({quote(pattern)}, Protobuf, {quote(schema.OTLP_STRUCTURE)})"
+            self.command(schema.otlp_insert(self.database, source, PROTO)
+                         + f", max_threads = {n}, max_insert_threads = {n}")
         finally:
-            os.unlink(path)
+            for path in paths:
+                os.unlink(path)
         self._release_memory()
 
     def _release_memory(self):

@@ -236,3 +236,31 @@ def test_batch_and_receiver_settings_parse_and_are_checked():
     with pytest.raises(ConfigError) as e:
         parse("receivers:\n  otlp:\n    max_concurrent_requests: 0\n", "c.yaml")
     assert "c.yaml:3: receivers.otlp.max_concurrent_requests" in str(e.value)
+
+
+def test_the_store_lock_is_handed_over_in_arrival_order():
+    """The writer inserting group after group must not take the store back ahead of a
+    query that was already waiting (that starved the stitcher under load)."""
+    from deeptrace_core.collector.store import FairLock
+    lock, order = FairLock(), []
+    held = threading.Event()
+
+    def take(name, hold=0.0):
+        with lock:
+            order.append(name)
+            held.set()
+            time.sleep(hold)
+
+    first = threading.Thread(target=take, args=("writer", 0.3))
+    first.start()
+    held.wait(5)
+    waiting = threading.Thread(target=take, args=("stitcher",))
+    waiting.start()
+    time.sleep(0.1)
+    # The writer comes back for its next insert right after: it goes after the stitcher.
+    first.join()
+    again = threading.Thread(target=take, args=("writer again",))
+    again.start()
+    waiting.join()
+    again.join()
+    assert order == ["writer", "stitcher", "writer again"]

@@ -223,7 +223,7 @@ class Stitcher:
                 self._set(st, root)
                 changed[st] = root
             parents.append((ss, st, cs, source))
-            delays.append(max(0, started_ms - r[ARRIVED]))
+            delays.append(r[ARRIVED])
         for table in (self.done, self.clients_done):
             while len(table) > self.config.max_traces:
                 table.popitem(last=False)
@@ -231,10 +231,13 @@ class Stitcher:
             self.nat_pending.popitem(last=False)
             self.counts["nat_pending_forgotten"] += 1
         self._write(parents, changed)
+        # From the later end's write to this round's stitch being written.
+        done_ms = int(time.time() * 1000)
+        delays = [done_ms - a for a in delays]
         # Counted once written, so a reader of the counts finds what they count.
         for _, _, _, source in parents:
             self.counts[f"stitched_{source}"] += 1
-        self.delay_hist.update(d // 10 for d in delays)
+        self.delay_hist.update(max(0, d) // 10 for d in delays)
         self.counts["rounds"] += 1
         return len(parents)
 

@@ -24,6 +24,28 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
+class FairLock:
+    """A lock handed over in arrival order: the writer, inserting group after group,
+    would otherwise take it back before the stitcher's or the API's waiting query (a
+    plain lock is not fair), delaying stitches by many inserts."""
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._tickets = itertools.count()
+        self._serving = 0
+
+    def __enter__(self):
+        with self._cond:
+            ticket = next(self._tickets)
+            while ticket != self._serving:
+                self._cond.wait()
+
+    def __exit__(self, *exc):
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()
+
+
 def _tuples(table) -> list:
     return list(zip(*(col.to_pylist() for col in table.columns)))
 
@@ -54,7 +76,7 @@ class ChdbStore:
         self._purge = True
         self.streams = streams or os.cpu_count() or 1
         self.database = database
-        self.lock = threading.Lock()
+        self.lock = FairLock()
         # Requests wait here for ClickHouse to read them (private: they hold payloads).
         self.incoming = os.path.join(path, "incoming")
         os.makedirs(self.incoming, mode=0o700, exist_ok=True)

@@ -152,6 +152,9 @@ class Stitcher:
         # New since the last round, give or take the visibility lag (and a clock tick);
         # `done` keeps a pair from being decided twice.
         since = (self._since_ms - self.lag_ms - 1) if self._since_ms else 0
+        # Rows of an insert still under way are not in this round's answer: the next
+        # round starts from that insert's start (its rows are stamped after it).
+        pending = getattr(self.store, "pending_since_ms", lambda: None)()
         # A partner arrived at most a window (and the hosts' skew) before its span's start.
         old = started_ms - int((self.config.window + self.config.max_skew + 60) * 1000)
         rows = self.store.records(_PAIRS.format(
@@ -159,7 +162,7 @@ class Stitcher:
             since=f"fromUnixTimestamp64Milli(toInt64({since}))",
             old=f"fromUnixTimestamp64Milli(toInt64({max(0, old) if since else 0}))",
             skew=int(self.config.max_skew * 1e9)))
-        self._since_ms = started_ms
+        self._since_ms = started_ms if pending is None else min(started_ms, pending)
         done, clients_done = self.done, self.clients_done
         by_server = defaultdict(list)
         for r in rows:

@@ -51,10 +51,11 @@ def _tuples(table) -> list:
 
 
 class ChdbStore:
-    """ClickHouse in process. chdb runs one query at a time: calls are serialised."""
+    """ClickHouse in process: one session for the writer's inserts, one for everything
+    else; each runs one query at a time (calls on it are serialised)."""
 
-    # Inserts and queries take turns (one lock), so a row is visible to every query that
-    # starts after its insert's Inserted stamp.
+    # Rows of an insert under way are not yet visible; the stitcher asks
+    # `pending_since_ms` for how far back that reaches instead of a fixed lag.
     visibility_lag = 0.0
 
     # ClickHouse's caches are sized for a server of its own (5 GiB each by default); the
@@ -70,8 +71,14 @@ class ChdbStore:
         if max_memory:
             # A query past it fails (an insert is then refused and retried by the agent).
             settings["max_server_memory_usage"] = max_memory
-        self.session = session.Session(path + "?" + "&".join(f"{k}={v}" for k, v in
-                                                              settings.items()))
+        conn = path + "?" + "&".join(f"{k}={v}" for k, v in settings.items())
+        self.session = session.Session(conn)
+        # Inserts have a session of their own: one session runs one query at a time,
+        # two run side by side, so the stitcher's and the API's queries do not wait for
+        # an insert (nor inserts for them).
+        self.writer = session.Session(conn)
+        self.write_lock = threading.Lock()
+        self._insert_started_ms = None     # wall-clock start of the insert under way
         self._purged = time.monotonic()
         self._purge = True
         self.streams = streams or os.cpu_count() or 1
@@ -133,12 +140,31 @@ class ChdbStore:
                         f.write(p)
             pattern = os.path.join(self.incoming, f"{stem}-{{0..{n - 1}}}.bin")
             source = f"file({quote(pattern)}, Protobuf, {quote(schema.OTLP_STRUCTURE)})"
-            self.command(schema.otlp_insert(self.database, source, PROTO)
-                         + f", max_threads = {n}, max_insert_threads = {n}")
+            self._write(schema.otlp_insert(self.database, source, PROTO)
+                        + f", max_threads = {n}, max_insert_threads = {n}")
         finally:
             for path in paths:
                 os.unlink(path)
         self._release_memory()
+
+    def _write(self, sql: str):
+        with self.write_lock:
+            # Its rows' Inserted stamps are at least this (set before the insert starts).
+            self._insert_started_ms = int(time.time() * 1000)
+            try:
+                self.writer.query(sql)
+            finally:
+                self._insert_started_ms = None
+
+    def wait_for_writes(self):
+        """Return once the insert under way (if any) is written."""
+        with self.write_lock:
+            pass
+
+    def pending_since_ms(self):
+        """The start (wall-clock ms) of an insert whose rows may not be visible yet, or
+        None: a query that starts now sees every row stamped before this."""
+        return self._insert_started_ms
 
     def _release_memory(self):
         """jemalloc keeps what an insert freed (a few hundred MB after each big one) until
@@ -146,12 +172,15 @@ class ChdbStore:
         if not self._purge or time.monotonic() - self._purged < self.PURGE_EVERY:
             return
         try:
-            self.command("SYSTEM JEMALLOC PURGE")
+            with self.write_lock:
+                self.writer.query("SYSTEM JEMALLOC PURGE")
         except Exception:             # a build without jemalloc: nothing to hand back
             self._purge = False
         self._purged = time.monotonic()
 
     def close(self):
+        with self.write_lock:
+            self.writer.close()
         with self.lock:
             self.session.close()
 

@@ -7,8 +7,10 @@
   flight per sender (an agent's bounded queue). Spans/s acknowledged over the window
   (the collector acknowledges after the write), ack latency p50/p99, and the
   collector's CPU per span;
-* **stitch delay**: the stitcher's own measure, from a pair's last end being written to
-  its stitch (p50/p99 over the run, after stitching settled);
+* **stitch delay**: the stitcher's own measure, from the Inserted stamp of a pair's later
+  end (the start of the insert that wrote it) to the stitch being written (p50/p99 over
+  every pair of the run, after stitching settled); then the whole load again at half the
+  rate just sustained, where latencies are not queueing at saturation;
 * **collector RSS**: peak resident memory of the collector process under that load;
 * **agent cost**: the agent's OTLP conversion and encoding per span with and without the
   stitch keys (same spans, interleaved), and the bytes they add.
@@ -212,8 +214,13 @@ def agent_cost(n=20_000, rounds=5):
 
 
 def run(seconds=20.0, rate=60_000, senders=2, log=print, compare_root=None):
-    res = {"ingest": ingest(seconds, rate, senders, log=log), "agent_stitch_keys": agent_cost(),
-           "machine": {"kernel": platform.release(), "cpus": os.cpu_count()}}
+    res = {"ingest": ingest(seconds, rate, senders, log=log)}
+    # Latencies mean something below saturation (above it every request queues): the
+    # same again at half the rate the collector just sustained.
+    half = max(1000, res["ingest"]["spans_per_s"] // 2)
+    res["ingest_half"] = ingest(seconds, half, senders, log=log, label="(half rate)")
+    res["agent_stitch_keys"] = agent_cost()
+    res["machine"] = {"kernel": platform.release(), "cpus": os.cpu_count()}
     if compare_root:
         res["ingest_compare"] = ingest(seconds, rate, senders, log=log, root=compare_root,
                                        label=f"({compare_root})")
@@ -236,7 +243,7 @@ def rows(res):
          "target": ">= 50,000", "ok": short <= 0,
          "note": "" if short <= 0 else
          f"short by {short:,}/s (CPU-bound on a shared 2-core VM: see us CPU/span)"},
-        {"group": g, "figure": "stitch delay p50 / p99 (ms, write to stitched)",
+        {"group": g, "figure": "stitch delay p50 / p99 (ms, insert to stitched), saturated",
          "baseline": "", "traced": f"{p50} / {p99}",
          "delta": f"{ing['stitched']:,} of ~{ing['pairs_sent']:,} pairs",
          "target": "p99 <= 5000", "ok": p99 is not None and p99 <= 5000, "note": ""},
@@ -250,6 +257,16 @@ def rows(res):
          "delta": f"+{cost['us_per_span']:.2f} us, +{cost['bytes_per_span']:.0f} B/span",
          "target": "report", "ok": None, "note": ""},
     ]
+    if "ingest_half" in res:
+        h = res["ingest_half"]
+        out.insert(2, {"group": g, "figure": "at half that rate: spans/s; stitch delay p50 / "
+                       "p99 (ms); ack p99 (ms)", "baseline": f"{h['offered_spans_per_s']:,} offered",
+                       "traced": f"{h['spans_per_s']:,}; {h['stitch_delay_p50_ms']} / "
+                                 f"{h['stitch_delay_p99_ms']}; {h['ack_p99_ms']}",
+                       "delta": f"load {h['load_avg_1m'][0]}-{h['load_avg_1m'][1]}",
+                       "target": "p99 <= 5000",
+                       "ok": h["stitch_delay_p99_ms"] is not None
+                       and h["stitch_delay_p99_ms"] <= 5000, "note": ""})
     if "ingest_compare" in res:
         c = res["ingest_compare"]
         out.append({"group": g, "figure": f"same load, collector of {c['label']}: spans/s",

@@ -4,6 +4,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 
 from . import api, receiver, schema
 from .query import ClickHouseQuery
@@ -61,12 +62,17 @@ class Collector:
                 log.warning("re-export round failed: %r", exc)
 
     def _stitch_loop(self):
-        while not self.stop_event.wait(self.config.stitcher.interval):
+        # A round every `interval` from the start of the last (a long round is not
+        # followed by a whole interval of waiting).
+        pause = self.config.stitcher.interval
+        while not self.stop_event.wait(pause):
+            t0 = time.monotonic()
             try:
                 self.stitcher.run_once()
             except Exception as exc:           # storage trouble: try again next round
                 self.stitcher.counts["round_errors"] += 1
                 log.warning("stitcher round failed: %r", exc)
+            pause = max(0.05, self.config.stitcher.interval - (time.monotonic() - t0))
 
     def stats(self) -> dict:
         out = {"receiver": dict(self.sink.counts), "stitcher": self.stitcher.stats()}

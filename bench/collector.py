@@ -236,14 +236,14 @@ def rows(res):
     short = 50_000 - ing["spans_per_s"]
     p50, p99 = ing["stitch_delay_p50_ms"], ing["stitch_delay_p99_ms"]
     out = [
-        {"group": g, "figure": "ingest sustained, spans/s acknowledged (= written)",
+        {"group": g, "figure": "ingest sustained, spans/s written (= acked)",
          "baseline": f"{ing['offered_spans_per_s']:,} offered",
          "traced": f"{ing['spans_per_s']:,}",
          "delta": f"ack p99 {ing['ack_p99_ms']} ms, {ing['cpu_us_per_span']} us CPU/span",
          "target": ">= 50,000", "ok": short <= 0,
          "note": "" if short <= 0 else
          f"short by {short:,}/s (CPU-bound on a shared 2-core VM: see us CPU/span)"},
-        {"group": g, "figure": "stitch delay p50 / p99 (ms, insert to stitched), saturated",
+        {"group": g, "figure": "stitch delay p50 / p99 ms, saturated",
          "baseline": "", "traced": f"{p50} / {p99}",
          "delta": f"{ing['stitched']:,} of ~{ing['pairs_sent']:,} pairs",
          "target": "p99 <= 5000", "ok": p99 is not None and p99 <= 5000, "note": ""},
@@ -251,7 +251,7 @@ def rows(res):
          "baseline": f"{ing['rss_idle_mb']:.0f}", "traced": f"{ing['rss_peak_mb']:.0f}",
          "delta": f"anonymous peak {ing['rss_anon_peak_mb']:.0f}", "target": "report",
          "ok": None, "note": "the rest: file pages, mostly chdb's library"},
-        {"group": g, "figure": "agent: OTLP conversion per span without / with stitch keys (us)",
+        {"group": g, "figure": "agent OTLP us/span, without / with stitch keys",
          "baseline": f"{cost['us_per_span_without']:.2f}",
          "traced": f"{cost['us_per_span_with']:.2f}",
          "delta": f"+{cost['us_per_span']:.2f} us, +{cost['bytes_per_span']:.0f} B/span",
@@ -259,8 +259,7 @@ def rows(res):
     ]
     if "ingest_half" in res:
         h = res["ingest_half"]
-        out.insert(2, {"group": g, "figure": "at half that rate: spans/s; stitch delay p50 / "
-                       "p99 (ms); ack p99 (ms)", "baseline": f"{h['offered_spans_per_s']:,} offered",
+        out.insert(2, {"group": g, "figure": "half rate: spans/s; stitch p50 / p99; ack p99 ms", "baseline": f"{h['offered_spans_per_s']:,} offered",
                        "traced": f"{h['spans_per_s']:,}; {h['stitch_delay_p50_ms']} / "
                                  f"{h['stitch_delay_p99_ms']}; {h['ack_p99_ms']}",
                        "delta": f"load {h['load_avg_1m'][0]}-{h['load_avg_1m'][1]}",
@@ -269,7 +268,7 @@ def rows(res):
                        and h["stitch_delay_p99_ms"] <= 5000, "note": ""})
     if "ingest_compare" in res:
         c = res["ingest_compare"]
-        out.append({"group": g, "figure": f"same load, collector of {c['label']}: spans/s",
+        out.append({"group": g, "figure": f"same load, collector {c['label']}: spans/s",
                     "baseline": "", "traced": f"{c['spans_per_s']:,}",
                     "delta": f"ack p99 {c['ack_p99_ms']} ms, {c['cpu_us_per_span']} us "
                              f"CPU/span, RSS peak {c['rss_peak_mb']:.0f} MB, stitch p99 "

@@ -259,7 +259,8 @@ def rows(res):
     ]
     if "ingest_half" in res:
         h = res["ingest_half"]
-        out.insert(2, {"group": g, "figure": "half rate: spans/s; stitch p50 / p99; ack p99 ms", "baseline": f"{h['offered_spans_per_s']:,} offered",
+        out.insert(2, {"group": g, "figure": "half rate: spans/s; stitch p50 / p99; ack p99 ms",
+                       "baseline": f"{h['offered_spans_per_s']:,} offered",
                        "traced": f"{h['spans_per_s']:,}; {h['stitch_delay_p50_ms']} / "
                                  f"{h['stitch_delay_p99_ms']}; {h['ack_p99_ms']}",
                        "delta": f"load {h['load_avg_1m'][0]}-{h['load_avg_1m'][1]}",

@@ -43,7 +43,8 @@ def requests(n_chains, seed, size=20):
 
 def stored(store, world):
     traces = ",".join(f"'{t}'" for t in {s.trace_id for v in world.spans.values() for s in v})
-    return store.rows(f"SELECT count() AS n FROM otel.otel_traces WHERE TraceId IN ({traces})")[0]["n"]
+    return store.rows(
+        f"SELECT count() AS n FROM otel.otel_traces WHERE TraceId IN ({traces})")[0]["n"]
 
 
 class Recording:

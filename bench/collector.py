@@ -59,15 +59,16 @@ def _pct(values, q):
 
 
 def ingest(seconds=20.0, rate=60_000, senders=2, log=print, root=REPO, label="",
-           extra_config=""):
+           extra_config="", storage=""):
     """The collector (from the tree at `root`) as its own process, offered `rate` spans/s
-    by `senders` processes for `seconds`."""
+    by `senders` processes for `seconds`. `storage`: more keys of its storage mapping
+    (e.g. ", batch: {max_bytes: 8388608}")."""
     from .otlp_load import send
     work = tempfile.mkdtemp(prefix="dt-bench-collector-")
     cfg = os.path.join(work, "collector.yaml")
     with open(cfg, "w") as f:
         f.write(f"""receivers:\n  otlp: {{grpc: "127.0.0.1:0", http: ""}}\n"""
-                f"""api: {{address: "127.0.0.1:0"}}\nstorage: {{path: "{work}/db"}}\n"""
+                f"""api: {{address: "127.0.0.1:0"}}\nstorage: {{path: "{work}/db"{storage}}}\n"""
                 + ("" if "stitcher:" in extra_config else "stitcher: {interval: 1s}\n")
                 + extra_config)
     proc = subprocess.Popen([sys.executable, "-m", "deeptrace_core.cli", "collector",

@@ -25,11 +25,23 @@ class OtlpReceiver:
     grpc: str = attrs.field(default="127.0.0.1:4317", validator=_address)
     http: str = attrs.field(default="127.0.0.1:4318", validator=_address)
     max_message_bytes: int = attrs.field(default=64 << 20, validator=[v.ge(1024), v.le(1 << 30)])
+    # gRPC requests handled at once; each waits for its write (ack after the write), so
+    # this also bounds how many requests one insert can group.
+    max_concurrent_requests: int = attrs.field(default=128, validator=[v.ge(1), v.le(4096)])
 
 
 @attrs.define
 class Receivers:
     otlp: OtlpReceiver = attrs.Factory(OtlpReceiver)
+
+
+@attrs.define
+class Batch:
+    """``storage.batch``: group commit. The requests waiting are inserted as one group
+    once they reach `max_bytes` or the oldest has waited `max_delay`."""
+
+    max_bytes: int = attrs.field(default=32 << 20, validator=[v.ge(1024), v.le(1 << 30)])
+    max_delay: float = attrs.field(default=0.1, validator=[v.ge(0), v.le(10)], metadata=SECONDS)
 
 
 @attrs.define
@@ -49,6 +61,13 @@ class Storage:
     cluster: str = ""
     table_engine: str = "MergeTree()"
     ttl: float = attrs.field(default=7 * 86400.0, validator=v.gt(0), metadata=SECONDS)
+    batch: Batch = attrs.Factory(Batch)
+    # chdb: ClickHouse's memory limit in this process (bytes; 0: its own default, 90% of
+    # RAM). A query past it fails: an insert is refused and the agent retries it.
+    max_memory: int = attrs.field(default=2 << 30, validator=[v.ge(0), v.le(1 << 40)])
+    # The clickhouseexporter's bloom-filter indexes on attribute keys and values (faster
+    # searches by attribute, about twice the insert CPU). Applies to a new otel_traces.
+    attribute_indexes: bool = False
 
 
 @attrs.define

@@ -4,6 +4,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 
 from . import api, receiver, schema
 from .query import ClickHouseQuery
@@ -18,9 +19,10 @@ class Collector:
         self.config = config
         st = config.storage
         self.store = open_store(st)
-        for sql in schema.ddl(st.database, st.cluster, st.table_engine, st.ttl / 86400):
+        for sql in schema.ddl(st.database, st.cluster, st.table_engine, st.ttl / 86400,
+                              st.attribute_indexes):
             self.store.command(sql)
-        self.sink = receiver.Sink(self.store)
+        self.sink = receiver.Sink(self.store, st.batch.max_bytes, st.batch.max_delay)
         self.stitcher = Stitcher(self.store, config.stitcher, st.database)
         self.query = ClickHouseQuery(self.store, st.database)
         self.reexporter = None
@@ -35,7 +37,8 @@ class Collector:
     def start(self):
         r = self.config.receivers.otlp
         if r.grpc:
-            server, self.ports["grpc"] = receiver.start_grpc(r.grpc, self.sink, r.max_message_bytes)
+            server, self.ports["grpc"] = receiver.start_grpc(r.grpc, self.sink, r.max_message_bytes,
+                                                             r.max_concurrent_requests)
             self.servers.append(("grpc", server))
         if r.http:
             server, self.ports["http"] = receiver.start_http(r.http, self.sink, r.max_message_bytes)
@@ -59,12 +62,17 @@ class Collector:
                 log.warning("re-export round failed: %r", exc)
 
     def _stitch_loop(self):
-        while not self.stop_event.wait(self.config.stitcher.interval):
+        # A round every `interval` from the start of the last (a long round is not
+        # followed by a whole interval of waiting).
+        pause = self.config.stitcher.interval
+        while not self.stop_event.wait(pause):
+            t0 = time.monotonic()
             try:
                 self.stitcher.run_once()
             except Exception as exc:           # storage trouble: try again next round
                 self.stitcher.counts["round_errors"] += 1
                 log.warning("stitcher round failed: %r", exc)
+            pause = max(0.05, self.config.stitcher.interval - (time.monotonic() - t0))
 
     def stats(self) -> dict:
         out = {"receiver": dict(self.sink.counts), "stitcher": self.stitcher.stats()}
@@ -79,6 +87,7 @@ class Collector:
                 server.stop(grace=5).wait()
             else:
                 server.shutdown()
+        self.sink.close()           # what the receivers accepted is written first
         if self._thread:
             self._thread.join(10)
         if self.reexporter is not None:

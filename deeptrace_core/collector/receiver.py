@@ -16,26 +16,43 @@ from concurrent import futures
 log = logging.getLogger("deeptrace.collector.receiver")
 
 
+class _Pending:
+    __slots__ = ("payload", "arrived", "done", "error")
+
+    def __init__(self, payload):
+        self.payload = payload
+        self.arrived = time.monotonic()
+        self.done = threading.Event()
+        self.error = None
+
+
 class Sink:
     """Writes requests' spans, counting what it accepted and refused.
 
-    Group commit: an insert into ClickHouse costs ~100 ms whatever its size (a new part,
-    the materialized views), so the requests that arrive while one insert runs are
-    written together by the next; each request's caller waits for the insert that holds
-    its spans (its acknowledgement follows the write)."""
+    Group commit: an insert into ClickHouse has a fixed cost (a new part, the
+    materialized views), so one writer thread inserts what waits as one group, when the
+    group reaches `max_batch_bytes` or its oldest request has waited `max_delay` seconds
+    (requests that arrive while an insert runs go into the next). Each request's caller
+    waits for the insert that holds its spans: its acknowledgement follows the write, and
+    if the insert fails, every request of that group is refused (the agents retry)."""
 
-    MAX_ROWS = 50_000      # spans per insert
-
-    def __init__(self, store):
+    def __init__(self, store, max_batch_bytes: int = 32 << 20, max_delay: float = 0.0):
         from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
         self.store = store
+        self.max_batch_bytes = max_batch_bytes
+        self.max_delay = max_delay
         self.parse = trace_service_pb2.ExportTraceServiceRequest.FromString
         self.lock = threading.Lock()
         self._cond = threading.Condition(threading.Lock())
-        self._pending = []          # [(table, done Event, [exception])]
-        self._writing = False
+        self._pending: list = []
+        self._pending_bytes = 0
+        self._closed = False
         self.counts = {"requests": 0, "spans": 0, "failed_requests": 0, "bad_requests": 0,
-                       "metric_points_not_stored": 0, "inserts": 0, "insert_seconds": 0.0}
+                       "metric_points_not_stored": 0, "inserts": 0, "insert_seconds": 0.0,
+                       "insert_max_seconds": 0.0, "insert_max_requests": 0}
+        self._writer = threading.Thread(target=self._write_loop, name="sink-writer",
+                                        daemon=True)
+        self._writer.start()
 
     def write(self, payload: bytes) -> int:
         """Store one serialized ExportTraceServiceRequest; its span count. ValueError if
@@ -54,39 +71,71 @@ class Sink:
 
     def _commit(self, payload):
         """Return once `payload` is written (or raise why it could not be)."""
-        entry = [payload, False, None]          # payload, written, error
+        entry = _Pending(payload)
         with self._cond:
+            if self._closed:
+                raise RuntimeError("collector stopping")
             self._pending.append(entry)
+            self._pending_bytes += len(payload)
+            self._cond.notify_all()
+        entry.done.wait()
+        if entry.error is not None:
+            raise entry.error
+
+    def _next_group(self):
+        """The next group to insert (empty: closed and drained)."""
+        with self._cond:
             while True:
-                while self._writing and not entry[1]:
+                if self._pending:
+                    wait = self._pending[0].arrived + self.max_delay - time.monotonic()
+                    if self._pending_bytes >= self.max_batch_bytes or wait <= 0 or self._closed:
+                        break
+                    self._cond.wait(wait)
+                elif self._closed:
+                    return []
+                else:
                     self._cond.wait()
-                if entry[1]:
-                    if entry[2] is not None:
-                        raise entry[2]
-                    return
-                # No one is writing: this thread writes what waits, from the oldest.
-                self._writing = True
-                batch, rows = [], 0
-                while self._pending and (not batch or rows < self.MAX_ROWS):
-                    batch.append(self._pending.pop(0))
-                    rows += len(batch[-1][0]) // 100      # ~100 bytes a span
-                self._cond.release()
-                error = RuntimeError("interrupted while writing")
-                t0 = time.monotonic()
-                try:
-                    self.store.insert_otlp([e[0] for e in batch])
-                    error = None
-                    self.counts["inserts"] += 1
-                    self.counts["insert_seconds"] = round(
-                        self.counts["insert_seconds"] + time.monotonic() - t0, 3)
-                except Exception as exc:      # every request of the batch is refused
-                    error = exc
-                finally:
-                    self._cond.acquire()
-                    for e in batch:
-                        e[1], e[2] = True, error
-                    self._writing = False
-                    self._cond.notify_all()
+            group, size = [], 0
+            for e in self._pending:
+                if group and size + len(e.payload) > self.max_batch_bytes:
+                    break
+                group.append(e)
+                size += len(e.payload)
+            del self._pending[:len(group)]
+            self._pending_bytes -= size
+            return group
+
+    def _write_loop(self):
+        while True:
+            group = self._next_group()
+            if not group:
+                return
+            error = RuntimeError("interrupted while writing")
+            t0 = time.monotonic()
+            try:
+                self.store.insert_otlp([e.payload for e in group])
+                error = None
+            except Exception as exc:          # every request of the group is refused
+                error = exc
+            finally:
+                for e in group:
+                    e.error = error
+                    e.done.set()
+            took = time.monotonic() - t0
+            if error is None:
+                with self.lock:
+                    c = self.counts
+                    c["inserts"] += 1
+                    c["insert_seconds"] = round(c["insert_seconds"] + took, 3)
+                    c["insert_max_seconds"] = round(max(c["insert_max_seconds"], took), 3)
+                    c["insert_max_requests"] = max(c["insert_max_requests"], len(group))
+
+    def close(self):
+        """Write what was accepted and waits, then stop the writer."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._writer.join()
 
     def count(self, key, n=1):
         with self.lock:
@@ -103,7 +152,7 @@ def _split(address):
     return host.strip("[]"), int(port)
 
 
-def start_grpc(address: str, sink: Sink, max_message_bytes: int):
+def start_grpc(address: str, sink: Sink, max_message_bytes: int, max_workers: int = 128):
     import grpc
     from opentelemetry.proto.collector.metrics.v1 import (metrics_service_pb2,
                                                           metrics_service_pb2_grpc)
@@ -128,9 +177,9 @@ def start_grpc(address: str, sink: Sink, max_message_bytes: int):
             sink.metrics(request)
             return metrics_service_pb2.ExportMetricsServiceResponse()
 
-    # Requests waiting on one insert are written by the next together: more workers,
-    # bigger inserts.
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=[
+    # A worker waits for the insert that holds its request (ack after the write): the
+    # workers bound how many requests one group can hold, so many of them (mostly idle).
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=[
         ("grpc.max_receive_message_length", max_message_bytes)])
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
         "opentelemetry.proto.collector.trace.v1.TraceService",

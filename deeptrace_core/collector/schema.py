@@ -38,12 +38,17 @@ TRACES_COLUMNS = """
         TraceState String,
         Attributes Map(LowCardinality(String), String)
     ) CODEC(ZSTD(1)),
-    INDEX idx_trace_id TraceId TYPE bloom_filter(0.001) GRANULARITY 1,
+    INDEX idx_trace_id TraceId TYPE bloom_filter(0.001) GRANULARITY 1,{attr_indexes}
+    INDEX idx_duration Duration TYPE minmax GRANULARITY 1"""
+
+# The clickhouseexporter's indexes on attribute keys and values: they speed up searches
+# by attribute, and cost about half of the insert's CPU (bench/collector.py), so they
+# are made only with `storage.attribute_indexes`.
+ATTR_INDEXES = """
     INDEX idx_res_attr_key mapKeys(ResourceAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
     INDEX idx_res_attr_value mapValues(ResourceAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
     INDEX idx_span_attr_key mapKeys(SpanAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
-    INDEX idx_span_attr_value mapValues(SpanAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
-    INDEX idx_duration Duration TYPE minmax GRANULARITY 1"""
+    INDEX idx_span_attr_value mapValues(SpanAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,"""
 
 # Columns we insert, in order (Events and Links are left empty: agents send none).
 INSERT_COLUMNS = ("Timestamp", "TraceId", "SpanId", "ParentSpanId", "TraceState", "SpanName",
@@ -66,15 +71,23 @@ STITCH_SELECT = f"""
     now64(3) AS Inserted"""
 
 
-def ddl(database: str, cluster: str = "", engine: str = "MergeTree()", ttl_days: float = 7) -> list:
-    """The statements that create every table (idempotent)."""
+def ddl(database: str, cluster: str = "", engine: str = "MergeTree()", ttl_days: float = 7,
+        attribute_indexes: bool = False) -> list:
+    """The statements that create every table (idempotent). With `cluster`, each runs
+    ON CLUSTER and every table uses `engine` (e.g. ReplicatedMergeTree: one shard,
+    replicas), our map tables its Replacing variant; a Replicated engine's path must
+    tell the tables apart ({table} or {uuid}), or they would share one."""
+    if "Replicated" in engine and "{table}" not in engine and "{uuid}" not in engine:
+        raise ValueError(f"storage.table_engine {engine!r}: a Replicated engine's path "
+                         "needs {table} or {uuid}, one path per table")
+    columns = TRACES_COLUMNS.format(attr_indexes=ATTR_INDEXES if attribute_indexes else "")
     on = f" ON CLUSTER `{cluster}`" if cluster else ""
     db = f"`{database}`"
     days = max(1, int(round(ttl_days)))
     ttl = f"TTL toDateTime(Timestamp) + toIntervalDay({days})"
     return [
         f"CREATE DATABASE IF NOT EXISTS {db}{on}",
-        f"""CREATE TABLE IF NOT EXISTS {db}.otel_traces{on} ({TRACES_COLUMNS}
+        f"""CREATE TABLE IF NOT EXISTS {db}.otel_traces{on} ({columns}
 ) ENGINE = {engine}
 PARTITION BY toDate(Timestamp)
 ORDER BY (ServiceName, SpanName, toDateTime(Timestamp))
@@ -94,6 +107,8 @@ SETTINGS index_granularity=8192, ttl_only_drop_parts = 1""",
 TO {db}.otel_traces_trace_id_ts
 AS SELECT TraceId, min(Timestamp) AS Start, max(Timestamp) AS End
 FROM {db}.otel_traces WHERE TraceId != '' GROUP BY TraceId""",
+        # Partitioned by arrival so the stitcher's rounds read only recent parts; kept a
+        # day, the longest stitcher window.
         f"""CREATE TABLE IF NOT EXISTS {db}.deeptrace_stitch_keys{on} (
     ReqSeq UInt32, RespSeq Int64, Kind LowCardinality(String),
     LocalAddr String, LocalPort UInt16, PeerAddr String, PeerPort UInt16,
@@ -101,8 +116,10 @@ FROM {db}.otel_traces WHERE TraceId != '' GROUP BY TraceId""",
     ParentSpanId String, Protocol LowCardinality(String), SpanName String,
     AgentId String, Inserted DateTime64(3)
 ) ENGINE = {engine}
+PARTITION BY toStartOfTenMinutes(Inserted)
 ORDER BY (ReqSeq, Timestamp)
-{ttl}""",
+TTL toDateTime(Inserted) + toIntervalDay(1)
+SETTINGS ttl_only_drop_parts = 1""",
         f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.deeptrace_stitch_keys_mv{on}
 TO {db}.deeptrace_stitch_keys
 AS SELECT {STITCH_SELECT}

@@ -99,11 +99,6 @@ func handle(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	rid, t0, tid0 := m[2], time.Now().UnixNano(), syscall.Gettid()
-	if *migrate { // the response is then written from another thread than the request read
-		for i := 0; i < 2000 && syscall.Gettid() == tid0; i++ {
-			time.Sleep(100 * time.Microsecond)
-		}
-	}
 	local := ""
 	if a, ok := r.Context().Value(http.LocalAddrContextKey).(net.Addr); ok {
 		local = a.String()
@@ -132,6 +127,11 @@ func handle(w http.ResponseWriter, r *http.Request) {
 			}
 		}
 		calls, body = results, bodies[0]
+	}
+	if *migrate { // the response is then written from another thread than the request read
+		for i := 0; i < 2000 && syscall.Gettid() == tid0; i++ {
+			time.Sleep(100 * time.Microsecond)
+		}
 	}
 	rec["calls"] = calls
 	rec["t1"] = time.Now().UnixNano()

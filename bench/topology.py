@@ -183,13 +183,14 @@ def cleanup_leftovers(prefix="dt-") -> list:
     return gone
 
 
-def build_go(src: str, out_dir: str, name: str = COMMS["a-go"]) -> str:
+def build_go(src: str, out_dir: str, name: str = COMMS["a-go"], *flags) -> str:
     """Build one Go file with the standard library only (no modules, no network); the
-    executable is named `name`, which is then its processes' comm."""
+    executable is named `name`, which is then its processes' comm; `flags` go to `go
+    build` (e.g. -ldflags=-w)."""
     out = os.path.join(out_dir, name)
     env = {**os.environ, "GO111MODULE": "off", "GOCACHE": GO_CACHE, "CGO_ENABLED": "0",
            "GOPATH": os.path.join(out_dir, "gopath"), "GOFLAGS": ""}
-    p = subprocess.run([GO, "build", "-o", out, src], env=env, cwd=out_dir,
+    p = subprocess.run([GO, "build", *flags, "-o", out, src], env=env, cwd=out_dir,
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if p.returncode != 0:
         raise RuntimeError(f"go build {src} failed: {p.stdout[-2000:]}")

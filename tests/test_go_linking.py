@@ -19,6 +19,7 @@ import os
 import sys
 import threading
 import time
+import urllib.request
 
 import pytest
 
@@ -216,6 +217,43 @@ def test_client_spans_are_linked_to_their_server_span_by_goroutine(go_run):
             assert back.parent_span_id == cli.span_id and back.link_source == "tcp_seq"
             assert back.trace_id == cli.trace_id == srv.trace_id
     assert go_run["linker"].counts["links_goroutine"] == 2 * REQUESTS
+
+
+@pytest.mark.bpf
+def test_binary_without_dwarf_is_reported_once_and_falls_back_to_threads(tmp_path, caplog):
+    """-ldflags=-w: no DWARF, so no offset of runtime.g.goid: said once (log, counter),
+    its records carry goid 0 and are linked by thread as before."""
+    require_bpf()
+    import logging
+    caplog.set_level(logging.WARNING, logger="deeptrace.trace")
+    exe = build_go(GO_A, str(tmp_path), "dt-go-nodwarf", "-ldflags=-w")
+    port = free_port()
+    probe = start_probe(ports=[port])
+    p = None
+    try:
+        p = _start(exe, "--listen", f"127.0.0.1:{port}", "--log", str(tmp_path / "b.jsonl"))
+        records = []
+        for _ in range(2):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/b/x1", timeout=10) as r:
+                assert r.status == 200
+            records += probe.poll(50)
+        probe.go.rescan(probe.bpf, [p.pid])   # looked at again: still reported once
+        end = time.monotonic() + 0.5
+        while time.monotonic() < end:
+            records += probe.poll(20)
+        stats = probe.stats()
+    finally:
+        if p is not None:
+            p.kill()
+            p.wait()
+        probe.detach()
+    mine = _records(records, p.pid)
+    assert [r.direction for r in mine if r.direction != "none"] == ["ingress", "egress"] * 2
+    assert {r.goid for r in mine} == {0}
+    assert "no DWARF" in probe.go.problems[exe]
+    assert stats["go_binaries_untraced"] == 1 and p.pid not in probe.go.procs
+    reports = [r for r in caplog.records if exe in r.getMessage()]
+    assert len(reports) == 1 and "linked by thread" in reports[0].getMessage()
 
 
 # -- the rule on synthetic spans ------------------------------------------------------------

@@ -42,7 +42,7 @@ PROGRAMS = {ROUNDTRIP: ("go_roundtrip_enter", "go_roundtrip_return"),
             NEWPROC1: ("go_newproc1_enter", "go_newproc1_return")}
 G_STRUCT = {"runtime.g": ("goid",)}
 # trace.bpf.c's go_stats slots, in enum order.
-GO_STAT_NAMES = ("go_goid_records", "go_goid_read_failed", "go_handoffs", "go_loop_idle",
+GO_STAT_NAMES = ("go_goid_read_failed", "go_handoffs", "go_loop_idle",
                  "go_spawns", "go_events_full", "go_roundtrips")
 GO_EV_EXEC, GO_EV_SPAWN = 1, 2
 GO_EVENT = struct.Struct("<IIQQQ")
@@ -129,7 +129,10 @@ class GoTracker:
         self.ring = None
 
     # -- processes ------------------------------------------------------------------------
-    def rescan(self, bpf, pids):
+    def rescan(self, bpf, pids) -> int:
+        """Register the Go processes among `pids`; how many are new (the probe then has
+        its threads look at go_procs again: they cache what they found)."""
+        added = 0
         for pid in pids:
             if pid == self.self_pid:
                 continue
@@ -150,6 +153,8 @@ class GoTracker:
             table = bpf[b"go_procs"]
             table[table.Key(pid)] = table.Leaf(goid_off=binary.goid_off)
             self.procs[pid] = key
+            added += 1
+        return added
 
     def _attach(self, bpf, binary, open_path):
         if binary is None:

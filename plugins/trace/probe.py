@@ -348,8 +348,8 @@ class TraceProbe:
             # edge a record needs is in by now.
             execs = go.exec_pids()
             go.annotate(out)
-            if execs:
-                go.rescan(self.bpf, execs)
+            if execs and go.rescan(self.bpf, execs) and self._generation:
+                self._arm()   # threads cache go_procs with their filter verdict
         return out
 
     def stats(self) -> dict:

@@ -103,6 +103,7 @@ struct inflight_t {
     u32 flags;   // recv/send flags
     u16 sys;     // our SYS_* id; 0: nothing saved (taken, or never set)
     u16 nr;      // the kernel's syscall number: its exit must carry the same
+    u32 go_off;  // Go: g.goid's offset in this process (go_procs), 0 not Go; with the verdict
     u32 gen;     // the cached filter verdict below: filter generation it was reached at,
     u32 verdict; // the verdict,
     u64 comm[2]; // and the thread's name then
@@ -221,6 +222,14 @@ static __always_inline int filter_verdict(u32 tgid, u64 *name) {
     return !(FILTER_PIDS || FILTER_COMMS);
 }
 
+#if GO_ENABLED
+// Processes user space found to run Go (goroutine.py), with where their binary's runtime.g
+// keeps goid (DWARF). Looked up with the filter verdict and cached beside it, so a call of
+// a process that is not Go costs nothing more (user space bumps `armed` on a new entry).
+struct go_proc_t { u32 goid_off; u32 pad; };
+BPF_HASH(go_procs, u32, struct go_proc_t, GO_PROCS_MAX);
+#endif
+
 // The calling thread's storage if recording is armed and the filter selects the thread.
 // The storage caches the verdict with the filter generation and the name it was reached
 // with, so a call costs two loads and a compare instead of hashing the name into one or
@@ -267,6 +276,10 @@ static __always_inline struct inflight_t *selected_thread(void) {
 #endif
         a->gen = *gen;
         a->verdict = filter_verdict(tgid, name);
+#if GO_ENABLED
+        struct go_proc_t *gp = go_procs.lookup(&tgid);
+        a->go_off = gp ? gp->goid_off : 0;
+#endif
     }
     return a->verdict ? a : 0;
 }
@@ -590,8 +603,6 @@ static __always_inline void submit(struct event_t *e) {
 // (*persistConn).writeLoop/readLoop (loop goroutine -> pconn) and roundTrip (pconn -> the
 // goroutine calling it, until its `ret`s) give those calls to the caller instead.
 // runtime.newproc1 gives spawn edges (child -> parent goid) to user space (go_events).
-struct go_proc_t { u32 goid_off; u32 pad; };
-BPF_HASH(go_procs, u32, struct go_proc_t, GO_PROCS_MAX);
 struct go_key_t { u32 tgid; u32 pad; u64 id; };
 BPF_TABLE("lru_hash", struct go_key_t, u64, go_loop_pconn, GO_MAX);    // loop goid -> pconn
 BPF_TABLE("lru_hash", struct go_key_t, u64, go_pconn_caller, GO_MAX);  // pconn -> caller goid
@@ -601,7 +612,7 @@ struct go_event_t { u32 kind; u32 tgid; u64 goid; u64 parent; u64 ts; };
 enum { GO_EV_EXEC = 1, GO_EV_SPAWN = 2 };
 BPF_RINGBUF_OUTPUT(go_events, GO_RING_PAGES);
 // goroutine.py's GO_STAT_NAMES mirrors this enum.
-enum { GS_GOID = 0, GS_GOID_FAIL, GS_HANDOFF, GS_LOOP_IDLE, GS_SPAWN, GS_EVENTS_FULL,
+enum { GS_GOID_FAIL = 0, GS_HANDOFF, GS_LOOP_IDLE, GS_SPAWN, GS_EVENTS_FULL,
        GS_ROUNDTRIP, GS_NSTATS };
 BPF_PERCPU_ARRAY(go_stats, u64, GS_NSTATS);
 
@@ -620,19 +631,17 @@ static __always_inline u64 go_goid_of(u64 g, u32 off) {
 }
 
 // The record's goroutine: R14's, or, for a writeLoop/readLoop goroutine of a connection in
-// a roundTrip, the caller's.
-static __always_inline void go_fill(struct event_t *e, u32 tgid) {
+// a roundTrip, the caller's. go_off: the thread's cached go_procs offset (0: not Go).
+static __always_inline void go_fill(struct event_t *e, u32 tgid, u32 go_off) {
     e->goid = 0;
-    struct go_proc_t *p = go_procs.lookup(&tgid);
-    if (!p)
+    if (!go_off)
         return;
     char *regs = (char *)bpf_task_pt_regs(bpf_get_current_task_btf());
     if (!regs)
         return;
-    u64 goid = go_goid_of(*(u64 *)(regs + OFF_pt_regs__r14), p->goid_off);
+    u64 goid = go_goid_of(*(u64 *)(regs + OFF_pt_regs__r14), go_off);
     if (!goid)
         return;
-    go_stat(GS_GOID);
     struct go_key_t k = {.tgid = tgid, .id = goid};
     u64 *pconn = go_loop_pconn.lookup(&k);
     if (pconn) {
@@ -744,6 +753,10 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
     if (tgid == SELF_TGID)
         return 0;
     go_procs.delete(&tgid);
+    // The exec'ing thread keeps its storage: its cached offset was the old program's.
+    struct inflight_t *a = inflight.task_storage_get(bpf_get_current_task_btf(), 0, 0);
+    if (a)
+        a->gen = 0;
     struct go_event_t ev = {.kind = GO_EV_EXEC, .tgid = tgid, .ts = bpf_ktime_get_ns()};
     if (go_events.ringbuf_output(&ev, sizeof(ev), BPF_RB_NO_WAKEUP))
         go_stat(GS_EVENTS_FULL);
@@ -755,7 +768,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
 // connection map is full) when the fd is a TCP/UDP socket; 0 otherwise, and also (with
 // L7 detection) for a connection already found to speak none of the enabled protocols:
 // its calls cost a lookup, not a record.
-static __always_inline struct event_t *begin(u64 pid_tgid, s32 fd, u16 sys, u64 ts_enter,
+static __always_inline struct event_t *begin(u64 pid_tgid, s32 fd, u16 sys, u64 ts_enter, u32 go_off,
                                              u64 *skp, struct conn_val_t **connp) {
     u64 file = 0, sk = 0;
     int found = fd_to_file(fd, &file);
@@ -826,7 +839,7 @@ static __always_inline struct event_t *begin(u64 pid_tgid, s32 fd, u16 sys, u64 
     ((u64 *)e->comm)[0] = name[0];
     ((u64 *)e->comm)[1] = name[1];
 #if GO_ENABLED
-    go_fill(e, pid_tgid >> 32);
+    go_fill(e, pid_tgid >> 32, go_off);
 #else
     e->goid = 0;
 #endif
@@ -931,7 +944,7 @@ int data_exit(struct exit_ctx *ctx) {
         return 0;
     u64 sk = 0;
     struct conn_val_t *conn = 0;
-    struct event_t *e = begin(id, args.fd, sys, args.ts, &sk, &conn);
+    struct event_t *e = begin(id, args.fd, sys, args.ts, args.go_off, &sk, &conn);
     if (!e)
         return 0;
     e->direction = dir;
@@ -988,7 +1001,7 @@ int mmsg_exit(struct exit_ctx *ctx) {
         return 0;
     u64 sk = 0;
     struct conn_val_t *conn = 0;
-    struct event_t *e = begin(id, args.fd, sys, args.ts, &sk, &conn);
+    struct event_t *e = begin(id, args.fd, sys, args.ts, args.go_off, &sk, &conn);
     if (!e)
         return 0;
 #if L7_ENABLED
@@ -1115,7 +1128,7 @@ int ctl_exit(struct exit_ctx *ctx) {
         return 0;
     u64 sk = 0;
     struct conn_val_t *conn = 0;
-    struct event_t *e = begin(id, fd, sys, args.ts, &sk, &conn);
+    struct event_t *e = begin(id, fd, sys, args.ts, args.go_off, &sk, &conn);
     if (!e)
         return 0;
     e->direction = DIR_NONE;
@@ -1205,13 +1218,14 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
     if (fd < 0)
         return 0;
     struct conn_key_t k = {.tgid = id >> 32, .fd = fd};
-    if (!selected_thread()) {
+    struct inflight_t *a = selected_thread();
+    if (!a) {
         conns.delete(&k);
         return 0;
     }
     u64 sk = 0;
     struct conn_val_t *conn = 0;
-    struct event_t *e = begin(id, fd, SYS_CLOSE, bpf_ktime_get_ns(), &sk, &conn);
+    struct event_t *e = begin(id, fd, SYS_CLOSE, bpf_ktime_get_ns(), a->go_off, &sk, &conn);
     if (!e) {
         conns.delete(&k);
         return 0;

@@ -280,7 +280,7 @@ def _interrupt(signum, frame):
 
 def run(requests=2000, clients=16, asyncio_a=False, traceparent=False, wait=1.0,
         out=None, quiet=False, keep=False, front=None, kernel_l7=True, event_loop=True,
-        goroutine=True):
+        goroutine=True, ringbuf_pages=2048):
     t_begin = time.monotonic()
     front = front or ("asyncio" if asyncio_a else "threads")
     topo = Topology(front=front, pool=clients, a_pool=4, keep=keep)
@@ -290,7 +290,7 @@ def run(requests=2000, clients=16, asyncio_a=False, traceparent=False, wait=1.0,
         spans_path = os.path.join(topo.workdir, "spans.jsonl")
         cfg = os.path.join(topo.workdir, "agent.yaml")
         with open(cfg, "w") as f:
-            f.write(topo.agent_yaml(spans_path, wait=wait, ringbuf_pages=2048,
+            f.write(topo.agent_yaml(spans_path, wait=wait, ringbuf_pages=ringbuf_pages,
                                     kernel_l7=kernel_l7, event_loop=event_loop,
                                     goroutine=goroutine))
         agent = AgentProcess(cfg, os.path.join(topo.workdir, "agent.stderr"))
@@ -314,7 +314,7 @@ def run(requests=2000, clients=16, asyncio_a=False, traceparent=False, wait=1.0,
                        "a": "thread-per-request" if front == "threads" else front,
                        "traceparent": traceparent, "linker_wait_s": wait,
                        "kernel_l7": kernel_l7, "event_loop_rule": event_loop,
-                       "goroutines": goroutine,
+                       "goroutines": goroutine, "ringbuf_pages": ringbuf_pages,
                        "b_pool": clients,
                        "a_pool": 4 if front in ("asyncio", "node-pool") else None,
                        "load_client_traced": True},
@@ -417,6 +417,8 @@ def main(argv=None):
                    help="the linker without its event-loop rule (the baseline it replaced)")
     p.add_argument("--no-goroutine", action="store_true",
                    help="the trace probe without Go goroutines (the Go fronts' baseline)")
+    p.add_argument("--ringbuf-pages", type=int, default=2048,
+                   help="the trace probe's ring (pages; the agent's default is 4096)")
     p.add_argument("--wait", type=float, default=1.0, help="the linker's wait (seconds)")
     p.add_argument("--out", help="result JSON (default bench/results/accuracy-*.json)")
     p.add_argument("--keep", action="store_true",
@@ -429,7 +431,8 @@ def main(argv=None):
     try:
         run(args.requests, args.clients, args.asyncio, args.traceparent, args.wait, args.out,
             keep=args.keep, front=args.front, kernel_l7=not args.no_kernel_l7,
-            event_loop=not args.no_event_loop, goroutine=not args.no_goroutine)
+            event_loop=not args.no_event_loop, goroutine=not args.no_goroutine,
+            ringbuf_pages=args.ringbuf_pages)
     except KeyboardInterrupt:
         print("bench.accuracy: interrupted (topology torn down)", file=sys.stderr)
         return 130

@@ -648,9 +648,13 @@ class TraceLinker:
         for key in [k for k, ids in self.clients_by_thread.items()
                     if not any(i in self.held for i in ids)]:
             del self.clients_by_thread[key]
-        for key in [k for k, ids in self.go_clients.items()
-                    if not any(i in self.held for i in ids)]:
-            del self.go_clients[key]
+        held = self.held
+        for key in list(self.go_clients):   # filed under ancestors too: main's list has all
+            ids = [i for i in self.go_clients[key] if i in held and not held[i].decided]
+            if ids:
+                self.go_clients[key] = ids
+            else:
+                del self.go_clients[key]
         for key in list(self.go_servers):
             ids = [i for i in self.go_servers[key] if i in self.held or i in self.recent_servers]
             if ids:

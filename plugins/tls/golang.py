@@ -164,6 +164,8 @@ def struct_offsets(elf, structs=STRUCTS) -> dict | None:
                 found[n] = {name(m): m.attributes["DW_AT_data_member_location"].value
                             for m in die.iter_children() if m.tag == "DW_TAG_member"
                             and "DW_AT_data_member_location" in m.attributes}
+                if len(found) == len(structs):
+                    break   # parsing the rest of the unit's entries costs seconds
         if len(found) == len(structs):
             break
     if any(m not in found.get(s, {}) for s, members in structs.items() for m in members):

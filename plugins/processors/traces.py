@@ -361,7 +361,9 @@ class TraceLinker:
                     sh = _Held(recent, 0)
                     sh.decided = True
                 s = sh.span
-                if s.start_ns - TOLERANCE_NS <= c.start_ns and c.end_ns <= s.end_ns + TOLERANCE_NS:
+                if s.end_ns + TOLERANCE_NS < c.end_ns:
+                    break   # in arrival (end) order: the older ones ended before it too
+                if s.start_ns - TOLERANCE_NS <= c.start_ns:
                     self._link(h, sh, "goroutine", out)
                     return
         for goid in chain:

@@ -15,6 +15,7 @@ from deeptrace_core.ringbuf import RingBuffer
 
 from .decoder import LOSS_STATS, STAT_NAMES, make_decoder
 from .fields import KERNEL_FIELDS
+from .goroutine import PROGRAMS as GO_PROGRAMS
 from .goroutine import GoTracker
 
 log = logging.getLogger("deeptrace.trace")
@@ -287,6 +288,10 @@ class TraceProbe:
         self._decode = make_decoder(self.protocol_names)
         self.ring = RingBuffer(self.bpf[b"events"].map_fd, self.config.ringbuf_pages * PAGE)
         if self.go is not None:
+            # Verified now, whatever runs: a kernel's verifier refusing them fails start-up,
+            # not the first Go program met later.
+            for name in sorted({p for pair in GO_PROGRAMS.values() for p in pair if p}):
+                self.bpf.load_func(name.encode(), BPF.KPROBE)
             self.go.ring = RingBuffer(self.bpf[b"go_events"].map_fd, GO_RING_PAGES * PAGE)
             self.go.rescan(self.bpf, [int(p) for p in os.listdir("/proc") if p.isdigit()])
         self._arm()  # start recording now

@@ -4,6 +4,7 @@ import ctypes
 import fcntl
 import logging
 import os
+import time
 
 import attrs
 from attrs import validators as v
@@ -29,6 +30,9 @@ MAX_PAYLOAD = 8192
 BATCH_RECORDS = 4096
 # Go spawn edges and execs (32-byte events) between two polls: 256 KiB holds ~6,500.
 GO_RING_PAGES = 64
+# Every process is looked at again this often, for Go programs whose exec event was lost
+# (go_events full): a look is a stat for each process, executables are read once.
+GO_RESCAN_S = 30.0
 
 
 def _payload_sizes(inst, attribute, value):
@@ -179,6 +183,7 @@ class TraceProbe:
         self.protocols = self._protocol_classes()
         self.protocol_names = tuple(cls.name for cls in self.protocols)
         self.go = GoTracker(self_pid=self.self_pid) if config.go else None
+        self._go_next_full = time.monotonic() + GO_RESCAN_S
 
     def _protocol_classes(self):
         names = self.config.protocols
@@ -353,6 +358,9 @@ class TraceProbe:
             # edge a record needs is in by now.
             execs = go.exec_pids()
             go.annotate(out)
+            if time.monotonic() >= self._go_next_full:  # the safety net: execs missed
+                execs = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+                self._go_next_full = time.monotonic() + GO_RESCAN_S
             if execs and go.rescan(self.bpf, execs) and self._generation:
                 self._arm()   # threads cache go_procs with their filter verdict
         return out

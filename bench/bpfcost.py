@@ -126,9 +126,13 @@ def compare_go(calls, rounds, protocols) -> int:
         for driver, goroutine in combos:
             res = run(calls, protocols=protocols, go=go if driver == "Go" else None,
                       goroutine=goroutine)
-            got[(driver, goroutine)].append(res["per_call_ns"])
+            if res["per_call_ns"] is not None:   # None: no program ran for half the calls
+                got[(driver, goroutine)].append(res["per_call_ns"])
     print(f"per data call (enter + exit), median of {rounds} rounds of {calls} calls:")
     for driver in ("C", "Go"):
+        if not got[(driver, False)] or not got[(driver, True)]:
+            print(f"  {driver:2} driver: no complete round")
+            continue
         off = statistics.median(got[(driver, False)])
         on = statistics.median(got[(driver, True)])
         print(f"  {driver:2} driver: goroutines off {off:6.0f} ns, on {on:6.0f} ns, "

@@ -2,7 +2,8 @@
 
     python -m bench.accuracy [--requests 2000] [--clients 16] [--asyncio] [--traceparent]
                              [--front threads|asyncio|node-seq|node-all|node-pool|node-timer|
-                                      node-fresh] [--no-kernel-l7] [--no-event-loop]
+                                      node-fresh|go|go-fanout] [--no-kernel-l7]
+                             [--no-event-loop] [--no-goroutine]
 
 Builds the namespace topology of ``bench.topology`` (load client -> A -> B -> Redis +
 PostgreSQL), starts the agent as a subprocess (``python -m deeptrace_core.cli``) with the
@@ -27,10 +28,13 @@ ground-truth logs:
 
 ``--no-kernel-l7`` detects protocols in the spans stage instead of the kernel (the probe
 then also sends connect() records, which attribute an event loop's new connections);
-``--no-event-loop`` runs the linker without its event-loop rule (the baseline).
+``--no-event-loop`` runs the linker without its event-loop rule (the baseline);
+``--no-goroutine`` runs the trace probe without reading Go goroutines (``go: false``: Go
+calls then go to the thread, event-loop and statistical rules, the baseline for the Go
+fronts).
 
 Prints a table and writes
-``bench/results/accuracy-<front>[-traceparent][-stage-l7][-no-event-loop].json``
+``bench/results/accuracy-<front>[-traceparent][-stage-l7][-no-event-loop][-no-goroutine].json``
 (``--out`` names another file, e.g. to keep a run before a change).
 """
 
@@ -275,7 +279,8 @@ def _interrupt(signum, frame):
 
 
 def run(requests=2000, clients=16, asyncio_a=False, traceparent=False, wait=1.0,
-        out=None, quiet=False, keep=False, front=None, kernel_l7=True, event_loop=True):
+        out=None, quiet=False, keep=False, front=None, kernel_l7=True, event_loop=True,
+        goroutine=True, ringbuf_pages=2048):
     t_begin = time.monotonic()
     front = front or ("asyncio" if asyncio_a else "threads")
     topo = Topology(front=front, pool=clients, a_pool=4, keep=keep)
@@ -285,8 +290,9 @@ def run(requests=2000, clients=16, asyncio_a=False, traceparent=False, wait=1.0,
         spans_path = os.path.join(topo.workdir, "spans.jsonl")
         cfg = os.path.join(topo.workdir, "agent.yaml")
         with open(cfg, "w") as f:
-            f.write(topo.agent_yaml(spans_path, wait=wait, ringbuf_pages=2048,
-                                    kernel_l7=kernel_l7, event_loop=event_loop))
+            f.write(topo.agent_yaml(spans_path, wait=wait, ringbuf_pages=ringbuf_pages,
+                                    kernel_l7=kernel_l7, event_loop=event_loop,
+                                    goroutine=goroutine))
         agent = AgentProcess(cfg, os.path.join(topo.workdir, "agent.stderr"))
         agent.wait_running()
         time.sleep(0.5)
@@ -308,6 +314,7 @@ def run(requests=2000, clients=16, asyncio_a=False, traceparent=False, wait=1.0,
                        "a": "thread-per-request" if front == "threads" else front,
                        "traceparent": traceparent, "linker_wait_s": wait,
                        "kernel_l7": kernel_l7, "event_loop_rule": event_loop,
+                       "goroutines": goroutine, "ringbuf_pages": ringbuf_pages,
                        "b_pool": clients,
                        "a_pool": 4 if front in ("asyncio", "node-pool") else None,
                        "load_client_traced": True},
@@ -328,7 +335,7 @@ def run(requests=2000, clients=16, asyncio_a=False, traceparent=False, wait=1.0,
     if out is None:
         name = f"accuracy-{front}" + ("-traceparent" if traceparent else "") + \
             ("" if kernel_l7 else "-stage-l7") + ("" if event_loop else "-no-event-loop") + \
-            ".json"
+            ("" if goroutine else "-no-goroutine") + ".json"
         out = os.path.join(HERE, "results", name)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
@@ -398,7 +405,9 @@ def main(argv=None):
                         "http server calling B twice: sequential awaits (node-seq), "
                         "Promise.all (node-all), Promise.all through a 4-socket agent "
                         "pool (node-pool), setTimeout then Promise.all (node-timer), Promise.all "
-                        "without keep-alive (node-fresh)")
+                        "without keep-alive (node-fresh); or a Go net/http server calling B "
+                        "twice with http.Client, one call after the other (go) or from two "
+                        "goroutines at once (go-fanout)")
     p.add_argument("--traceparent", action="store_true",
                    help="the load client sends a W3C traceparent header")
     p.add_argument("--no-kernel-l7", action="store_true",
@@ -406,6 +415,10 @@ def main(argv=None):
                         "sends connect() records (an event loop's new connections)")
     p.add_argument("--no-event-loop", action="store_true",
                    help="the linker without its event-loop rule (the baseline it replaced)")
+    p.add_argument("--no-goroutine", action="store_true",
+                   help="the trace probe without Go goroutines (the Go fronts' baseline)")
+    p.add_argument("--ringbuf-pages", type=int, default=2048,
+                   help="the trace probe's ring (pages; the agent's default is 4096)")
     p.add_argument("--wait", type=float, default=1.0, help="the linker's wait (seconds)")
     p.add_argument("--out", help="result JSON (default bench/results/accuracy-*.json)")
     p.add_argument("--keep", action="store_true",
@@ -418,7 +431,8 @@ def main(argv=None):
     try:
         run(args.requests, args.clients, args.asyncio, args.traceparent, args.wait, args.out,
             keep=args.keep, front=args.front, kernel_l7=not args.no_kernel_l7,
-            event_loop=not args.no_event_loop)
+            event_loop=not args.no_event_loop, goroutine=not args.no_goroutine,
+            ringbuf_pages=args.ringbuf_pages)
     except KeyboardInterrupt:
         print("bench.accuracy: interrupted (topology torn down)", file=sys.stderr)
         return 130

@@ -1,6 +1,7 @@
 """BPF run time per program while bench/syscalls.c drives traced (or excluded) calls:
 
     python -m bench.bpfcost [--excluded] [--protocols http1] [--calls 20000]
+                            [--go] [--no-goroutine] [--compare-go [--rounds 3]]
 
 The kernel's own accounting (sysctl kernel.bpf_stats_enabled=1; run_time_ns / run_cnt of
 each program, as `bpftool prog show` reports them) before and after the driver, so the
@@ -9,6 +10,13 @@ programs count in the program that called them. Prints per program and the mean 
 enter and exit programs over the driver's data syscalls, and their sum per call (ingress
 calls have no enter program): the figures in the commit messages of the kernel-side
 optimisations.
+
+``--go`` drives the calls from a Go program instead (bench/go_syscalls.go: Write and
+ReadFull on a loopback connection between two of its goroutines; its reads often return
+EAGAIN first, cheap exits that lower its mean); ``--no-goroutine`` runs the probe with
+``go: false`` (the Go code compiled out: today's programs); ``--compare-go`` runs the four
+combinations of (C driver, Go driver) x (goroutines off, on), interleaved for `--rounds`,
+and prints the median per data call of each: what reading the goroutine adds.
 """
 
 import argparse
@@ -29,16 +37,29 @@ def _progs() -> dict:
             for p in json.loads(out)}
 
 
-def run(calls=20_000, excluded=False, protocols=(), cases="tcp_rw,tcp_vec,tcp_msg") -> dict:
+def go_driver() -> str:
+    """bench/go_syscalls.go built as TRACED_COMM (a Go program's comm is its file name)."""
+    from .topology import build_go
+    out_dir = tempfile.mkdtemp(prefix="dtb-bpfcost-go-")
+    return build_go(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                 "go_syscalls.go"), out_dir, TRACED_COMM)
+
+
+def run(calls=20_000, excluded=False, protocols=(), cases="tcp_rw,tcp_vec,tcp_msg",
+        go=None, goroutine=True) -> dict:
+    """go: the path of go_driver()'s program, to drive the calls from Go."""
     subprocess.run(["sysctl", "-q", "kernel.bpf_stats_enabled=1"], check=True)
     out = tempfile.mktemp(prefix="dtb-bpfcost-", suffix=".jsonl")
     agent = Agent(trace_config(out_path=out, comms=[TRACED_COMM], spans=False, drop_all=True,
-                               protocols=protocols), "bpfcost").start()
+                               protocols=protocols, go=goroutine), "bpfcost").start()
     driver_dir = tempfile.mkdtemp(prefix="dtb-bpfcost-")
     try:
         before = _progs()
-        subprocess.run([native.build("syscalls"), OTHER_COMM if excluded else TRACED_COMM,
-                        driver_dir, str(calls), cases], check=True)
+        if go:
+            subprocess.run([go, str(calls)], check=True)
+        else:
+            subprocess.run([native.build("syscalls"), OTHER_COMM if excluded else TRACED_COMM,
+                            driver_dir, str(calls), cases], check=True)
         after = _progs()
     finally:
         agent.stop()
@@ -77,13 +98,46 @@ def main(argv=None) -> int:
     p.add_argument("--excluded", action="store_true",
                    help="the driver is a process the filter does not select")
     p.add_argument("--protocols", default="", help="comma-separated L7 protocols to detect")
+    p.add_argument("--go", action="store_true", help="drive the calls from a Go program")
+    p.add_argument("--no-goroutine", action="store_true", help="the probe with go: false")
+    p.add_argument("--compare-go", action="store_true",
+                   help="C and Go drivers, goroutines off and on, interleaved")
+    p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args(argv)
-    res = run(args.calls, args.excluded, [x for x in args.protocols.split(",") if x])
+    protocols = [x for x in args.protocols.split(",") if x]
+    if args.compare_go:
+        return compare_go(args.calls, args.rounds, protocols)
+    res = run(args.calls, args.excluded, protocols, go=go_driver() if args.go else None,
+              goroutine=not args.no_goroutine)
     for name, cnt, avg in res["programs"]:
         print(f"{name:40} runs {cnt:9d}  mean {avg:7.0f} ns")
     m = res["mean_ns"]
     print("mean per program run: " + ", ".join(f"{k} {v:.0f} ns" for k, v in m.items() if v))
     print(f"per data call (enter + exit): {res['per_call_ns']:.0f} ns")
+    return 0
+
+
+def compare_go(calls, rounds, protocols) -> int:
+    import statistics
+    go = go_driver()
+    combos = [(d, g) for d in ("C", "Go") for g in (False, True)]
+    got = {c: [] for c in combos}
+    for _ in range(rounds):
+        for driver, goroutine in combos:
+            res = run(calls, protocols=protocols, go=go if driver == "Go" else None,
+                      goroutine=goroutine)
+            if res["per_call_ns"] is not None:   # None: no program ran for half the calls
+                got[(driver, goroutine)].append(res["per_call_ns"])
+    print(f"per data call (enter + exit), median of {rounds} rounds of {calls} calls:")
+    for driver in ("C", "Go"):
+        if not got[(driver, False)] or not got[(driver, True)]:
+            print(f"  {driver:2} driver: no complete round")
+            continue
+        off = statistics.median(got[(driver, False)])
+        on = statistics.median(got[(driver, True)])
+        print(f"  {driver:2} driver: goroutines off {off:6.0f} ns, on {on:6.0f} ns, "
+              f"added {on - off:+5.0f} ns   (rounds off {[round(x) for x in got[(driver, False)]]}, "
+              f"on {[round(x) for x in got[(driver, True)]]})")
     return 0
 
 

@@ -27,6 +27,10 @@ their ``comm`` says what they are: dt-svc-a, dt-svc-a-aio, dt-svc-b, dt-load):
   answers /c at once), over a keep-alive ``http.Agent``: sequential awaits, Promise.all,
   Promise.all through a full pool (``maxSockets`` = ``a_pool``), a setTimeout before
   Promise.all, or Promise.all without keep-alive (node-fresh: every call connects).
+* A (``front="go|go-fanout"``): a Go ``net/http`` server (``bench/go_a.go``, built with
+  Debian's ``/usr/bin/go`` at run time) that calls B twice per request with one
+  keep-alive ``http.Client``, GET /b/<id> then GET /c/<id> from the handler's goroutine,
+  or (go-fanout) both at once from two goroutines joined by a ``sync.WaitGroup``.
 * A (``front="asyncio"``, or ``asyncio_a=True``): one asyncio event loop, minimal
   HTTP/1.1 with keep-alive; calls to B go over a small pool of keep-alive connections
   shared by all requests, opened on demand. (Connections whose server side sits in a blocking read are opened after the
@@ -70,10 +74,15 @@ SUBNET = "10.77.0"
 HOSTS = {"client": 10, "a": 11, "b": 12, "db": 13}
 ROLES = ("net", "client", "a", "b", "db")
 COMMS = {"a": "dt-svc-a", "a-aio": "dt-svc-a-aio", "a-node": "dt-svc-a-node",
+         "a-go": "dt-svc-a-go",
          "b": "dt-svc-b", "load": "dt-load"}
 FRONTS = ("threads", "asyncio", "node-seq", "node-all", "node-pool", "node-timer",
-          "node-fresh")
+          "node-fresh", "go", "go-fanout")
 NODE_JS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "node_a.js")
+GO_A = os.path.join(os.path.dirname(os.path.abspath(__file__)), "go_a.go")
+GO = "/usr/bin/go"
+# Go's build cache, kept between runs (a rebuild of go_a.go then takes ~1 s).
+GO_CACHE = os.path.join(tempfile.gettempdir(), "deeptrace-gocache")
 # Request ids: q<6 hex: run tag>n<6 digits> (load) or ...t<6 digits> (trickle after it).
 ID_RE = re.compile(r"(q[0-9a-f]{6}[nt]\d{6})")
 _instances = 0
@@ -174,6 +183,20 @@ def cleanup_leftovers(prefix="dt-") -> list:
     return gone
 
 
+def build_go(src: str, out_dir: str, name: str = COMMS["a-go"], *flags) -> str:
+    """Build one Go file with the standard library only (no modules, no network); the
+    executable is named `name`, which is then its processes' comm; `flags` go to `go
+    build` (e.g. -ldflags=-w)."""
+    out = os.path.join(out_dir, name)
+    env = {**os.environ, "GO111MODULE": "off", "GOCACHE": GO_CACHE, "CGO_ENABLED": "0",
+           "GOPATH": os.path.join(out_dir, "gopath"), "GOFLAGS": ""}
+    p = subprocess.run([GO, "build", *flags, "-o", out, src], env=env, cwd=out_dir,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"go build {src} failed: {p.stdout[-2000:]}")
+    return out
+
+
 # -- the topology -----------------------------------------------------------------------
 class Topology:
     """Build with ``up()`` (or ``with Topology() as t``), tear down with ``down()``."""
@@ -205,6 +228,8 @@ class Topology:
     def comm_a(self):
         if self.front.startswith("node-"):
             return COMMS["a-node"]
+        if self.front.startswith("go"):
+            return COMMS["a-go"]
         return COMMS["a-aio"] if self.asyncio_a else COMMS["a"]
 
     def endpoint(self, svc):
@@ -243,6 +268,10 @@ class Topology:
                 self._service("a", where + ["--variant", self.front[5:],
                                             "--pool", str(self.a_pool)],
                               cmd=["node", NODE_JS])
+            elif self.front.startswith("go"):
+                exe = build_go(GO_A, self.workdir)
+                self._service("a", where + ["--variant", "fanout" if self.front == "go-fanout"
+                                            else "seq"], cmd=[exe])
             elif self.asyncio_a:
                 self._service("a", ["serve-a-async", "--pool", str(self.a_pool), *where])
             else:
@@ -409,7 +438,8 @@ class Topology:
         return out
 
     def agent_yaml(self, spans_path, wait=1.0, payload_bytes=512, ringbuf_pages=1024,
-                   stats_interval=5.0, extra_processors="", kernel_l7=True, event_loop=True):
+                   stats_interval=5.0, extra_processors="", kernel_l7=True, event_loop=True,
+                   goroutine=True):
         """The agent config: trace probe on this run's ports with the three protocols,
         spans -> traces, jsonl exporter. kernel_l7=False: the probe sends every call on
         these ports and the stage detects the protocols; only then does it send
@@ -417,13 +447,14 @@ class Topology:
         ports = ", ".join(str(p) for p in self.ports.values())
         kernel = "    protocols: [http1, redis, postgresql]\n" if kernel_l7 else ""
         loop = "" if event_loop else "    event_loop: false\n"
+        go = "" if goroutine else "    go: false\n"
         return f"""\
 agent:
   stats_interval: {stats_interval}s
 probes:
   trace:
     ports: [{ports}]
-{kernel}    payload_bytes: {payload_bytes}
+{kernel}{go}    payload_bytes: {payload_bytes}
     ringbuf_pages: {ringbuf_pages}
 processors:
   spans:

@@ -14,7 +14,8 @@ def raw(payload=b"hello", **kw):
              seq=4294967290, plen=len(payload), msg_index=0, sysno=8, family=socket.AF_INET6,
              lport=8080, rport=40000, direction=2, l4=1, flags=decoder.F_SEQ, l7_proto=0, l7_role=0, tcp_state=1,
              laddr=socket.inet_pton(socket.AF_INET6, "::1"),
-             raddr=socket.inet_pton(socket.AF_INET6, "fe80::1"), comm=b"myserver\0junk\0\0\0")
+             raddr=socket.inet_pton(socket.AF_INET6, "fe80::1"), comm=b"myserver\0junk\0\0\0",
+             goid=0)
     f.update(kw)
     return decoder.HEADER.pack(*f.values()) + payload
 
@@ -28,6 +29,7 @@ def test_decode_fields():
     # Sequence numbers wrap at 2**32 in TCP; the range keeps end - start == bytes.
     assert r.tcp_seq_start == 4294967290 and r.tcp_seq_end == 4294967295
     assert r.payload == b"hello" and r.to_dict()["payload"] == "aGVsbG8="
+    assert r.goid == 0 and decoder.decode(raw(goid=123456789)).goid == 123456789
     assert "sendto fd=3 tcp/ipv6 [::1]:8080 -> [fe80::1]:40000 bytes=5" in r.line()
 
 

@@ -24,6 +24,16 @@ Order of trust, recorded per span in ``link_source``:
      detected in the stage, not the kernel), ``shared_read`` (the current requests came
      in one read: pipelined), ``order_unreliable`` (the thread's recent calls misfit too
      often for its order to be trusted: asyncio, timers, a full pool).
+  4b. ``goroutine``: spans of Go processes carry the goroutine their request side ran on
+     (``deeptrace.goid``; an http.Client call's writeLoop write is the caller's, in the
+     kernel) and its ancestors by spawn (``deeptrace.go_parents``, nearest first). A
+     client span's parent is the server span read by the same goroutine, or by the
+     nearest ancestor that has one, whose interval contains it: the thread rule keyed by
+     (pid, goroutine), as a Go request is served by one goroutine on whichever threads.
+     Go spans skip the thread and event-loop rules (threads run many goroutines). A
+     goroutine that read a request before answering the last (the stage marks it
+     ``deeptrace.goroutine_concurrent``: an HTTP/2 connection's reader, say) serves
+     several at once: it is not used (``goroutine_shared``), the fallback decides.
   5. ``statistical``: otherwise (thread pools, deferred work), the server spans of the same
      process whose interval contains the client span are candidates, scored by how
      similar their request texts are (ids passed from the incoming request to the
@@ -65,9 +75,12 @@ FIT_WINDOW = 256                   # the counts halve past this: recent behaviou
 LOOP_HOLD = 4                      # at most this many `wait`s for the pipeline to catch up
 LOOP_THREADS = 4096                # event-loop threads remembered (LRU, counted)
 ORPHAN_HOLD = 0.3                  # s: a poll round or two, for the other ring's records
+CALLING_PIDS = 65536               # processes known to make calls (LRU)
 RECENT_SERVERS = 20000             # released server spans kept as statistical candidates
 LOOP_CONNS = 65536                 # event-loop client connections seen (LRU): a forgotten
                                    # one only has its next call deferred
+GOID, GO_PARENTS = "deeptrace.goid", "deeptrace.go_parents"
+GO_SHARED = "deeptrace.goroutine_concurrent"   # the stage's mark, as thread_concurrent
 
 
 @attrs.define
@@ -347,14 +360,22 @@ class TraceLinker:
         self._next_expiry = 0.0
         # Released server spans, slim, as statistical candidates (recall window, bounded).
         self.recent_servers = _Recall(window, RECENT_SERVERS)
-        # Processes that made calls lately: only their server spans can be parents. A
-        # server's calls end before it and arrive first, so it is known when it comes.
-        self.calling_pids = _Recall(window, 65536)
+        # Processes that made calls: only their server spans can be parents. A server's
+        # calls end before it and mostly arrive first (a call from the other ring, TLS or
+        # plaintext, may come a poll round after it: known from the process's earlier
+        # calls, so not forgotten with time; LRU).
+        self.calling_pids: OrderedDict = OrderedDict()
         # Event-loop threads, learned from the stage's mark (LRU), and their timelines.
         self.loops: OrderedDict = OrderedDict()    # (pid, tid) -> _Loop
         self.loop_events = 0                       # events over all timelines (bounded)
         self.loop_conns: OrderedDict = OrderedDict()  # (pid, conn_id) of loop clients
         self.watermark = 0   # the latest end of any span arrived: how far the records got
+        # The goroutine rule: (pid, goid) -> undecided Go client span ids (filed under their
+        # goroutine and each ancestor) / server span ids; goroutines serving overlapping
+        # requests (LRU-bounded).
+        self.go_clients = defaultdict(list)
+        self.go_servers = defaultdict(list)
+        self.go_shared: OrderedDict = OrderedDict()
 
     # -- intake ---------------------------------------------------------------------------
     def process(self, batch):
@@ -395,8 +416,17 @@ class TraceLinker:
                 # a server request from the other ring, TLS or plaintext, may be a poll
                 # round behind): held briefly, not for `wait`.
                 h.orphan = True
-            self.clients_by_thread[(span.pid, span.tid)].append(span.span_id)
-            self.calling_pids[span.pid] = True
+            if span.pid in self.calling_pids:
+                self.calling_pids.move_to_end(span.pid)
+            else:
+                self.calling_pids[span.pid] = True
+                if len(self.calling_pids) > CALLING_PIDS:
+                    self.calling_pids.popitem(last=False)
+            if GOID in span.attributes:
+                if not h.decided:
+                    self._go_client(h, out)
+            else:
+                self.clients_by_thread[(span.pid, span.tid)].append(span.span_id)
         else:
             if span.pid in self.calling_pids:   # a statistical candidate
                 self.servers_by_pid[span.pid].append(span.span_id)
@@ -413,13 +443,73 @@ class TraceLinker:
                     self._link_released(h, parent, "tcp_seq", out)
                 elif key:
                     self.waiting_server[key] = span.span_id
-            self._adopt_thread_children(h, out)
+            if GOID in span.attributes:
+                self._adopt_goroutine_children(h, out)
+            else:
+                self._adopt_thread_children(h, out)
+
+    # -- the goroutine rule ---------------------------------------------------------------
+    def _go_client(self, h, out):
+        """A Go client span: linked now if the server span of its goroutine (or of an
+        ancestor) already arrived, else filed for that server span's arrival."""
+        c = h.span
+        chain = [c.attributes[GOID], *c.attributes.get(GO_PARENTS, ())]
+        for goid in chain:
+            key = (c.pid, goid)
+            if key in self.go_shared:
+                continue
+            for sid in reversed(self.go_servers.get(key, ())):
+                sh = self.held.get(sid)
+                if sh is None:
+                    recent = self.recent_servers.get(sid)
+                    if recent is None:
+                        continue
+                    sh = _Held(recent, 0)
+                    sh.decided = True
+                s = sh.span
+                if s.end_ns + TOLERANCE_NS < c.end_ns:
+                    break   # in arrival (end) order: the older ones ended before it too
+                if s.start_ns - TOLERANCE_NS <= c.start_ns:
+                    self._link(h, sh, "goroutine", out)
+                    return
+        for goid in chain:
+            self.go_clients[(c.pid, goid)].append(c.span_id)
+
+    def _adopt_goroutine_children(self, server_h, out):
+        """Held Go client spans of this server span's goroutine (or of its descendants)
+        that it contains are its children."""
+        s = server_h.span
+        key = (s.pid, s.attributes[GOID])
+        if s.attributes.get(GO_SHARED) and key not in self.go_shared:
+            self.go_shared[key] = True   # it served requests at once: it says nothing
+            self.counts["goroutine_shared"] += 1
+            if len(self.go_shared) > LOOP_THREADS:
+                self.go_shared.popitem(last=False)
+        self.go_servers[key].append(s.span_id)
+        if key in self.go_shared:
+            return
+        ids = self.go_clients.get(key)
+        if not ids:
+            return
+        keep = []
+        for cid in ids:
+            ch = self.held.get(cid)
+            if ch is None or ch.decided:
+                continue
+            c = ch.span
+            if s.start_ns - TOLERANCE_NS <= c.start_ns and c.end_ns <= s.end_ns + TOLERANCE_NS:
+                self._link(ch, server_h, "goroutine", out)
+            else:
+                keep.append(cid)
+        self.go_clients[key] = keep
 
     # -- the event-loop rule --------------------------------------------------------------
     def _loop_event(self, h):
         """Put a span's context switch on its thread's timeline, when the thread is (or
         has been marked as) an event loop."""
         span = h.span
+        if GOID in span.attributes:
+            return   # a Go thread runs many goroutines: the goroutine rule links them
         key = (span.pid, span.tid)
         loop = self.loops.get(key)
         if loop is None:
@@ -654,7 +744,7 @@ class TraceLinker:
             elif h.decided and now - h.arrived >= max_hold:
                 self._root(h, out, forced=True)  # its parent never got released
         self._prune(wall)
-        for table in (self.released, self.by_seq, self.recent_servers, self.calling_pids):
+        for table in (self.released, self.by_seq, self.recent_servers):
             table.rotate(now)
 
     def _prune(self, wall):
@@ -671,6 +761,19 @@ class TraceLinker:
         for key in [k for k, ids in self.clients_by_thread.items()
                     if not any(i in self.held for i in ids)]:
             del self.clients_by_thread[key]
+        held = self.held
+        for key in list(self.go_clients):   # filed under ancestors too: main's list has all
+            ids = [i for i in self.go_clients[key] if i in held and not held[i].decided]
+            if ids:
+                self.go_clients[key] = ids
+            else:
+                del self.go_clients[key]
+        for key in list(self.go_servers):
+            ids = [i for i in self.go_servers[key] if i in self.held or i in self.recent_servers]
+            if ids:
+                self.go_servers[key] = ids[-64:]
+            else:
+                del self.go_servers[key]
         if len(self.waiting_server) > self.config.max_spans:
             for k in list(self.waiting_server)[: len(self.waiting_server) // 2]:
                 del self.waiting_server[k]

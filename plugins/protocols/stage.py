@@ -76,7 +76,7 @@ class SpansConfig:
 
 class _Conn:
     __slots__ = ("proto", "name", "parser", "role", "fifo", "keyed", "last_ns", "tries",
-                 "req_tid", "errors", "rec", "tls", "connect_ns", "tls_attrs")
+                 "req_tid", "errors", "rec", "tls", "connect_ns", "tls_attrs", "req_go")
 
     def __init__(self):
         self.proto = NOT_YET
@@ -93,6 +93,7 @@ class _Conn:
         self.tls = False  # its records are TLS plaintext (the tls probe)
         self.tls_attrs = None  # then: its handshake's attributes (server name, version)
         self.connect_ns = 0  # when this process connect()ed it, until its first request
+        self.req_go = None   # Go: (goid, ancestors) of the request's side, as req_tid
 
 
 class SpanStage:
@@ -246,6 +247,8 @@ class SpanStage:
         side = REQ if (conn.role == "client") == (rec.direction == "egress") else RESP
         if side == REQ:
             conn.req_tid = rec.tid
+            if rec.goid:
+                conn.req_go = (rec.goid, rec.go_parents)
         # A read may block before its bytes arrive: ingress bytes count from the read's exit.
         ts_start = rec.ts_exit_ns if rec.direction == "ingress" else rec.ts_enter_ns
         parser = conn.parser
@@ -330,6 +333,14 @@ class SpanStage:
                 self.open_server[thread] += 1
                 self.open_server_pid[rec.pid] += 1
                 msg.attributes["deeptrace.server_thread"] = thread[1]
+                if conn.req_go is not None:  # the same for a Go request's goroutine
+                    g = (rec.pid, "go", conn.req_go[0])
+                    if self.open_server[g] > 0:
+                        self.concurrent_threads[g] = True
+                        if len(self.concurrent_threads) > 10000:
+                            self.concurrent_threads.popitem(last=False)
+                    self.open_server[g] += 1
+                    msg.attributes["deeptrace.server_goroutine"] = g[2]
             if msg.key is not None:
                 conn.keyed[msg.key] = msg
             else:
@@ -363,6 +374,12 @@ class SpanStage:
             self.open_server_pid[pid] -= 1
             if self.open_server_pid[pid] <= 0:
                 del self.open_server_pid[pid]
+        goid = req.attributes.pop("deeptrace.server_goroutine", None)
+        if goid is not None:
+            g = (pid, "go", goid)
+            self.open_server[g] -= 1
+            if self.open_server[g] <= 0:
+                del self.open_server[g]
         return tid
 
     def _span(self, conn, req, resp, rec, missing=None):
@@ -388,6 +405,13 @@ class SpanStage:
             attributes["deeptrace.no_response"] = missing
         if (pid, tid) in self.concurrent_threads:
             attributes["deeptrace.thread_concurrent"] = True
+        if conn.req_go is not None:  # Go: what the goroutine linker rule keys on
+            attributes["deeptrace.goid"] = conn.req_go[0]
+            if conn.req_go[1]:
+                attributes["deeptrace.go_parents"] = list(conn.req_go[1])
+            if (pid, "go", conn.req_go[0]) in self.concurrent_threads:
+                # One goroutine read requests it served at once (an HTTP/2 reader, say).
+                attributes["deeptrace.goroutine_concurrent"] = True
         if conn.tls:
             attributes["deeptrace.tls"] = True
             if conn.tls_attrs:

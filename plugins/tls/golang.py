@@ -140,9 +140,10 @@ def ret_offsets(code: bytes, vaddr: int) -> list:
             if insn.id == capstone.x86.X86_INS_RET]
 
 
-def struct_offsets(elf) -> dict | None:
-    """{struct: {member: offset}} for STRUCTS from DWARF; None without DWARF or when one is
-    missing. Go's linker puts the type entries in the runtime unit: it is read first."""
+def struct_offsets(elf, structs=STRUCTS) -> dict | None:
+    """{struct: {member: offset}} for `structs` (STRUCTS) from DWARF; None without DWARF or
+    when one is missing. Go's linker puts the type entries in the runtime unit: it is read
+    first."""
     if not elf.has_dwarf_info():
         return None
     dwarf = elf.get_dwarf_info()
@@ -159,13 +160,15 @@ def struct_offsets(elf) -> dict | None:
             if die.tag != "DW_TAG_structure_type":
                 continue
             n = name(die)
-            if n in STRUCTS and n not in found:
+            if n in structs and n not in found:
                 found[n] = {name(m): m.attributes["DW_AT_data_member_location"].value
                             for m in die.iter_children() if m.tag == "DW_TAG_member"
                             and "DW_AT_data_member_location" in m.attributes}
-        if len(found) == len(STRUCTS):
+                if len(found) == len(structs):
+                    break   # parsing the rest of the unit's entries costs seconds
+        if len(found) == len(structs):
             break
-    if any(m not in found.get(s, {}) for s, members in STRUCTS.items() for m in members):
+    if any(m not in found.get(s, {}) for s, members in structs.items() for m in members):
         return None
     return found
 

@@ -14,8 +14,8 @@ from deeptrace_core import clock
 from deeptrace_core.addresses import FAMILIES, address, endpoint
 
 # struct event_t header (before payload): see trace.bpf.c.
-HEADER = struct.Struct("<QQQqIIiIIHHHHHBBBBBB4x16s16s16s")
-assert HEADER.size == 120
+HEADER = struct.Struct("<QQQqIIiIIHHHHHBBBBBB4x16s16s16sQ")
+assert HEADER.size == 128
 
 SYSCALLS = {1: "read", 2: "readv", 3: "recvfrom", 4: "recvmsg", 5: "recvmmsg",
             6: "write", 7: "writev", 8: "sendto", 9: "sendmsg", 10: "sendmmsg",
@@ -65,6 +65,10 @@ class SocketRecord:
     # `payload` are plaintext, and tcp_seq_start/end the ciphertext's TCP range (the
     # socket calls under the SSL call), so end - start is not `bytes` there.
     tls: bool = False
+    # Go: the goroutine the call was made for (0: not a Go process), and its ancestors
+    # by spawn, nearest first (goroutine.py), which the goroutine linker rule follows.
+    goid: int = 0
+    go_parents: tuple = ()
 
     kind = "socket"
 
@@ -132,7 +136,7 @@ def make_decoder(protocols=()):
             raise ValueError(f"record of {length} bytes is shorter than its header")
         (ts_enter, ts_exit, conn_id, ret, pid, tid, fd, seq, plen, msg_index, sysno, family,
          lport, rport, direction, l4, flags, l7_proto, l7_role, _tcp_state, laddr, raddr,
-         comm) = unpack(data, off)
+         comm, goid) = unpack(data, off)
         if plen > length - hsize:
             raise ValueError(f"payload length {plen} exceeds the record")
         cache = caches.get(family)
@@ -164,6 +168,6 @@ def make_decoder(protocols=()):
                    syscalls[sysno], directions[direction], l4s[l4], families[family],
                    la, lport, ra, rport, ret, seq, seq_end, bytes(data[start:start + plen]),
                    conn_id, msg_index, bool(flags & trunc), bool(flags & F_PEEK),
-                   protos[l7_proto], roles[l7_role])
+                   protos[l7_proto], roles[l7_role], False, goid)
 
     return decode_at

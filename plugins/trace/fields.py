@@ -40,4 +40,5 @@ KERNEL_FIELDS = (
     "pt_regs.dx",
     "pt_regs.r10",
     "pt_regs.r8",
+    "pt_regs.r14",   # Go >= 1.17: the current goroutine (goroutine.py)
 )

@@ -4,6 +4,7 @@ import ctypes
 import fcntl
 import logging
 import os
+import time
 
 import attrs
 from attrs import validators as v
@@ -15,6 +16,8 @@ from deeptrace_core.ringbuf import RingBuffer
 
 from .decoder import LOSS_STATS, STAT_NAMES, make_decoder
 from .fields import KERNEL_FIELDS
+from .goroutine import PROGRAMS as GO_PROGRAMS
+from .goroutine import GoTracker
 
 log = logging.getLogger("deeptrace.trace")
 
@@ -25,6 +28,11 @@ MAX_PAYLOAD = 8192
 # Records decoded per poll: what a round holds in memory stays bounded whatever the ring's
 # size (a full 16 MB ring is ~60,000 records); the next round takes the rest at once.
 BATCH_RECORDS = 4096
+# Go spawn edges and execs (32-byte events) between two polls: 256 KiB holds ~6,500.
+GO_RING_PAGES = 64
+# Every process is looked at again this often, for Go programs whose exec event was lost
+# (go_events full): a look is a stat for each process, executables are read once.
+GO_RESCAN_S = 30.0
 
 
 def _payload_sizes(inst, attribute, value):
@@ -80,6 +88,9 @@ class TraceConfig:
     # rest is ciphertext).
     protocol_max_records: dict[str, int] = attrs.field(factory=dict, validator=_record_budgets)
     l7_max_tries: int = attrs.field(default=4, validator=[v.ge(1), v.le(250)])
+    # Go programs: the goroutine on every record, and http.Client's and `go` statements'
+    # hand-offs (goroutine.py); off, Go calls are linked by thread like any other.
+    go: bool = True
 
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -171,6 +182,8 @@ class TraceProbe:
         self.self_pid = os.getpid()
         self.protocols = self._protocol_classes()
         self.protocol_names = tuple(cls.name for cls in self.protocols)
+        self.go = GoTracker(self_pid=self.self_pid) if config.go else None
+        self._go_next_full = time.monotonic() + GO_RESCAN_S
 
     def _protocol_classes(self):
         names = self.config.protocols
@@ -210,6 +223,10 @@ class TraceProbe:
             "L7_ENABLED": int(bool(self.protocols)),
             "L7_COUNT": max(1, len(self.protocols)),
             "L7_MAX_TRIES": c.l7_max_tries,
+            "GO_ENABLED": int(c.go),
+            "GO_PROCS_MAX": 16384,     # Go processes
+            "GO_MAX": 65536,           # connections' loop goroutines, calls in roundTrip
+            "GO_RING_PAGES": GO_RING_PAGES,
         }
         if caps:  # protocol i (slot order) -> its cap, in payload_cap()
             defines["PROTO_CAP_CASES"] = " ".join(f"case {i}: return {n};"
@@ -275,6 +292,13 @@ class TraceProbe:
         # Read in bulk from the mapping, not through BCC's per-record ctypes callback.
         self._decode = make_decoder(self.protocol_names)
         self.ring = RingBuffer(self.bpf[b"events"].map_fd, self.config.ringbuf_pages * PAGE)
+        if self.go is not None:
+            # Verified now, whatever runs: a kernel's verifier refusing them fails start-up,
+            # not the first Go program met later.
+            for name in sorted({p for pair in GO_PROGRAMS.values() for p in pair if p}):
+                self.bpf.load_func(name.encode(), BPF.KPROBE)
+            self.go.ring = RingBuffer(self.bpf[b"go_events"].map_fd, GO_RING_PAGES * PAGE)
+            self.go.rescan(self.bpf, [int(p) for p in os.listdir("/proc") if p.isdigit()])
         self._arm()  # start recording now
 
     def _arm(self):
@@ -328,6 +352,17 @@ class TraceProbe:
         # Wake-ups are batched in the kernel: the wait may time out with data waiting.
         if self.ring.wait(timeout_ms):
             self.ring.consume(self._decode, out, BATCH_RECORDS)
+        go = self.go
+        if go is not None:
+            # Drained after the records: a goroutine's spawn precedes its records, so every
+            # edge a record needs is in by now.
+            execs = go.exec_pids()
+            go.annotate(out)
+            if time.monotonic() >= self._go_next_full:  # the safety net: execs missed
+                execs = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+                self._go_next_full = time.monotonic() + GO_RESCAN_S
+            if execs and go.rescan(self.bpf, execs) and self._generation:
+                self._arm()   # threads cache go_procs with their filter verdict
         return out
 
     def stats(self) -> dict:
@@ -339,6 +374,8 @@ class TraceProbe:
         out["prog_recursion_misses"] = sum(bpf.recursion_misses(self.bpf).values())
         out["decode_failed"] = self.ring.decode_errors if self.ring else 0
         out["conn_map_entries"] = len(self.bpf[b"conns"])
+        if self.go is not None:
+            out.update(self.go.stats(self.bpf))
         return out
 
     def gc(self):
@@ -352,6 +389,8 @@ class TraceProbe:
                 del table[key]
             except KeyError:
                 pass
+        if self.go is not None:
+            self.go.gc(self.bpf)
 
     def detach(self):
         # What the ring still holds is the caller's to drain first (the agent does, after
@@ -360,6 +399,9 @@ class TraceProbe:
             if self.ring is not None:
                 self.ring.close()  # unmap first: the mapping keeps the map alive
                 self.ring = None
+            if self.go is not None and self.go.ring is not None:
+                self.go.ring.close()
+                self.go.ring = None
             self.bpf.cleanup()
             self.bpf = None
 

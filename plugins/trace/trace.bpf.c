@@ -11,7 +11,7 @@
 // Compile-time knobs (set by probe.py): PAYLOAD_CAP (bytes kept), PROTO_CAP_CASES (the
 // per-protocol caps, if any), PROTO_RECORDS_CASES (per-protocol record budgets, if any),
 // PAYLOAD_MAX (the largest cap's power-of-two ceiling, for verifier bounds), MAX_IOV,
-// MMSG_MAX_IOV, MAX_MMSG, CONN_MAX, RINGBUF_PAGES, WAKEUP_BYTES, SELF_TGID, FILTER_PIDS, FILTER_COMMS,
+// MMSG_MAX_IOV, MAX_MMSG, CONN_MAX, GO_ENABLED, GO_PROCS_MAX, GO_MAX, GO_RING_PAGES, RINGBUF_PAGES, WAKEUP_BYTES, SELF_TGID, FILTER_PIDS, FILTER_COMMS,
 // FILTER_EXCLUDE_COMMS, FILTER_PORTS, FILTER_NETNS, FILTER_CGROUPS, CGROUP_MAX_LEVEL, SKC_CHUNK, L7_ENABLED, L7_COUNT, L7_MAX_TRIES (and the l7_try_<i> programs).
 
 #define AF_INET 2
@@ -82,6 +82,7 @@ struct event_t {
     u8 laddr[16];
     u8 raddr[16];
     char comm[16];
+    u64 goid;         // Go: the goroutine the call is made for (goroutine.py), else 0
     u8 payload[PAYLOAD_MAX * 2];  // twice the cap so the verifier can bound off + len
 };
 #define EVENT_HDR (sizeof(struct event_t) - PAYLOAD_MAX * 2)
@@ -102,6 +103,7 @@ struct inflight_t {
     u32 flags;   // recv/send flags
     u16 sys;     // our SYS_* id; 0: nothing saved (taken, or never set)
     u16 nr;      // the kernel's syscall number: its exit must carry the same
+    u32 go_off;  // Go: g.goid's offset in this process (go_procs), 0 not Go; with the verdict
     u32 gen;     // the cached filter verdict below: filter generation it was reached at,
     u32 verdict; // the verdict,
     u64 comm[2]; // and the thread's name then
@@ -220,6 +222,14 @@ static __always_inline int filter_verdict(u32 tgid, u64 *name) {
     return !(FILTER_PIDS || FILTER_COMMS);
 }
 
+#if GO_ENABLED
+// Processes user space found to run Go (goroutine.py), with where their binary's runtime.g
+// keeps goid (DWARF). Looked up with the filter verdict and cached beside it, so a call of
+// a process that is not Go costs nothing more (user space bumps `armed` on a new entry).
+struct go_proc_t { u32 goid_off; u32 pad; };
+BPF_HASH(go_procs, u32, struct go_proc_t, GO_PROCS_MAX);
+#endif
+
 // The calling thread's storage if recording is armed and the filter selects the thread.
 // The storage caches the verdict with the filter generation and the name it was reached
 // with, so a call costs two loads and a compare instead of hashing the name into one or
@@ -266,6 +276,10 @@ static __always_inline struct inflight_t *selected_thread(void) {
 #endif
         a->gen = *gen;
         a->verdict = filter_verdict(tgid, name);
+#if GO_ENABLED
+        struct go_proc_t *gp = go_procs.lookup(&tgid);
+        a->go_off = gp ? gp->goid_off : 0;
+#endif
     }
     return a->verdict ? a : 0;
 }
@@ -577,11 +591,184 @@ static __always_inline void submit(struct event_t *e) {
         stat_inc(ST_EVENTS);
 }
 
+#if GO_ENABLED
+#include <uapi/linux/ptrace.h>  // the uprobes' registers (x86-64 user ABI, fixed)
+// -- Go: the goroutine a call is made for ----------------------------------------------------
+// A Go program's goroutines migrate between OS threads, so the thread says nothing of which
+// request a call serves; the goroutine does. Go >= 1.17 on x86-64 keeps the current g in
+// R14 (user registers, saved at the syscall), and g->goid sits at an offset goroutine.py
+// reads from the binary's DWARF (runtime.g.goid) and stores per process in go_procs, so a
+// process that is not Go pays one lookup per record. http.Client writes a request from the
+// connection's writeLoop goroutine and reads the answer in its readLoop: uprobes on
+// (*persistConn).writeLoop/readLoop (loop goroutine -> pconn) and roundTrip (pconn -> the
+// goroutine calling it, until its `ret`s) give those calls to the caller instead.
+// runtime.newproc1 gives spawn edges (child -> parent goid) to user space (go_events).
+struct go_key_t { u32 tgid; u32 pad; u64 id; };
+BPF_TABLE("lru_hash", struct go_key_t, u64, go_loop_pconn, GO_MAX);    // loop goid -> pconn
+BPF_TABLE("lru_hash", struct go_key_t, u64, go_pconn_caller, GO_MAX);  // pconn -> caller goid
+BPF_TABLE("lru_hash", struct go_key_t, u64, go_in_roundtrip, GO_MAX);  // caller goid -> pconn
+BPF_TABLE("lru_hash", u64, u64, go_spawning, 4096);    // thread in newproc1 -> parent goid
+struct go_event_t { u32 kind; u32 tgid; u64 goid; u64 parent; u64 ts; };
+enum { GO_EV_EXEC = 1, GO_EV_SPAWN = 2 };
+BPF_RINGBUF_OUTPUT(go_events, GO_RING_PAGES);
+// goroutine.py's GO_STAT_NAMES mirrors this enum.
+enum { GS_GOID_FAIL = 0, GS_HANDOFF, GS_LOOP_IDLE, GS_SPAWN, GS_EVENTS_FULL,
+       GS_ROUNDTRIP, GS_NSTATS };
+BPF_PERCPU_ARRAY(go_stats, u64, GS_NSTATS);
+
+static __always_inline void go_stat(u32 idx) {
+    u64 *v = go_stats.lookup(&idx);
+    if (v) *v += 1;
+}
+
+static __always_inline u64 go_goid_of(u64 g, u32 off) {
+    u64 goid = 0;
+    if (!g || bpf_probe_read_user(&goid, sizeof(goid), (void *)(g + off)) || !goid) {
+        go_stat(GS_GOID_FAIL);
+        return 0;
+    }
+    return goid;
+}
+
+// The record's goroutine: R14's, or, for a writeLoop/readLoop goroutine of a connection in
+// a roundTrip, the caller's. go_off: the thread's cached go_procs offset (0: not Go).
+static __always_inline void go_fill(struct event_t *e, u32 tgid, u32 go_off) {
+    e->goid = 0;
+    if (!go_off)
+        return;
+    char *regs = (char *)bpf_task_pt_regs(bpf_get_current_task_btf());
+    if (!regs)
+        return;
+    u64 goid = go_goid_of(*(u64 *)(regs + OFF_pt_regs__r14), go_off);
+    if (!goid)
+        return;
+    struct go_key_t k = {.tgid = tgid, .id = goid};
+    u64 *pconn = go_loop_pconn.lookup(&k);
+    if (pconn) {
+        struct go_key_t ck = {.tgid = tgid, .id = *pconn};
+        u64 *caller = go_pconn_caller.lookup(&ck);
+        if (caller) {
+            goid = *caller;
+            go_stat(GS_HANDOFF);
+        } else {
+            go_stat(GS_LOOP_IDLE);  // e.g. the read of a server's close: no call waits
+        }
+    }
+    e->goid = goid;
+}
+
+// The goroutine running a uprobed Go function (R14 in Go code), 0 if unknown.
+static __always_inline u64 go_current(struct pt_regs *ctx, u32 tgid, u32 *off) {
+    struct go_proc_t *p = go_procs.lookup(&tgid);
+    if (!p)
+        return 0;
+    *off = p->goid_off;
+    return go_goid_of(ctx->r14, p->goid_off);
+}
+
+// (*persistConn).roundTrip entry: receiver (the connection) in RAX.
+int go_roundtrip_enter(struct pt_regs *ctx) {
+    u32 tgid = bpf_get_current_pid_tgid() >> 32, off = 0;
+    u64 goid = go_current(ctx, tgid, &off), pconn = ctx->ax;
+    if (!goid || !pconn)
+        return 0;
+    struct go_key_t ck = {.tgid = tgid, .id = pconn}, gk = {.tgid = tgid, .id = goid};
+    go_pconn_caller.update(&ck, &goid);
+    go_in_roundtrip.update(&gk, &pconn);
+    go_stat(GS_ROUNDTRIP);
+    return 0;
+}
+
+// Each `ret` of roundTrip (never a uretprobe: Go moves goroutine stacks): the connection
+// no longer works for this caller.
+int go_roundtrip_return(struct pt_regs *ctx) {
+    u32 tgid = bpf_get_current_pid_tgid() >> 32, off = 0;
+    u64 goid = go_current(ctx, tgid, &off);
+    if (!goid)
+        return 0;
+    struct go_key_t gk = {.tgid = tgid, .id = goid};
+    u64 *pconn = go_in_roundtrip.lookup(&gk);
+    if (!pconn)
+        return 0;
+    struct go_key_t ck = {.tgid = tgid, .id = *pconn};
+    go_in_roundtrip.delete(&gk);
+    u64 *caller = go_pconn_caller.lookup(&ck);
+    if (caller && *caller == goid)
+        go_pconn_caller.delete(&ck);
+    return 0;
+}
+
+// (*persistConn).writeLoop / readLoop entry: this goroutine does that connection's I/O.
+int go_loop_enter(struct pt_regs *ctx) {
+    u32 tgid = bpf_get_current_pid_tgid() >> 32, off = 0;
+    u64 goid = go_current(ctx, tgid, &off), pconn = ctx->ax;
+    if (!goid || !pconn)
+        return 0;
+    struct go_key_t k = {.tgid = tgid, .id = goid};
+    go_loop_pconn.update(&k, &pconn);
+    return 0;
+}
+
+// runtime.newproc1(fn, callergp, callerpc) runs on the system stack (R14 is g0): the
+// parent is callergp (RBX); the child, returned in RAX, has its goid at the `ret`s.
+int go_newproc1_enter(struct pt_regs *ctx) {
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct go_proc_t *p = go_procs.lookup(&tgid);
+    if (!p)
+        return 0;
+    u64 parent = go_goid_of(ctx->bx, p->goid_off), id = bpf_get_current_pid_tgid();
+    if (parent)
+        go_spawning.update(&id, &parent);
+    return 0;
+}
+
+int go_newproc1_return(struct pt_regs *ctx) {
+    u64 id = bpf_get_current_pid_tgid();
+    u64 *parent = go_spawning.lookup(&id);
+    if (!parent)
+        return 0;
+    u64 pg = *parent;
+    go_spawning.delete(&id);
+    u32 tgid = id >> 32;
+    struct go_proc_t *p = go_procs.lookup(&tgid);
+    if (!p)
+        return 0;
+    u64 child = go_goid_of(ctx->ax, p->goid_off);
+    if (!child)
+        return 0;
+    struct go_event_t ev = {.kind = GO_EV_SPAWN, .tgid = tgid, .goid = child, .parent = pg,
+                            .ts = bpf_ktime_get_ns()};
+    // No wake-up: the agent drains this ring at every poll of the records' ring.
+    if (go_events.ringbuf_output(&ev, sizeof(ev), BPF_RB_NO_WAKEUP))
+        go_stat(GS_EVENTS_FULL);
+    else
+        go_stat(GS_SPAWN);
+    return 0;
+}
+
+// Every exec may start a Go program: the process's old entry goes (its binary is gone) and
+// user space looks at the new one (goroutine.py).
+TRACEPOINT_PROBE(sched, sched_process_exec) {
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (tgid == SELF_TGID)
+        return 0;
+    go_procs.delete(&tgid);
+    // The exec'ing thread keeps its storage: its cached offset was the old program's.
+    struct inflight_t *a = inflight.task_storage_get(bpf_get_current_task_btf(), 0, 0);
+    if (a)
+        a->gen = 0;
+    struct go_event_t ev = {.kind = GO_EV_EXEC, .tgid = tgid, .ts = bpf_ktime_get_ns()};
+    if (go_events.ringbuf_output(&ev, sizeof(ev), BPF_RB_NO_WAKEUP))
+        go_stat(GS_EVENTS_FULL);
+    return 0;
+}
+#endif
+
 // Start a record for a socket fd: the record, *skp and *connp (NULL only when the
 // connection map is full) when the fd is a TCP/UDP socket; 0 otherwise, and also (with
 // L7 detection) for a connection already found to speak none of the enabled protocols:
 // its calls cost a lookup, not a record.
-static __always_inline struct event_t *begin(u64 pid_tgid, s32 fd, u16 sys, u64 ts_enter,
+static __always_inline struct event_t *begin(u64 pid_tgid, s32 fd, u16 sys, u64 ts_enter, u32 go_off,
                                              u64 *skp, struct conn_val_t **connp) {
     u64 file = 0, sk = 0;
     int found = fd_to_file(fd, &file);
@@ -651,6 +838,11 @@ static __always_inline struct event_t *begin(u64 pid_tgid, s32 fd, u16 sys, u64 
     u64 *name = (u64 *)((char *)bpf_get_current_task_btf() + OFF_task_struct__comm);
     ((u64 *)e->comm)[0] = name[0];
     ((u64 *)e->comm)[1] = name[1];
+#if GO_ENABLED
+    go_fill(e, pid_tgid >> 32, go_off);
+#else
+    e->goid = 0;
+#endif
     *skp = sk;
     *connp = conn;
     return e;
@@ -752,7 +944,7 @@ int data_exit(struct exit_ctx *ctx) {
         return 0;
     u64 sk = 0;
     struct conn_val_t *conn = 0;
-    struct event_t *e = begin(id, args.fd, sys, args.ts, &sk, &conn);
+    struct event_t *e = begin(id, args.fd, sys, args.ts, args.go_off, &sk, &conn);
     if (!e)
         return 0;
     e->direction = dir;
@@ -809,7 +1001,7 @@ int mmsg_exit(struct exit_ctx *ctx) {
         return 0;
     u64 sk = 0;
     struct conn_val_t *conn = 0;
-    struct event_t *e = begin(id, args.fd, sys, args.ts, &sk, &conn);
+    struct event_t *e = begin(id, args.fd, sys, args.ts, args.go_off, &sk, &conn);
     if (!e)
         return 0;
 #if L7_ENABLED
@@ -936,7 +1128,7 @@ int ctl_exit(struct exit_ctx *ctx) {
         return 0;
     u64 sk = 0;
     struct conn_val_t *conn = 0;
-    struct event_t *e = begin(id, fd, sys, args.ts, &sk, &conn);
+    struct event_t *e = begin(id, fd, sys, args.ts, args.go_off, &sk, &conn);
     if (!e)
         return 0;
     e->direction = DIR_NONE;
@@ -1026,13 +1218,14 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
     if (fd < 0)
         return 0;
     struct conn_key_t k = {.tgid = id >> 32, .fd = fd};
-    if (!selected_thread()) {
+    struct inflight_t *a = selected_thread();
+    if (!a) {
         conns.delete(&k);
         return 0;
     }
     u64 sk = 0;
     struct conn_val_t *conn = 0;
-    struct event_t *e = begin(id, fd, SYS_CLOSE, bpf_ktime_get_ns(), &sk, &conn);
+    struct event_t *e = begin(id, fd, SYS_CLOSE, bpf_ktime_get_ns(), a->go_off, &sk, &conn);
     if (!e) {
         conns.delete(&k);
         return 0;

@@ -48,6 +48,7 @@ SUITES = {
         "tests/test_cli.py::test_example_config_end_to_end_and_sigterm_detaches",
         "tests/test_trace_syscalls.py",
         "tests/test_trace_confine.py",
+        "tests/test_go_linking.py::test_write_loop_write_is_the_callers",
         "tests/test_btf.py",
         # one end-to-end test per protocol family, each against its real server
         "tests/test_l7_e2e.py::test_http1_nginx_and_curl",

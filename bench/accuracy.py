@@ -280,7 +280,7 @@ def _interrupt(signum, frame):
 
 def run(requests=2000, clients=16, asyncio_a=False, traceparent=False, wait=1.0,
         out=None, quiet=False, keep=False, front=None, kernel_l7=True, event_loop=True,
-        goroutine=True, ringbuf_pages=2048):
+        goroutine=True, ringbuf_pages=4096):
     t_begin = time.monotonic()
     front = front or ("asyncio" if asyncio_a else "threads")
     topo = Topology(front=front, pool=clients, a_pool=4, keep=keep)
@@ -417,8 +417,8 @@ def main(argv=None):
                    help="the linker without its event-loop rule (the baseline it replaced)")
     p.add_argument("--no-goroutine", action="store_true",
                    help="the trace probe without Go goroutines (the Go fronts' baseline)")
-    p.add_argument("--ringbuf-pages", type=int, default=2048,
-                   help="the trace probe's ring (pages; the agent's default is 4096)")
+    p.add_argument("--ringbuf-pages", type=int, default=4096,
+                   help="the trace probe's ring (pages; default: the agent's own, 4096)")
     p.add_argument("--wait", type=float, default=1.0, help="the linker's wait (seconds)")
     p.add_argument("--out", help="result JSON (default bench/results/accuracy-*.json)")
     p.add_argument("--keep", action="store_true",

@@ -459,13 +459,9 @@ class TraceLinker:
             if key in self.go_shared:
                 continue
             for sid in reversed(self.go_servers.get(key, ())):
-                sh = self.held.get(sid)
+                sh = self._server(sid)
                 if sh is None:
-                    recent = self.recent_servers.get(sid)
-                    if recent is None:
-                        continue
-                    sh = _Held(recent, 0)
-                    sh.decided = True
+                    continue
                 s = sh.span
                 if s.end_ns + TOLERANCE_NS < c.end_ns:
                     break   # in arrival (end) order: the older ones ended before it too
@@ -488,20 +484,7 @@ class TraceLinker:
         self.go_servers[key].append(s.span_id)
         if key in self.go_shared:
             return
-        ids = self.go_clients.get(key)
-        if not ids:
-            return
-        keep = []
-        for cid in ids:
-            ch = self.held.get(cid)
-            if ch is None or ch.decided:
-                continue
-            c = ch.span
-            if s.start_ns - TOLERANCE_NS <= c.start_ns and c.end_ns <= s.end_ns + TOLERANCE_NS:
-                self._link(ch, server_h, "goroutine", out)
-            else:
-                keep.append(cid)
-        self.go_clients[key] = keep
+        self._adopt(server_h, self.go_clients, key, "goroutine", out)
 
     # -- the event-loop rule --------------------------------------------------------------
     def _loop_event(self, h):
@@ -641,23 +624,31 @@ class TraceLinker:
         s = server_h.span
         if s.attributes.get("deeptrace.thread_concurrent"):
             return
-        ids = self.clients_by_thread.get((s.pid, s.tid))
+        self._adopt(server_h, self.clients_by_thread, (s.pid, s.tid), "thread", out)
+
+    def _adopt(self, server_h, table, key, source, out):
+        """Link the held, undecided client spans filed under `key` that the server span
+        contains (thread: but those marked concurrent); keep the rest filed."""
+        ids = table.get(key)
         if not ids:
             return
+        s = server_h.span
+        thread = source == "thread"
         keep = []
         for cid in ids:
             ch = self.held.get(cid)
             if ch is None or ch.decided:
                 continue
             c = ch.span
-            if c.attributes.get("deeptrace.thread_concurrent"):
+            if thread and c.attributes.get(CONCURRENT):
                 keep.append(cid)
             elif s.start_ns - TOLERANCE_NS <= c.start_ns and c.end_ns <= s.end_ns + TOLERANCE_NS:
-                self._learn(s, c)
-                self._link(ch, server_h, "thread", out)
+                if thread:   # confident links teach the statistical fallback
+                    self._learn(s, c)
+                self._link(ch, server_h, source, out)
             else:
                 keep.append(cid)
-        self.clients_by_thread[(s.pid, s.tid)] = keep
+        table[key] = keep
 
     # -- decisions ------------------------------------------------------------------------
     def _link(self, child_h, parent_h, source, out):
@@ -797,17 +788,24 @@ class TraceLinker:
             self.counts["event_loop_evicted"] += n
 
     # -- the statistical fallback ---------------------------------------------------------
+    def _server(self, sid):
+        """A server span still held, or a released one (slim, decided), or None."""
+        sh = self.held.get(sid)
+        if sh is None:
+            recent = self.recent_servers.get(sid)
+            if recent is None:
+                return None
+            sh = _Held(recent, 0)
+            sh.decided = True
+        return sh
+
     def _statistical(self, h, out) -> bool:
         c = h.span
         candidates = []
         for sid in self.servers_by_pid.get(c.pid, ()):
-            sh = self.held.get(sid)
+            sh = self._server(sid)
             if sh is None:
-                recent = self.recent_servers.get(sid)
-                if recent is None:
-                    continue
-                sh = _Held(recent, 0)
-                sh.decided = True
+                continue
             s = sh.span
             if s.start_ns - TOLERANCE_NS <= c.start_ns and c.end_ns <= s.end_ns + TOLERANCE_NS:
                 candidates.append(sh)

@@ -184,9 +184,21 @@ def cfg_offsets(s: dict) -> dict:
             "raw_off": conn["rawInput"] + buf["off"]}
 
 
-def inspect(open_path: str, path: str, key: tuple) -> GoTarget | None:
-    """A GoTarget for a Go executable that uses crypto/tls (or may: a stripped one whose
-    function table names it), else None."""
+def proc_exe(pid):
+    """(/proc/PID/exe, the path it names, the file's (dev, inode, mtime) key), or None
+    when the process is gone or is a kernel thread."""
+    exe = f"/proc/{pid}/exe"
+    try:
+        st = os.stat(exe)
+        path = os.readlink(exe)
+    except OSError:
+        return None
+    return exe, path, (st.st_dev, st.st_ino, st.st_mtime_ns)
+
+
+def read_go_elf(open_path: str, path: str, build):
+    """build(elf, Go version) for an x86-64 Go executable; None for any other file or one
+    that cannot be read (shared by the TLS and the goroutine discovery)."""
     from elftools.common.exceptions import ELFError
     from elftools.elf.elffile import ELFFile
     try:
@@ -200,10 +212,17 @@ def inspect(open_path: str, path: str, key: tuple) -> GoTarget | None:
             version = buildinfo_version(elf)
             if version is None:
                 return None
-            return _inspect_go(elf, open_path, path, key, version)
-    except (ELFError, OSError, ValueError, struct.error, IndexError) as exc:
+            return build(elf, version)
+    except (ELFError, OSError, ValueError, struct.error, IndexError, KeyError) as exc:
         log.debug("cannot read %s: %s", path, exc)
         return None
+
+
+def inspect(open_path: str, path: str, key: tuple) -> GoTarget | None:
+    """A GoTarget for a Go executable that uses crypto/tls (or may: a stripped one whose
+    function table names it), else None."""
+    return read_go_elf(open_path, path,
+                       lambda elf, version: _inspect_go(elf, open_path, path, key, version))
 
 
 def _inspect_go(elf, open_path, path, key, version) -> GoTarget | None:
@@ -289,13 +308,10 @@ class GoTracer:
         for pid in pids:
             if pid == self.self_pid:
                 continue
-            exe = f"/proc/{pid}/exe"
-            try:
-                st = os.stat(exe)
-                path = os.readlink(exe)
-            except OSError:
+            found = proc_exe(pid)
+            if found is None:
                 continue  # gone, or a kernel thread
-            key = (st.st_dev, st.st_ino, st.st_mtime_ns)
+            exe, path, key = found
             if key not in self.seen:
                 target = None
                 if wanted_path(path, self.include, self.exclude):

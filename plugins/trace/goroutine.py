@@ -26,8 +26,9 @@ from collections import OrderedDict
 import attrs
 
 from deeptrace_plugins.tls.discovery import wanted_path
-from deeptrace_plugins.tls.golang import (MIN_VERSION, _read_vaddr, buildinfo_version,
-                                          ret_offsets, struct_offsets, version_tuple)
+from deeptrace_plugins.tls.golang import (MIN_VERSION, _read_vaddr,
+                                          proc_exe, read_go_elf, ret_offsets, struct_offsets,
+                                          version_tuple)
 
 log = logging.getLogger("deeptrace.trace")
 
@@ -71,23 +72,8 @@ class GoBinary:
 
 def inspect(open_path: str, path: str, key: tuple) -> GoBinary | None:
     """A GoBinary for a Go executable, None for any other file."""
-    from elftools.common.exceptions import ELFError
-    from elftools.elf.elffile import ELFFile
-    try:
-        with open(open_path, "rb") as f:
-            if f.read(4) != b"\x7fELF":
-                return None
-            f.seek(0)
-            elf = ELFFile(f)
-            if elf.get_machine_arch() != "x64":
-                return None
-            version = buildinfo_version(elf)
-            if version is None:
-                return None
-            return _inspect_go(elf, path, key, version)
-    except (ELFError, OSError, ValueError, struct.error, IndexError, KeyError) as exc:
-        log.debug("cannot read %s: %s", path, exc)
-        return None
+    return read_go_elf(open_path, path,
+                       lambda elf, version: _inspect_go(elf, path, key, version))
 
 
 def _inspect_go(elf, path, key, version) -> GoBinary:
@@ -136,13 +122,10 @@ class GoTracker:
         for pid in pids:
             if pid == self.self_pid:
                 continue
-            exe = f"/proc/{pid}/exe"
-            try:
-                st = os.stat(exe)
-                path = os.readlink(exe)
-            except OSError:
+            found = proc_exe(pid)
+            if found is None:
                 continue   # gone, or a kernel thread
-            key = (st.st_dev, st.st_ino, st.st_mtime_ns)
+            exe, path, key = found
             if key not in self.seen:
                 self.seen[key] = inspect(exe, path, key) \
                     if wanted_path(path, self.include, self.exclude) else None

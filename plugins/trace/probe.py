@@ -13,6 +13,7 @@ from deeptrace_core.l7 import check_protocols
 from deeptrace_core.metricprobe import power_of_two
 from deeptrace_core.ringbuf import RingBuffer
 
+from .asyncio import AsyncioTracer
 from .decoder import LOSS_STATS, STAT_NAMES, make_decoder
 from .fields import KERNEL_FIELDS
 
@@ -80,6 +81,11 @@ class TraceConfig:
     # rest is ciphertext).
     protocol_max_records: dict[str, int] = attrs.field(factory=dict, validator=_record_budgets)
     l7_max_tries: int = attrs.field(default=4, validator=[v.ge(1), v.le(250)])
+    # asyncio: uprobes on CPython's _asyncio extension put the running Task on each record
+    # (asyncio.py); files first mapped after start-up are found at the next rescan.
+    asyncio: bool = True
+    asyncio_rescan: float = attrs.field(default=10.0, validator=[v.ge(0), v.le(86400)],
+                                        metadata={"unit": "seconds"})
 
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -171,6 +177,8 @@ class TraceProbe:
         self.self_pid = os.getpid()
         self.protocols = self._protocol_classes()
         self.protocol_names = tuple(cls.name for cls in self.protocols)
+        self.asyncio = AsyncioTracer(config.asyncio_rescan, self.self_pid) \
+            if config.asyncio else None
 
     def _protocol_classes(self):
         names = self.config.protocols
@@ -210,6 +218,8 @@ class TraceProbe:
             "L7_ENABLED": int(bool(self.protocols)),
             "L7_COUNT": max(1, len(self.protocols)),
             "L7_MAX_TRIES": c.l7_max_tries,
+            "HAVE_EPOLL_PWAIT2": int(bpf.tracepoint_exists("syscalls", "sys_exit_epoll_pwait2")),
+            "ASYNCIO_ENABLED": int(c.asyncio),
         }
         if caps:  # protocol i (slot order) -> its cap, in payload_cap()
             defines["PROTO_CAP_CASES"] = " ".join(f"case {i}: return {n};"
@@ -276,6 +286,8 @@ class TraceProbe:
         self._decode = make_decoder(self.protocol_names)
         self.ring = RingBuffer(self.bpf[b"events"].map_fd, self.config.ringbuf_pages * PAGE)
         self._arm()  # start recording now
+        if self.asyncio is not None:
+            self.asyncio.rescan(self.bpf, force=True)
 
     def _arm(self):
         """Start recording, or make the kernel drop the filter verdicts its threads cached
@@ -328,6 +340,8 @@ class TraceProbe:
         # Wake-ups are batched in the kernel: the wait may time out with data waiting.
         if self.ring.wait(timeout_ms):
             self.ring.consume(self._decode, out, BATCH_RECORDS)
+        if self.asyncio is not None:
+            self.asyncio.rescan(self.bpf)
         return out
 
     def stats(self) -> dict:
@@ -339,6 +353,8 @@ class TraceProbe:
         out["prog_recursion_misses"] = sum(bpf.recursion_misses(self.bpf).values())
         out["decode_failed"] = self.ring.decode_errors if self.ring else 0
         out["conn_map_entries"] = len(self.bpf[b"conns"])
+        if self.asyncio is not None:
+            out.update(self.asyncio.stats())
         return out
 
     def gc(self):

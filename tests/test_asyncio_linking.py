@@ -1,7 +1,7 @@
 """asyncio tasks and loop iterations on the trace probe's records, and the linker's
 ``asyncio_task`` rule, on real BPF and real CPython asyncio servers.
 
-A front (tests/asyncio_peers.py, an asyncio streams server run by each pyenv Python
+A front (bench/asyncio_peers.py, an asyncio streams server run by each pyenv Python
 present: 3.11 and 3.12) answers GET /a/<id> by calling two thread-per-request back-ends,
 GET /b/<id> and GET /c/<id>, with ``asyncio.gather`` over pooled keep-alive connections.
 The probe's uprobes on the front's ``_asyncio`` say which Task made each call and which
@@ -24,7 +24,7 @@ import pytest
 from conftest import CI, require_bpf, start_probe
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PEERS = os.path.join(HERE, "asyncio_peers.py")
+PEERS = os.path.join(os.path.dirname(HERE), "bench", "asyncio_peers.py")
 pytestmark = pytest.mark.bpf
 REQUESTS, CLIENTS = 60, 6
 TASK = "deeptrace.asyncio_task"
@@ -49,7 +49,7 @@ def _need(python):
 
 class _Proc:
     def __init__(self, python, *args):
-        self.proc = subprocess.Popen([python, PEERS, *map(str, args)], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([python, "-P", PEERS, *map(str, args)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
         self.pid = self.proc.pid
         self.info = json.loads(self.proc.stdout.readline())

@@ -1,4 +1,5 @@
-"""Peers for tests/test_asyncio_linking.py, run by the Python under test (3.11, 3.12).
+"""Peers for tests/test_asyncio_linking.py and bench/asynciocost.py, run by the Python
+under test (3.11, 3.12).
 
     asyncio_peers.py backends             two thread-per-request HTTP/1.1 servers (/b, /c)
     asyncio_peers.py front PORT_B PORT_C  an asyncio streams server: GET /a/<id> calls
@@ -6,7 +7,7 @@
                                           keep-alive connections pooled per back-end
     asyncio_peers.py loop N               N epoll returns between two UDP sends
 
-Each prints one JSON line when it is ready (ports, pid, thread), then serves until stdin
+Run with `python -P` (bench/http.py would shadow the standard library's http). Each prints one JSON line when it is ready (ports, pid, thread), then serves until stdin
 closes (front, backends) or, for `loop`, waits for a line on stdin first.
 """
 

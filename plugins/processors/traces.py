@@ -48,7 +48,7 @@ so every span of a trace leaves with the same trace id.
 import hashlib
 import math
 import time
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections import OrderedDict, defaultdict, deque
 
 import attrs
@@ -278,11 +278,11 @@ class TraceLinker:
         self.loop_conns: OrderedDict = OrderedDict()  # (pid, conn_id) of loop clients
         self.watermark = 0   # the latest end of any span arrived: how far the records got
         # asyncio: (pid, task address) -> ([created ns], [creator task]) in time order (an
-        # address is reused by task after task); (pid, task) -> server _Helds whose
-        # response that task wrote.
+        # address is reused by task after task); (pid, task) -> ([end ns], [server _Held])
+        # of the server spans whose response that task wrote, in end order.
         self.task_parents: dict = {}
         self.task_edge_count = 0
-        self.task_servers = defaultdict(list)
+        self.task_servers: dict = {}
 
     # -- intake ---------------------------------------------------------------------------
     def process(self, batch):
@@ -311,7 +311,11 @@ class TraceLinker:
             self.watermark = span.end_ns
         self._loop_event(h)
         if span.role == "server" and TASK_ATTR in span.attributes and self.config.asyncio_task:
-            self.task_servers[(span.pid, span.attributes[TASK_ATTR])].append(h)
+            ends, helds = self.task_servers.setdefault(
+                (span.pid, span.attributes[TASK_ATTR]), ([], []))
+            i = bisect_right(ends, span.end_ns)
+            ends.insert(i, span.end_ns)
+            helds.insert(i, h)
         header = _traceparent(span)
         if span.role == "client":
             if header:  # the application propagates: its outgoing parent-id is this span's id
@@ -513,8 +517,12 @@ class TraceLinker:
             if not servers:
                 continue
             # The write comes after the request's read and before its answer: no slack,
-            # the task's previous request (keep-alive) ended just before.
-            fit = [sh for sh in servers if sh.span.start_ns <= t <= sh.span.end_ns]
+            # the task's previous request (keep-alive) ended just before. A task answers
+            # its requests one after another (pipelined ones in order): the spans ending
+            # at or after t are those that may hold it, and the first few decide.
+            ends, helds = servers
+            i = bisect_left(ends, t)
+            fit = [sh for sh in helds[i:i + 4] if sh.span.start_ns <= t]
             if len(fit) == 1:
                 self._link(h, fit[0], "asyncio_task", out)
                 return True
@@ -674,10 +682,11 @@ class TraceLinker:
             if not times:
                 del self.task_parents[key]
         for key in list(self.task_servers):
-            kept = [sh for sh in self.task_servers[key] if sh.span.end_ns > horizon]
-            if kept:
-                self.task_servers[key] = kept
-            else:
+            ends, helds = self.task_servers[key]
+            i = bisect_right(ends, horizon)
+            if i:
+                del ends[:i], helds[:i]
+            if not ends:
                 del self.task_servers[key]
 
     def _prune_loops(self, horizon):

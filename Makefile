@@ -29,6 +29,8 @@ bench: setup
 accuracy: setup
 	$(VENV)/bin/python -m bench.accuracy
 	$(VENV)/bin/python -m bench.accuracy --asyncio
+	$(VENV)/bin/python -m bench.accuracy --front asyncio-seq
+	$(VENV)/bin/python -m bench.accuracy --front asyncio-aiohttp
 
 # Every parser and the Python detectors under atheris, 10^6 inputs each (bench/fuzz.py);
 # crashes land in tests/fuzz_corpus, which `make test` replays.

@@ -23,7 +23,9 @@ Sections (NAME), each measured with and without the agent in the same run, inter
 Three tools for the optimisation work itself (not part of the table): `python -m
 bench.bpfcost` (BPF run time per program from the kernel's bpf_stats while the syscall
 driver runs), `python -m bench.tpcost` (what a syscall tracepoint costs before any work
-of ours) and `python -m bench.replay` (user-space CPU per span on captured records).
+of ours), `python -m bench.replay` (user-space CPU per span on captured records) and
+`python -m bench.asynciocost` (an asyncio service's CPU per request with and without the
+trace probe's asyncio uprobes).
 
 Prints one table (without agent, with agent, delta/ratio, target, pass/MISS, and a note
 saying by how much a missed target is missed) and writes every raw figure and the

@@ -1,9 +1,10 @@
 """Trace-linking accuracy on a real microservice chain (run as root).
 
     python -m bench.accuracy [--requests 2000] [--clients 16] [--asyncio] [--traceparent]
-                             [--front threads|asyncio|node-seq|node-all|node-pool|node-timer|
-                                      node-fresh|go|go-fanout] [--no-kernel-l7]
-                             [--no-event-loop] [--no-goroutine]
+                             [--front threads|asyncio|asyncio-seq|asyncio-aiohttp|node-seq|
+                                      node-all|node-pool|node-timer|node-fresh|go|go-fanout]
+                             [--python PATH] [--no-kernel-l7] [--no-event-loop]
+                             [--no-goroutine] [--no-asyncio] [--ringbuf-pages N]
 
 Builds the namespace topology of ``bench.topology`` (load client -> A -> B -> Redis +
 PostgreSQL), starts the agent as a subprocess (``python -m deeptrace_core.cli``) with the
@@ -31,10 +32,11 @@ then also sends connect() records, which attribute an event loop's new connectio
 ``--no-event-loop`` runs the linker without its event-loop rule (the baseline);
 ``--no-goroutine`` runs the trace probe without reading Go goroutines (``go: false``: Go
 calls then go to the thread, event-loop and statistical rules, the baseline for the Go
-fronts).
+fronts). ``--no-asyncio`` without the asyncio task uprobes and rule (the baseline of the
+asyncio fronts); ``--python PATH`` runs an asyncio front under that interpreter.
 
 Prints a table and writes
-``bench/results/accuracy-<front>[-traceparent][-stage-l7][-no-event-loop][-no-goroutine].json``
+``bench/results/accuracy-<front>[-py3.12][-traceparent][-stage-l7][-no-event-loop][-no-goroutine][-no-asyncio].json``
 (``--out`` names another file, e.g. to keep a run before a change).
 """
 
@@ -278,12 +280,19 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def _python_version(python) -> str:
+    out = subprocess.run([python, "-c", "import platform; print(platform.python_version())"],
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
 def run(requests=2000, clients=16, asyncio_a=False, traceparent=False, wait=1.0,
         out=None, quiet=False, keep=False, front=None, kernel_l7=True, event_loop=True,
-        goroutine=True, ringbuf_pages=4096):
+        goroutine=True, ringbuf_pages=4096, asyncio_task=True, python=None):
     t_begin = time.monotonic()
     front = front or ("asyncio" if asyncio_a else "threads")
-    topo = Topology(front=front, pool=clients, a_pool=4, keep=keep)
+    topo = Topology(front=front, pool=clients, a_pool=4, keep=keep, python=python)
+    a_python = _python_version(python or sys.executable)
     agent = None
     try:
         topo.up()
@@ -292,7 +301,7 @@ def run(requests=2000, clients=16, asyncio_a=False, traceparent=False, wait=1.0,
         with open(cfg, "w") as f:
             f.write(topo.agent_yaml(spans_path, wait=wait, ringbuf_pages=ringbuf_pages,
                                     kernel_l7=kernel_l7, event_loop=event_loop,
-                                    goroutine=goroutine))
+                                    goroutine=goroutine, asyncio_task=asyncio_task))
         agent = AgentProcess(cfg, os.path.join(topo.workdir, "agent.stderr"))
         agent.wait_running()
         time.sleep(0.5)
@@ -315,8 +324,10 @@ def run(requests=2000, clients=16, asyncio_a=False, traceparent=False, wait=1.0,
                        "traceparent": traceparent, "linker_wait_s": wait,
                        "kernel_l7": kernel_l7, "event_loop_rule": event_loop,
                        "goroutines": goroutine, "ringbuf_pages": ringbuf_pages,
+                       "asyncio_task_rule": asyncio_task, "a_python": a_python,
                        "b_pool": clients,
-                       "a_pool": 4 if front in ("asyncio", "node-pool") else None,
+                       "a_pool": 4 if front.startswith("asyncio") or front == "node-pool"
+                       else None,
                        "load_client_traced": True},
             "load": {**summary, "requests_per_s": round(summary["sent"] / summary["seconds"], 1)
                      if summary["seconds"] else None},
@@ -325,6 +336,9 @@ def run(requests=2000, clients=16, asyncio_a=False, traceparent=False, wait=1.0,
             "agent_lost": {k: probe.get(k, 0) for k in REPORTED_LOSS},
             "agent_stats": stats,
             "agent_cpu_seconds": round(agent_cpu, 2),
+            "agent_cpu_us_per_request": round(agent_cpu / summary["sent"] * 1e6, 1)
+            if summary["sent"] else None,
+            "load_average": os.getloadavg(),
             "machine": {"kernel": platform.release(), "cpus": os.cpu_count()},
             "bench_seconds": round(time.monotonic() - t_begin, 1),
         })
@@ -333,9 +347,11 @@ def run(requests=2000, clients=16, asyncio_a=False, traceparent=False, wait=1.0,
             agent.stop(10)
         topo.down()
     if out is None:
-        name = f"accuracy-{front}" + ("-traceparent" if traceparent else "") + \
+        pyver = "" if python is None else "-py" + ".".join(a_python.split(".")[:2])
+        name = f"accuracy-{front}{pyver}" + ("-traceparent" if traceparent else "") + \
             ("" if kernel_l7 else "-stage-l7") + ("" if event_loop else "-no-event-loop") + \
-            ("" if goroutine else "-no-goroutine") + ".json"
+            ("" if goroutine else "-no-goroutine") + \
+            ("" if asyncio_task else "-no-asyncio") + ".json"
         out = os.path.join(HERE, "results", name)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
@@ -354,7 +370,9 @@ def table(r) -> str:
     lines = [f"DeepTrace trace-linking accuracy: A {c['a']}, {c['requests']} requests, "
              f"{c['clients']} clients, traceparent={'yes' if c['traceparent'] else 'no'}, "
              f"protocols detected in the {'kernel' if c.get('kernel_l7', True) else 'stage'}, "
-             f"event-loop rule {'on' if c.get('event_loop_rule', True) else 'off'}",
+             f"event-loop rule {'on' if c.get('event_loop_rule', True) else 'off'}, "
+             f"asyncio task rule {'on' if c.get('asyncio_task_rule', True) else 'off'}, "
+             f"A on Python {c.get('a_python')}",
              f"load: {r['load']['sent']} sent, {r['load']['errors']} errors, "
              f"{r['load']['seconds']} s ({r['load']['requests_per_s']} req/s); "
              f"connections {r['connections']}",
@@ -388,7 +406,9 @@ def table(r) -> str:
               f"agent lost events      {r['agent_lost']}",
               f"agent linker           {r['agent_stats'].get('processor.traces', {})}",
               f"agent spans stage      {r['agent_stats'].get('processor.spans', {})}",
-              f"agent CPU              {r['agent_cpu_seconds']} s over the run; "
+              f"agent CPU              {r['agent_cpu_seconds']} s over the run "
+              f"({r.get('agent_cpu_us_per_request')} us per request, load average "
+              f"{r.get('load_average')}); "
               f"bench took {r['bench_seconds']} s"]
     return "\n".join(lines)
 
@@ -403,6 +423,8 @@ def main(argv=None):
     p.add_argument("--front", choices=FRONTS,
                    help="what serves A: thread-per-request (default), asyncio, or a Node "
                         "http server calling B twice: sequential awaits (node-seq), "
+                        "asyncio calling B twice (streams + gather: asyncio; sequential "
+                        "awaits: asyncio-seq; aiohttp + gather: asyncio-aiohttp), "
                         "Promise.all (node-all), Promise.all through a 4-socket agent "
                         "pool (node-pool), setTimeout then Promise.all (node-timer), Promise.all "
                         "without keep-alive (node-fresh); or a Go net/http server calling B "
@@ -419,6 +441,10 @@ def main(argv=None):
                    help="the trace probe without Go goroutines (the Go fronts' baseline)")
     p.add_argument("--ringbuf-pages", type=int, default=4096,
                    help="the trace probe's ring (pages; default: the agent's own, 4096)")
+    p.add_argument("--no-asyncio", action="store_true",
+                   help="without the asyncio task uprobes and rule (the baseline)")
+    p.add_argument("--python", help="the interpreter an asyncio front runs on (e.g. "
+                                    "/root/.pyenv/versions/3.12.1/bin/python3.12)")
     p.add_argument("--wait", type=float, default=1.0, help="the linker's wait (seconds)")
     p.add_argument("--out", help="result JSON (default bench/results/accuracy-*.json)")
     p.add_argument("--keep", action="store_true",
@@ -432,7 +458,8 @@ def main(argv=None):
         run(args.requests, args.clients, args.asyncio, args.traceparent, args.wait, args.out,
             keep=args.keep, front=args.front, kernel_l7=not args.no_kernel_l7,
             event_loop=not args.no_event_loop, goroutine=not args.no_goroutine,
-            ringbuf_pages=args.ringbuf_pages)
+            ringbuf_pages=args.ringbuf_pages, asyncio_task=not args.no_asyncio,
+            python=args.python)
     except KeyboardInterrupt:
         print("bench.accuracy: interrupted (topology torn down)", file=sys.stderr)
         return 130

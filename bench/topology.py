@@ -32,8 +32,12 @@ their ``comm`` says what they are: dt-svc-a, dt-svc-a-aio, dt-svc-b, dt-load):
   keep-alive ``http.Client``, GET /b/<id> then GET /c/<id> from the handler's goroutine,
   or (go-fanout) both at once from two goroutines joined by a ``sync.WaitGroup``.
 * A (``front="asyncio"``, or ``asyncio_a=True``): one asyncio event loop, minimal
-  HTTP/1.1 with keep-alive; calls to B go over a small pool of keep-alive connections
-  shared by all requests, opened on demand. (Connections whose server side sits in a blocking read are opened after the
+  HTTP/1.1 over streams with keep-alive, calling B twice per request (GET /b/<id>, GET
+  /c/<id>) with ``asyncio.gather``; ``asyncio-seq``: the same with two sequential awaits;
+  ``asyncio-aiohttp``: an aiohttp server calling B with an aiohttp ClientSession and
+  gather. Calls to B go over a small pool (``a_pool``) of keep-alive connections shared
+  by all requests, opened on demand. ``python=PATH`` runs A under another interpreter
+  (e.g. pyenv's 3.12). (Connections whose server side sits in a blocking read are opened after the
   agent starts: a read that entered before the probe attached is never seen, so the
   first request on such a connection would be missing on the server side.)
 * the load client: threads each with its own keep-alive connection, unique request ids,
@@ -76,8 +80,8 @@ ROLES = ("net", "client", "a", "b", "db")
 COMMS = {"a": "dt-svc-a", "a-aio": "dt-svc-a-aio", "a-node": "dt-svc-a-node",
          "a-go": "dt-svc-a-go",
          "b": "dt-svc-b", "load": "dt-load"}
-FRONTS = ("threads", "asyncio", "node-seq", "node-all", "node-pool", "node-timer",
-          "node-fresh", "go", "go-fanout")
+FRONTS = ("threads", "asyncio", "asyncio-seq", "asyncio-aiohttp", "node-seq", "node-all",
+          "node-pool", "node-timer", "node-fresh", "go", "go-fanout")
 NODE_JS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "node_a.js")
 GO_A = os.path.join(os.path.dirname(os.path.abspath(__file__)), "go_a.go")
 GO = "/usr/bin/go"
@@ -202,7 +206,7 @@ class Topology:
     """Build with ``up()`` (or ``with Topology() as t``), tear down with ``down()``."""
 
     def __init__(self, prefix="dt-", asyncio_a=False, pool=16, a_pool=4, keep=False,
-                 base_port=None, front=None):
+                 base_port=None, front=None, python=None):
         global _instances
         _instances += 1
         self.prefix = prefix
@@ -216,7 +220,8 @@ class Topology:
         self.front = front or ("asyncio" if asyncio_a else "threads")
         if self.front not in FRONTS:
             raise ValueError(f"front {self.front!r}: one of {', '.join(FRONTS)}")
-        self.asyncio_a = self.front == "asyncio"
+        self.asyncio_a = self.front.startswith("asyncio")
+        self.python = python or sys.executable   # A's interpreter (asyncio fronts)
         self.pool, self.a_pool, self.keep = pool, a_pool, keep
         self.procs = {}
         self.workdir = None
@@ -273,7 +278,10 @@ class Topology:
                 self._service("a", where + ["--variant", "fanout" if self.front == "go-fanout"
                                             else "seq"], cmd=[exe])
             elif self.asyncio_a:
-                self._service("a", ["serve-a-async", "--pool", str(self.a_pool), *where])
+                variant = {"asyncio": "gather"}.get(self.front, self.front[8:])
+                self._service("a", ["serve-a-async", "--pool", str(self.a_pool),
+                                    "--variant", variant, *where],
+                              cmd=[self.python, "-m", "bench.topology"])
             else:
                 self._service("a", ["serve-a", *where])
         except BaseException:
@@ -439,22 +447,24 @@ class Topology:
 
     def agent_yaml(self, spans_path, wait=1.0, payload_bytes=512, ringbuf_pages=1024,
                    stats_interval=5.0, extra_processors="", kernel_l7=True, event_loop=True,
-                   goroutine=True):
+                   goroutine=True, asyncio_task=True):
         """The agent config: trace probe on this run's ports with the three protocols,
         spans -> traces, jsonl exporter. kernel_l7=False: the probe sends every call on
         these ports and the stage detects the protocols; only then does it send
         socket/connect/accept records, which carry an event loop's connect() times."""
         ports = ", ".join(str(p) for p in self.ports.values())
         kernel = "    protocols: [http1, redis, postgresql]\n" if kernel_l7 else ""
-        loop = "" if event_loop else "    event_loop: false\n"
+        loop = ("" if event_loop else "    event_loop: false\n") + \
+            ("" if asyncio_task else "    asyncio_task: false\n")
         go = "" if goroutine else "    go: false\n"
+        aio = "" if asyncio_task else "    asyncio: false\n"
         return f"""\
 agent:
   stats_interval: {stats_interval}s
 probes:
   trace:
     ports: [{ports}]
-{kernel}{go}    payload_bytes: {payload_bytes}
+{kernel}{go}{aio}    payload_bytes: {payload_bytes}
     ringbuf_pages: {ringbuf_pages}
 processors:
   spans:
@@ -727,7 +737,7 @@ def serve_a(args):
 
 def serve_a_async(args):
     set_comm(COMMS["a-aio"])
-    asyncio.run(_serve_a_async(args))
+    asyncio.run(_serve_a_aiohttp(args) if args.variant == "aiohttp" else _serve_a_async(args))
 
 
 async def _read_http(reader):
@@ -760,8 +770,8 @@ async def _serve_a_async(args):
 
     opened = [0]
 
-    async def call_b(rid):
-        call = {"proto": "http1", "op": f"GET /b/{rid}"}
+    async def call_b(rid, path="b"):
+        call = {"proto": "http1", "op": f"GET /{path}/{rid}"}
         # A small pool of keep-alive connections to B shared by all requests, opened on
         # demand (up to --pool), then reused.
         if pool.empty() and opened[0] < args.pool:
@@ -770,7 +780,7 @@ async def _serve_a_async(args):
         else:
             r, w = await pool.get()
         try:
-            w.write(f"GET /b/{rid} HTTP/1.1\r\nHost: {args.b}\r\n\r\n".encode())
+            w.write(f"GET /{path}/{rid} HTTP/1.1\r\nHost: {args.b}\r\n\r\n".encode())
             call["local"], call["remote"] = _addr(w.get_extra_info("sockname")), args.b
             await w.drain()
             msg = await _read_http(r)
@@ -800,11 +810,15 @@ async def _serve_a_async(args):
                     body, code = b'{"error":"not found"}', 404
                 else:
                     rid, t0 = m.group(1), time.time_ns()
-                    call, body = await call_b(rid)
-                    code = 200 if "status" in call else 502
+                    if args.variant == "seq":     # two direct awaits, one after the other
+                        done = [await call_b(rid, "b"), await call_b(rid, "c")]
+                    else:                         # both at once: two tasks
+                        done = await asyncio.gather(call_b(rid, "b"), call_b(rid, "c"))
+                    calls, body = [c for c, _ in done], done[0][1]
+                    code = 200 if all("status" in c for c in calls) else 502
                     gt.write({"svc": "a", "id": rid, "pid": pid, "tid": tid,
                               "peer": _addr(peer), "local": _addr(me), "t0": t0,
-                              "t1": time.time_ns(), "calls": [call]})
+                              "t1": time.time_ns(), "calls": calls})
                 writer.write((f"HTTP/1.1 {code} {http.client.responses.get(code, 'X')}\r\n"
                               f"Content-Type: application/json\r\n"
                               f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
@@ -821,6 +835,62 @@ async def _serve_a_async(args):
     print("READY", flush=True)
     async with server:
         await server.serve_forever()
+
+
+async def _serve_a_aiohttp(args):
+    """A on aiohttp: its server, and a ClientSession (a pool of `--pool` keep-alive
+    connections) calling B's /b and /c with gather."""
+    import contextvars
+
+    from aiohttp import ClientSession, TCPConnector, web
+    bhost, bport = _hostport(args.b)
+    gt = GroundTruth(args.log)
+    pid, tid = os.getpid(), threading.get_native_id()
+    used = contextvars.ContextVar("used")   # the call's record: where its socket was
+
+    class Connector(TCPConnector):
+        # aiohttp releases a small response's connection before the caller sees it: the
+        # socket a call used is noted when the pool hands it out, in the call's context.
+        async def connect(self, req, traces, timeout):
+            conn = await super().connect(req, traces, timeout)
+            used.get()["local"] = _addr(conn.transport.get_extra_info("sockname"))
+            return conn
+
+    session = ClientSession(connector=Connector(limit=args.pool, keepalive_timeout=60))
+
+    async def call_b(rid, path):
+        call = {"proto": "http1", "op": f"GET /{path}/{rid}", "remote": args.b}
+        used.set(call)
+        try:
+            async with session.get(f"http://{bhost}:{bport}/{path}/{rid}") as resp:
+                body = await resp.read()
+                call["status"] = resp.status
+                return call, body
+        except Exception as exc:  # noqa: BLE001 (the request is answered 502, logged)
+            call["error"] = repr(exc)
+            return call, b"{}"
+
+    async def handle(request):
+        rid, t0 = request.match_info["rid"], time.time_ns()
+        done = await asyncio.gather(call_b(rid, "b"), call_b(rid, "c"))
+        calls = [c for c, _ in done]
+        tr = request.transport
+        gt.write({"svc": "a", "id": rid, "pid": pid, "tid": tid,
+                  "peer": _addr(tr.get_extra_info("peername")),
+                  "local": _addr(tr.get_extra_info("sockname")), "t0": t0,
+                  "t1": time.time_ns(), "calls": calls})
+        ok = all("status" in c for c in calls)
+        return web.Response(body=done[0][1], status=200 if ok else 502,
+                            content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/a/{rid}", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    host, port = _hostport(args.listen)
+    await web.TCPSite(runner, host, port, backlog=256).start()
+    print("READY", flush=True)
+    await asyncio.Event().wait()
 
 
 def load(args):
@@ -913,6 +983,7 @@ def _main(argv=None):
         a.add_argument("--b", required=True)
         a.add_argument("--log", required=True)
         a.add_argument("--pool", type=int, default=4)
+        a.add_argument("--variant", choices=("gather", "seq", "aiohttp"), default="gather")
     ld = sub.add_parser("load")
     ld.add_argument("--a", required=True)
     ld.add_argument("--requests", type=int, default=100)

@@ -55,9 +55,11 @@ class Tracer:
     def __init__(self, probe):
         self.probe = probe
         self.records = []
+        self.edges = []   # asyncio task edges (the trace probe's, for asyncio processes)
 
     def drain(self):
-        self.records += self.probe.poll(10)
+        for r in self.probe.poll(10):
+            (self.edges if r.kind == "asyncio_task" else self.records).append(r)
 
     def wait_for(self, pred, timeout=5.0):
         """Poll until pred(records) is true; returns the records."""

@@ -10,7 +10,7 @@ from deeptrace_plugins.trace.probe import TraceConfig
 
 
 def raw(payload=b"hello", **kw):
-    f = dict(ts_enter=100, ts_exit=250, conn_id=7, ret=len(payload), pid=10, tid=11, fd=3,
+    f = dict(ts_enter=100, ts_exit=250, conn_id=7, loop_iter=0, atask=0, ret=len(payload), pid=10, tid=11, fd=3,
              seq=4294967290, plen=len(payload), msg_index=0, sysno=8, family=socket.AF_INET6,
              lport=8080, rport=40000, direction=2, l4=1, flags=decoder.F_SEQ, l7_proto=0, l7_role=0, tcp_state=1,
              laddr=socket.inet_pton(socket.AF_INET6, "::1"),
@@ -47,6 +47,25 @@ def test_l7_protocol_and_role():
     assert (r.protocol, r.role) == ("redis", "server")
     r = decoder.decode(raw(l7_proto=9, l7_role=1), protocols=("http1",))
     assert (r.protocol, r.role) == (None, "client")
+
+
+def test_execution_unit_fields():
+    r = decoder.decode(raw(loop_iter=12345, atask=0x7F00DEADBEEF))
+    assert (r.loop_iter, r.asyncio_task) == (12345, 0x7F00DEADBEEF)
+    assert r.to_dict()["loop_iter"] == 12345 and r.to_dict()["asyncio_task"] == 0x7F00DEADBEEF
+    assert (decoder.decode(raw()).loop_iter, decoder.decode(raw()).asyncio_task) == (0, 0)
+
+
+def test_task_edge_records():
+    """A task_edge_t (32 bytes) is told from a socket record by its length."""
+    blob = decoder.TASK_EDGE.pack(500, 0x7F0000001000, 0x7F0000002000, 42, 43)
+    e = decoder.decode(blob)
+    assert isinstance(e, decoder.TaskEdge) and e.kind == "asyncio_task"
+    assert (e.pid, e.tid, e.child, e.parent) == (42, 43, 0x7F0000001000, 0x7F0000002000)
+    assert e.ts_ns == 500 + decoder._MONO_TO_WALL
+    assert e.to_dict()["child"] == 0x7F0000001000 and "created by 0x7f0000002000" in e.line()
+    with pytest.raises(ValueError):   # any other short length is still malformed
+        decoder.decode(blob[:24])
 
 
 def test_control_calls_report_return_value():

@@ -45,7 +45,7 @@ class TLS:
         self.outputs = []
 
         def drain():
-            recs = self.trace.poll(10)
+            recs = [r for r in self.trace.poll(10) if r.kind == "socket"]  # not task edges
             tls = [r for r in self.tls.poll(10) if port in (r.local_port, r.remote_port)]
             cipher.extend(r for r in recs if r.direction != "none")
             plain.extend(tls)

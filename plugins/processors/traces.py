@@ -24,6 +24,14 @@ Order of trust, recorded per span in ``link_source``:
      detected in the stage, not the kernel), ``shared_read`` (the current requests came
      in one read: pipelined), ``order_unreliable`` (the thread's recent calls misfit too
      often for its order to be trusted: asyncio, timers, a full pool).
+  4a. ``asyncio_task`` (tried before ``event_loop``): asyncio reads requests in the
+     loop's callbacks and makes the calls they cause from Tasks, loop iterations later,
+     so the order above misleads; the trace probe's uprobes say which Task made each
+     write (``deeptrace.asyncio_task``) and which Task created which (edge records). A
+     server span's response is written by the task that handled the request; a client
+     span whose request write's task descends from it (or is it), made while that
+     server span was open, is its child. Undecided (``deeptrace.asyncio_deferred``:
+     ``no_server_task``, ``ambiguous``) goes on to ``event_loop`` and the fallback.
   4b. ``goroutine``: spans of Go processes carry the goroutine their request side ran on
      (``deeptrace.goid``; an http.Client call's writeLoop write is the caller's, in the
      kernel) and its ancestors by spawn (``deeptrace.go_parents``, nearest first). A
@@ -51,7 +59,7 @@ import hashlib
 import math
 import re
 import time
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections import OrderedDict, defaultdict, deque
 
 import attrs
@@ -81,6 +89,9 @@ LOOP_CONNS = 65536                 # event-loop client connections seen (LRU): a
                                    # one only has its next call deferred
 GOID, GO_PARENTS = "deeptrace.goid", "deeptrace.go_parents"
 GO_SHARED = "deeptrace.goroutine_concurrent"   # the stage's mark, as thread_concurrent
+TASK_ATTR = "deeptrace.asyncio_task"
+TASK_EDGES = 200_000               # asyncio task creations remembered, at most (counted)
+TASK_DEPTH = 32                    # creators followed up from a call's task
 
 
 @attrs.define
@@ -93,6 +104,9 @@ class TracesConfig:
     # The event-loop rule (link_source event_loop); off, such threads' calls go to the
     # statistical fallback as they did before it (bench.accuracy --no-event-loop).
     event_loop: bool = True
+    # The asyncio task rule (link_source asyncio_task): needs the trace probe's asyncio
+    # uprobes (probes.trace.asyncio); off, such calls go to event_loop and the fallback.
+    asyncio_task: bool = True
     min_confidence: float = attrs.field(default=0.0, validator=[v.ge(0), v.le(1)])
     # Operation pairs (and server operations) the statistical fallback remembers; the
     # least recently learned go first (counted as learned_evicted). Paths with ids in
@@ -376,14 +390,23 @@ class TraceLinker:
         self.go_clients = defaultdict(list)
         self.go_servers = defaultdict(list)
         self.go_shared: OrderedDict = OrderedDict()
+        # asyncio: (pid, task address) -> ([created ns], [creator task]) in time order (an
+        # address is reused by task after task); (pid, task) -> ([end ns], [server _Held])
+        # of the server spans whose response that task wrote, in end order.
+        self.task_parents: dict = {}
+        self.task_edge_count = 0
+        self.task_servers: dict = {}
 
     # -- intake ---------------------------------------------------------------------------
     def process(self, batch):
         out = []
         now = time.monotonic()
         for rec in batch:
-            if getattr(rec, "kind", None) == "span":
+            kind = getattr(rec, "kind", None)
+            if kind == "span":
                 self._arrive(rec, now, out)
+            elif kind == "asyncio_task":
+                self._task_edge(rec)      # consumed here: lineage, not telemetry
             else:
                 out.append(rec)
         if now >= self._next_expiry:  # a scan of what is held, not per batch
@@ -400,6 +423,13 @@ class TraceLinker:
         if span.end_ns > self.watermark:
             self.watermark = span.end_ns
         self._loop_event(h)
+        if span.role == "server" and TASK_ATTR in span.attributes and self.config.asyncio_task:
+            ends, helds = self.task_servers.setdefault(
+                (span.pid, span.attributes[TASK_ATTR]), ([], []))
+            i = bisect_right(ends, span.end_ns)
+            ends.insert(i, span.end_ns)
+            helds.insert(i, h)
+            h.on_loop = True   # kept for the window: slimmed once released
         header = _traceparent(span)
         if span.role == "client":
             if header:  # the application propagates: its outgoing parent-id is this span's id
@@ -611,6 +641,74 @@ class TraceLinker:
         self._link(h, parent, "event_loop", out)
         return True
 
+    # -- the asyncio task rule ------------------------------------------------------------
+    def _task_edge(self, e):
+        """Remember who created task `e.child` (several creations per address: CPython
+        reuses a freed task's memory for the next one)."""
+        if not self.config.asyncio_task:
+            return
+        if self.task_edge_count >= TASK_EDGES:   # kept for the recall window (_prune)
+            self.counts["asyncio_task_edges_dropped"] += 1
+            return
+        versions = self.task_parents.get((e.pid, e.child))
+        if versions is None:
+            versions = self.task_parents[(e.pid, e.child)] = ([], [])
+        times, parents = versions
+        i = len(times) if not times or e.ts_ns >= times[-1] else bisect_right(times, e.ts_ns)
+        times.insert(i, e.ts_ns)
+        parents.insert(i, e.parent)
+        self.task_edge_count += 1
+        self.counts["asyncio_task_edges"] += 1
+
+    def _lineage(self, pid, task, t):
+        """The task current at time t, its creator, that one's creator, ... (each the
+        creation of that address last before the time its child was created)."""
+        chain = [task]
+        while len(chain) < TASK_DEPTH:
+            versions = self.task_parents.get((pid, task))
+            if versions is None:
+                break
+            i = bisect_right(versions[0], t) - 1
+            if i < 0:
+                break
+            parent, t = versions[1][i], versions[0][i]
+            if not parent or parent in chain:
+                break
+            chain.append(parent)
+            task = parent
+        return chain
+
+    def _asyncio_task(self, h, out) -> bool:
+        """Link a client span by its request write's task: the nearest of that task and
+        its creators that wrote the response of a server span of the same process open
+        at the write. False (the reason on the span) when none or several fit."""
+        c = h.span
+        task = c.attributes.get(TASK_ATTR)
+        if not task or not self.config.asyncio_task:
+            return False
+        t = c.start_ns
+        why = "no_server_task"
+        for anc in self._lineage(c.pid, task, t):
+            servers = self.task_servers.get((c.pid, anc))
+            if not servers:
+                continue
+            # The write comes after the request's read and before its answer: no slack,
+            # the task's previous request (keep-alive) ended just before. A task answers
+            # its requests one after another (pipelined ones in order): the spans ending
+            # at or after t are those that may hold it, and the first few decide.
+            ends, helds = servers
+            i = bisect_left(ends, t)
+            fit = [sh for sh in helds[i:i + 4] if sh.span.start_ns <= t]
+            if len(fit) == 1:
+                self._link(h, fit[0], "asyncio_task", out)
+                return True
+            if fit:
+                why = "ambiguous"
+                break
+        c.attributes["deeptrace.asyncio_deferred"] = why
+        self.counts[f"asyncio_task_deferred_{why}"] += 1
+        return False
+
     def _rename(self, h, new_span_id):
         old = h.span.span_id
         self.held.pop(old, None)
@@ -728,7 +826,8 @@ class TraceLinker:
             elif not h.decided and waited >= wait:
                 if h.span.role == "client" and self._loop_pending(h, now):
                     continue
-                if h.span.role == "client" and (self._event_loop(h, out) or (
+                if h.span.role == "client" and (
+                        self._asyncio_task(h, out) or self._event_loop(h, out) or (
                         self.config.statistical and self._statistical(h, out))):
                     continue
                 self._root(h, out)
@@ -770,7 +869,23 @@ class TraceLinker:
                 del self.waiting_server[k]
         # A timeline's events older than the recall window could only answer calls that
         # started before it (held that long: rare); what looks there finds no context.
-        self._prune_loops(wall - int(self.window * 1e9))
+        horizon = wall - int(self.window * 1e9)
+        self._prune_loops(horizon)
+        for key in list(self.task_parents):
+            times, parents = self.task_parents[key]
+            i = bisect_right(times, horizon)
+            if i:
+                del times[:i], parents[:i]
+                self.task_edge_count -= i
+            if not times:
+                del self.task_parents[key]
+        for key in list(self.task_servers):
+            ends, helds = self.task_servers[key]
+            i = bisect_right(ends, horizon)
+            if i:
+                del ends[:i], helds[:i]
+            if not ends:
+                del self.task_servers[key]
 
     def _prune_loops(self, horizon):
         """Timelines keep what a held span may still look up (as servers_by_pid does),
@@ -879,7 +994,8 @@ class TraceLinker:
         out = []
         for h in list(self.held.values()):
             if h.span.span_id in self.held and not h.decided:
-                if not (h.span.role == "client" and (self._event_loop(h, out) or (
+                if not (h.span.role == "client" and (
+                        self._asyncio_task(h, out) or self._event_loop(h, out) or (
                         self.config.statistical and self._statistical(h, out)))):
                     self._root(h, out)
         for h in list(self.held.values()):

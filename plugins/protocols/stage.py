@@ -157,8 +157,11 @@ class SpanStage:
         tls = self._tls_counts
         handshakes = tls["spans"]
         for rec in batch:
-            if getattr(rec, "kind", None) == "socket":
+            kind = getattr(rec, "kind", None)
+            if kind == "socket":
                 self._record(rec, spans)
+            elif kind == "asyncio_task":   # task lineage: for the traces processor
+                spans.append(rec)
         now = time.monotonic()
         if now >= self._next_expiry:
             self._expire(clock.wall_ns(), spans)   # the records' clock, not time.time_ns()
@@ -175,7 +178,7 @@ class SpanStage:
         held = self.handshakes
         out = []
         for span in spans:
-            if span.protocol != "tls":
+            if span.kind != "span" or span.protocol != "tls":   # task edges pass
                 out.append(span)
                 continue
             tup = (span.pid, span.local_port, span.remote_addr, span.remote_port)
@@ -304,6 +307,14 @@ class SpanStage:
 
     def _message(self, conn, msg, rec, spans):
         counts = self.counts[conn.name]
+        # The execution unit of the record that completed the message: the loop iteration,
+        # and the asyncio task of the span's own write (a client's request, a server's
+        # response: the task that answers; reads mostly run in the loop's callbacks).
+        if rec.loop_iter:
+            msg.attributes["deeptrace.loop_iter" if msg.is_request
+                           else "deeptrace.response_loop_iter"] = rec.loop_iter
+        if rec.asyncio_task and rec.direction == "egress":
+            msg.attributes["deeptrace.asyncio_task"] = rec.asyncio_task
         if msg.is_request:
             if not msg.expects_response:
                 spans.append(self._span(conn, msg, None, rec))

@@ -132,8 +132,11 @@ class Scanner:
     deleted: a key seen again under another path is checked against the identity (change
     time, size) recorded with it, and looked at anew if it is another file."""
 
-    def __init__(self, include=(), exclude=(), self_pid=None):
+    def __init__(self, include=(), exclude=(), self_pid=None, inspect=None):
         self.include, self.exclude = list(include), list(exclude)
+        # (open path, mapped path) -> the symbols of a file to attach, or None; default:
+        # OpenSSL's (the trace probe passes its asyncio one: plugins/trace/asyncio.py).
+        self.inspect = inspect
         self.self_pid = os.getpid() if self_pid is None else self_pid
         # key -> (path, identity, Target or None: no wanted symbols, excluded)
         self.seen: dict = {}
@@ -173,6 +176,12 @@ class Scanner:
             st = os.stat(open_path)
             if st.st_ino != key[1] or not stat.S_ISREG(st.st_mode):
                 return None, None  # replaced since it was mapped, or not a plain file
+            if self.inspect is not None:
+                symbols = self.inspect(open_path, path)
+                ident = (st.st_ctime_ns, st.st_size)
+                if not symbols or not wanted_path(path, self.include, self.exclude):
+                    return ident, None
+                return ident, Target(key, open_path, path, symbols)
             symbols = defined_functions(open_path)
         except (OSError, ValueError, struct.error):
             self.errors += 1

@@ -14,8 +14,10 @@ from deeptrace_core import clock
 from deeptrace_core.addresses import FAMILIES, address, endpoint
 
 # struct event_t header (before payload): see trace.bpf.c.
-HEADER = struct.Struct("<QQQqIIiIIHHHHHBBBBBB4x16s16s16sQ")
-assert HEADER.size == 128
+HEADER = struct.Struct("<QQQQQqIIiIIHHHHHBBBBBB4x16s16s16sQ")
+assert HEADER.size == 144
+# struct task_edge_t (asyncio: a Task's creation and its creator), told apart by length.
+TASK_EDGE = struct.Struct("<QQQII")
 
 SYSCALLS = {1: "read", 2: "readv", 3: "recvfrom", 4: "recvmsg", 5: "recvmmsg",
             6: "write", 7: "writev", 8: "sendto", 9: "sendmsg", 10: "sendmmsg",
@@ -27,7 +29,8 @@ ROLES = {0: None, 1: "client", 2: "server"}
 
 # Counter slots of the `stats` per-CPU array, in C enum order.
 STAT_NAMES = ("events", "ringbuf_full", "inflight_alloc_failed", "conn_map_full",
-              "read_failed", "mmsg_truncated", "iov_truncated", "l7_tail_call_failed")
+              "read_failed", "mmsg_truncated", "iov_truncated", "l7_tail_call_failed",
+              "asyncio_task_edges", "asyncio_task_depth_exceeded")
 LOSS_STATS = ("ringbuf_full", "inflight_alloc_failed", "conn_map_full", "read_failed",
               "mmsg_truncated", "prog_recursion_misses")
 
@@ -69,6 +72,11 @@ class SocketRecord:
     # by spawn, nearest first (goroutine.py), which the goroutine linker rule follows.
     goid: int = 0
     go_parents: tuple = ()
+    # The execution unit: the thread's event-loop iterations so far (epoll_wait returns;
+    # 0: it never waited) and the asyncio Task whose step made the call (0: none, or its
+    # uprobes are not attached).
+    loop_iter: int = 0
+    asyncio_task: int = 0
 
     kind = "socket"
 
@@ -93,6 +101,29 @@ class SocketRecord:
 
 
 _FIELDS = tuple(a.name for a in attrs.fields(SocketRecord))
+
+
+@attrs.define(slots=True)
+class TaskEdge:
+    """asyncio: Task `child` (a TaskObj address in process `pid`) was created at `ts_ns`
+    while Task `parent` ran on thread `tid` (0: outside any task). The traces processor
+    follows these from a client call's task to the task that answers a request."""
+
+    ts_ns: int
+    pid: int
+    tid: int
+    child: int
+    parent: int
+
+    kind = "asyncio_task"
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "ts_ns": self.ts_ns, "pid": self.pid, "tid": self.tid,
+                "child": self.child, "parent": self.parent}
+
+    def line(self) -> str:
+        return (f"asyncio task {self.child:#x} created by {self.parent:#x} "
+                f"[{self.pid}/{self.tid}]")
 
 
 def decode(buf: bytes, protocols=()) -> SocketRecord:
@@ -131,12 +162,17 @@ def make_decoder(protocols=()):
     trunc = F_TRUNC | F_IOV_TRUNC
     new = SocketRecord
 
+    edge_size, unpack_edge = TASK_EDGE.size, TASK_EDGE.unpack_from
+
     def decode_at(data, off, length):
         if length < hsize:
+            if length == edge_size:
+                ts, child, parent, pid, tid = unpack_edge(data, off)
+                return TaskEdge(ts + mono_to_wall, pid, tid, child, parent)
             raise ValueError(f"record of {length} bytes is shorter than its header")
-        (ts_enter, ts_exit, conn_id, ret, pid, tid, fd, seq, plen, msg_index, sysno, family,
-         lport, rport, direction, l4, flags, l7_proto, l7_role, _tcp_state, laddr, raddr,
-         comm, goid) = unpack(data, off)
+        (ts_enter, ts_exit, conn_id, loop_iter, atask, ret, pid, tid, fd, seq, plen, msg_index,
+         sysno, family, lport, rport, direction, l4, flags, l7_proto, l7_role, _tcp_state,
+         laddr, raddr, comm, goid) = unpack(data, off)
         if plen > length - hsize:
             raise ValueError(f"payload length {plen} exceeds the record")
         cache = caches.get(family)
@@ -168,6 +204,6 @@ def make_decoder(protocols=()):
                    syscalls[sysno], directions[direction], l4s[l4], families[family],
                    la, lport, ra, rport, ret, seq, seq_end, bytes(data[start:start + plen]),
                    conn_id, msg_index, bool(flags & trunc), bool(flags & F_PEEK),
-                   protos[l7_proto], roles[l7_role], False, goid)
+                   protos[l7_proto], roles[l7_role], False, goid, (), loop_iter, atask)
 
     return decode_at

@@ -14,6 +14,7 @@ from deeptrace_core.l7 import check_protocols
 from deeptrace_core.metricprobe import power_of_two
 from deeptrace_core.ringbuf import RingBuffer
 
+from .asyncio import AsyncioTracer
 from .decoder import LOSS_STATS, STAT_NAMES, make_decoder
 from .fields import KERNEL_FIELDS
 from .goroutine import PROGRAMS as GO_PROGRAMS
@@ -91,6 +92,11 @@ class TraceConfig:
     # Go programs: the goroutine on every record, and http.Client's and `go` statements'
     # hand-offs (goroutine.py); off, Go calls are linked by thread like any other.
     go: bool = True
+    # asyncio: uprobes on CPython's _asyncio extension put the running Task on each record
+    # (asyncio.py); files first mapped after start-up are found at the next rescan.
+    asyncio: bool = True
+    asyncio_rescan: float = attrs.field(default=10.0, validator=[v.ge(0), v.le(86400)],
+                                        metadata={"unit": "seconds"})
 
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -184,6 +190,8 @@ class TraceProbe:
         self.protocol_names = tuple(cls.name for cls in self.protocols)
         self.go = GoTracker(self_pid=self.self_pid) if config.go else None
         self._go_next_full = time.monotonic() + GO_RESCAN_S
+        self.asyncio = AsyncioTracer(config.asyncio_rescan, self.self_pid) \
+            if config.asyncio else None
 
     def _protocol_classes(self):
         names = self.config.protocols
@@ -227,6 +235,8 @@ class TraceProbe:
             "GO_PROCS_MAX": 16384,     # Go processes
             "GO_MAX": 65536,           # connections' loop goroutines, calls in roundTrip
             "GO_RING_PAGES": GO_RING_PAGES,
+            "HAVE_EPOLL_PWAIT2": int(bpf.tracepoint_exists("syscalls", "sys_exit_epoll_pwait2")),
+            "ASYNCIO_ENABLED": int(c.asyncio),
         }
         if caps:  # protocol i (slot order) -> its cap, in payload_cap()
             defines["PROTO_CAP_CASES"] = " ".join(f"case {i}: return {n};"
@@ -300,6 +310,8 @@ class TraceProbe:
             self.go.ring = RingBuffer(self.bpf[b"go_events"].map_fd, GO_RING_PAGES * PAGE)
             self.go.rescan(self.bpf, [int(p) for p in os.listdir("/proc") if p.isdigit()])
         self._arm()  # start recording now
+        if self.asyncio is not None:
+            self.asyncio.rescan(self.bpf, force=True)
 
     def _arm(self):
         """Start recording, or make the kernel drop the filter verdicts its threads cached
@@ -363,6 +375,8 @@ class TraceProbe:
                 self._go_next_full = time.monotonic() + GO_RESCAN_S
             if execs and go.rescan(self.bpf, execs) and self._generation:
                 self._arm()   # threads cache go_procs with their filter verdict
+        if self.asyncio is not None:
+            self.asyncio.rescan(self.bpf)
         return out
 
     def stats(self) -> dict:
@@ -376,6 +390,8 @@ class TraceProbe:
         out["conn_map_entries"] = len(self.bpf[b"conns"])
         if self.go is not None:
             out.update(self.go.stats(self.bpf))
+        if self.asyncio is not None:
+            out.update(self.asyncio.stats())
         return out
 
     def gc(self):

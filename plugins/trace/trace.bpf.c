@@ -12,7 +12,12 @@
 // per-protocol caps, if any), PROTO_RECORDS_CASES (per-protocol record budgets, if any),
 // PAYLOAD_MAX (the largest cap's power-of-two ceiling, for verifier bounds), MAX_IOV,
 // MMSG_MAX_IOV, MAX_MMSG, CONN_MAX, GO_ENABLED, GO_PROCS_MAX, GO_MAX, GO_RING_PAGES, RINGBUF_PAGES, WAKEUP_BYTES, SELF_TGID, FILTER_PIDS, FILTER_COMMS,
-// FILTER_EXCLUDE_COMMS, FILTER_PORTS, FILTER_NETNS, FILTER_CGROUPS, CGROUP_MAX_LEVEL, SKC_CHUNK, L7_ENABLED, L7_COUNT, L7_MAX_TRIES (and the l7_try_<i> programs).
+// FILTER_EXCLUDE_COMMS, FILTER_PORTS, FILTER_NETNS, FILTER_CGROUPS, CGROUP_MAX_LEVEL, SKC_CHUNK, L7_ENABLED, L7_COUNT, L7_MAX_TRIES (and the l7_try_<i> programs),
+// HAVE_EPOLL_PWAIT2, ASYNCIO_ENABLED (the asyncio task uprobes, attached by asyncio.py).
+
+// struct pt_regs: the asyncio uprobes' context. Only argument registers are read
+// (PT_REGS_PARM*), whose places are x86-64 ABI.
+#include <uapi/linux/ptrace.h>
 
 #define AF_INET 2
 #define AF_INET6 10
@@ -49,7 +54,7 @@ enum { ROLE_UNKNOWN = 0, ROLE_CLIENT = 1, ROLE_SERVER = 2 };
 
 // Loss/failure counters, by cause; decoder.py mirrors the names.
 enum { ST_EVENTS = 0, ST_RB_FULL, ST_INFLIGHT_FAIL, ST_CONN_FULL, ST_READ_FAIL,
-       ST_MMSG_TRUNC, ST_IOV_TRUNC, ST_TAILCALL_FAIL, ST_NSTATS };
+       ST_MMSG_TRUNC, ST_IOV_TRUNC, ST_TAILCALL_FAIL, ST_TASK_EDGES, ST_TASK_DEPTH, ST_NSTATS };
 BPF_PERCPU_ARRAY(stats, u64, ST_NSTATS);
 
 static __always_inline void stat_inc(u32 idx) {
@@ -61,6 +66,8 @@ struct event_t {
     u64 ts_enter;
     u64 ts_exit;
     u64 conn_id;
+    u64 loop_iter;    // epoll_wait/epoll_pwait/epoll_pwait2 returns on this thread so far
+    u64 atask;        // asyncio: the Task (TaskObj *) whose step made the call, else 0
     s64 ret;          // syscall return value (for mmsg: this message's msg_len)
     u32 pid;
     u32 tid;
@@ -104,6 +111,8 @@ struct inflight_t {
     u16 sys;     // our SYS_* id; 0: nothing saved (taken, or never set)
     u16 nr;      // the kernel's syscall number: its exit must carry the same
     u32 go_off;  // Go: g.goid's offset in this process (go_procs), 0 not Go; with the verdict
+    u64 loop_iter;  // the thread's epoll returns and asyncio task now (copied with the
+    u64 atask;      // arguments at exit, so the record costs no lookup of its own)
     u32 gen;     // the cached filter verdict below: filter generation it was reached at,
     u32 verdict; // the verdict,
     u64 comm[2]; // and the thread's name then
@@ -112,6 +121,10 @@ struct inflight_t {
 #endif
 #if FILTER_NETNS
     u64 nsproxy; // and its namespaces then (setns, or `ip netns exec` after netlink calls)
+#endif
+#if ASYNCIO_ENABLED
+    u64 atask_saved[4];  // the tasks whose steps this one's interrupted (eager tasks nest)
+    u32 atask_depth;
 #endif
 };
 BPF_TASK_STORAGE(inflight, struct inflight_t);
@@ -947,6 +960,8 @@ int data_exit(struct exit_ctx *ctx) {
     struct event_t *e = begin(id, args.fd, sys, args.ts, args.go_off, &sk, &conn);
     if (!e)
         return 0;
+    e->loop_iter = args.loop_iter;
+    e->atask = args.atask;
     e->direction = dir;
     e->ret = ret;
     u64 name = args.addr;
@@ -1004,6 +1019,8 @@ int mmsg_exit(struct exit_ctx *ctx) {
     struct event_t *e = begin(id, args.fd, sys, args.ts, args.go_off, &sk, &conn);
     if (!e)
         return 0;
+    e->loop_iter = args.loop_iter;
+    e->atask = args.atask;
 #if L7_ENABLED
     // Decided once for all messages (a branch inside the loop multiplies the paths the
     // verifier walks). The detectors cost the verifier more than it allows inside the
@@ -1131,6 +1148,8 @@ int ctl_exit(struct exit_ctx *ctx) {
     struct event_t *e = begin(id, fd, sys, args.ts, args.go_off, &sk, &conn);
     if (!e)
         return 0;
+    e->loop_iter = args.loop_iter;
+    e->atask = args.atask;
     e->direction = DIR_NONE;
     e->ret = ret;
     // A failed connect leaves no peer on the sock: report the address that was asked for.
@@ -1230,6 +1249,8 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
         conns.delete(&k);
         return 0;
     }
+    e->loop_iter = a->loop_iter;
+    e->atask = a->atask;
     e->direction = DIR_NONE;
     e->ret = 0;
 #if L7_ENABLED
@@ -1256,3 +1277,75 @@ static __always_inline int forget_fd(s64 fd) {
 }
 TRACEPOINT_PROBE(syscalls, sys_enter_dup2) { return forget_fd(args->newfd); }
 TRACEPOINT_PROBE(syscalls, sys_enter_dup3) { return forget_fd(args->newfd); }
+
+// -- The execution unit: loop iterations and asyncio tasks --------------------------------
+// An event loop's iteration is one return of its wait: counted per thread here (in the
+// thread's storage, no record), carried on each socket record as loop_iter.
+static __always_inline int loop_tick(void) {
+    struct inflight_t *a = inflight.task_storage_get(bpf_get_current_task_btf(), 0,
+                                                     BPF_LOCAL_STORAGE_GET_F_CREATE);
+    if (a)
+        a->loop_iter += 1;
+    return 0;
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_epoll_wait) { return loop_tick(); }
+TRACEPOINT_PROBE(syscalls, sys_exit_epoll_pwait) { return loop_tick(); }
+#if HAVE_EPOLL_PWAIT2
+TRACEPOINT_PROBE(syscalls, sys_exit_epoll_pwait2) { return loop_tick(); }
+#endif
+
+#if ASYNCIO_ENABLED
+// CPython's _asyncio (asyncio.py finds the functions in its symbol table): the entry of
+// task_step_impl (one step of a Task; its TaskObj * is argument `n`, which differs between
+// Python versions) makes that task current on the thread, its return restores the one it
+// interrupted. A Task's __init__ names its creator: the task current then (0: none), sent
+// as a task_edge_t record on the events ring (a record's length tells it from event_t's).
+struct task_edge_t { u64 ts; u64 child; u64 parent; u32 pid; u32 tid; };
+
+static __always_inline int step_enter(u64 task) {
+    struct inflight_t *a = inflight.task_storage_get(bpf_get_current_task_btf(), 0,
+                                                     BPF_LOCAL_STORAGE_GET_F_CREATE);
+    if (!a)
+        return 0;
+    u32 d = a->atask_depth;
+    if (d < 4)
+        a->atask_saved[d & 3] = a->atask;
+    else
+        stat_inc(ST_TASK_DEPTH);
+    a->atask_depth = d + 1;
+    a->atask = task;
+    return 0;
+}
+int asyncio_step_enter_0(struct pt_regs *ctx) { return step_enter(PT_REGS_PARM1(ctx)); }
+int asyncio_step_enter_1(struct pt_regs *ctx) { return step_enter(PT_REGS_PARM2(ctx)); }
+int asyncio_step_enter_2(struct pt_regs *ctx) { return step_enter(PT_REGS_PARM3(ctx)); }
+
+int asyncio_step_return(struct pt_regs *ctx) {
+    struct inflight_t *a = inflight.task_storage_get(bpf_get_current_task_btf(), 0, 0);
+    if (!a)
+        return 0;
+    u32 d = a->atask_depth;
+    if (d == 0) {  // a step that was running when the probe attached
+        a->atask = 0;
+        return 0;
+    }
+    d -= 1;
+    a->atask_depth = d;
+    a->atask = d < 4 ? a->atask_saved[d & 3] : 0;
+    return 0;
+}
+
+int asyncio_task_init(struct pt_regs *ctx) {
+    struct inflight_t *a = selected_thread();   // edges only for traced processes
+    if (!a)
+        return 0;
+    u64 id = bpf_get_current_pid_tgid();
+    struct task_edge_t r = {.ts = bpf_ktime_get_ns(), .child = PT_REGS_PARM1(ctx),
+                            .parent = a->atask, .pid = id >> 32, .tid = (u32)id};
+    if (events.ringbuf_output(&r, sizeof(r), BPF_RB_NO_WAKEUP))
+        stat_inc(ST_RB_FULL);
+    else
+        stat_inc(ST_TASK_EDGES);
+    return 0;
+}
+#endif

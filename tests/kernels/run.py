@@ -33,14 +33,17 @@ BUSYBOX = "/bin/busybox"   # Debian's busybox-static: a static binary, so it run
 
 # What runs inside each kernel. Every item is the real test, unchanged: the kernel job
 # only chooses. smoke: doctor and the kernel feature probes, the agent from the command
-# line end to end (SIGTERM detaches), and the trace probe with every protocol detector
-# over real requests.
+# line end to end (SIGTERM detaches), the trace probe with every protocol detector
+# over real requests, and its asyncio uprobes and loop counter.
 SUITES = {
     "smoke": [
         "tests/test_cli.py::test_doctor_and_render",
         "tests/test_features.py",
         "tests/test_cli.py::test_example_config_end_to_end_and_sigterm_detaches",
         "tests/test_l7_e2e.py::test_http1_python_server_keepalive_post_and_big_body",
+        # the asyncio uprobes (loaded only once an _asyncio file is found) and loop_iter
+        "tests/test_asyncio_linking.py::test_records_carry_the_task_that_made_them[py3.11]",
+        "tests/test_asyncio_linking.py::test_loop_iter_counts_epoll_returns_exactly",
     ],
     "full": [
         "tests/test_cli.py::test_doctor_and_render",
@@ -50,6 +53,7 @@ SUITES = {
         "tests/test_trace_confine.py",
         "tests/test_go_linking.py::test_write_loop_write_is_the_callers",
         "tests/test_btf.py",
+        "tests/test_asyncio_linking.py",
         # one end-to-end test per protocol family, each against its real server
         "tests/test_l7_e2e.py::test_http1_nginx_and_curl",
         "tests/test_l7_e2e.py::test_grpc_unary_and_20_concurrent_calls_on_one_connection",

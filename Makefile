@@ -1,6 +1,8 @@
 # DeepTrace: the two commands a user needs are `make run` and `make test`.
 VENV := .venv
 CONFIG ?= config/agent.yaml
+# make accuracy runs the asyncio front on Python 3.12 too, from here:
+PY312 ?= /root/.pyenv/versions/3.12.1/bin/python3.12
 
 .PHONY: setup run test test-kernels bench accuracy fuzz clean
 
@@ -27,10 +29,11 @@ bench: setup
 	$(VENV)/bin/python -m bench
 
 accuracy: setup
-	$(VENV)/bin/python -m bench.accuracy
-	$(VENV)/bin/python -m bench.accuracy --asyncio
-	$(VENV)/bin/python -m bench.accuracy --front asyncio-seq
-	$(VENV)/bin/python -m bench.accuracy --front asyncio-aiohttp
+	for f in threads asyncio asyncio-seq asyncio-aiohttp node-seq node-all node-pool \
+	         node-timer node-fresh go go-fanout; do \
+	    $(VENV)/bin/python -m bench.accuracy --front $$f || exit 1; done
+	if [ -x "$(PY312)" ]; then $(VENV)/bin/python -m bench.accuracy --front asyncio --python $(PY312); \
+	else echo "accuracy: no Python 3.12 at $(PY312) (PY312=...): asyncio on 3.12 not run"; fi
 
 # Every parser and the Python detectors under atheris, 10^6 inputs each (bench/fuzz.py);
 # crashes land in tests/fuzz_corpus, which `make test` replays.

@@ -302,6 +302,9 @@ def test_filters_narrow_the_results(ui, driver, store, tmp_path):
     box = driver.find_element("id", "f-text")
     box.send_keys("slow")
     box.submit()
+    # The submit navigates: wait for the new URL, or the old page may be read again.
+    from selenium.webdriver.support.ui import WebDriverWait
+    WebDriverWait(driver, 20).until(lambda d: "text=slow" in d.current_url)
     load(driver, driver.current_url)
     assert listed(driver) == [trace_of(store, "/order/slow")]
     assert "text=slow" in driver.current_url

@@ -4,6 +4,8 @@ real probe and real asyncio servers are in test_asyncio_linking.py)."""
 import time
 import types
 
+import test_traces_linker
+
 from deeptrace_core.span import Span
 from deeptrace_plugins.processors import traces
 from deeptrace_plugins.processors.traces import TraceLinker, TracesConfig
@@ -52,18 +54,9 @@ def edge(ms, child, parent, pid=1):
 def run(items, **cfg):
     """Edges first (they reach the linker before the calls they explain), then spans by
     end time, as the pipeline delivers them; then drain."""
-    global BASE
-    linker = TraceLinker(TracesConfig(**{"wait": 0.05, **cfg}))
-    edges = [i for i in items if i.kind == "asyncio_task"]
-    spans = sorted((i for i in items if i.kind == "span"), key=lambda s: s.end_ns)
-    out = linker.process(edges)
-    for s in spans:
-        out += linker.process([s])
-    deadline = time.monotonic() + 2
-    while linker.held and time.monotonic() < deadline:
-        time.sleep(0.02)
-        out += linker.process([])
-    return out, linker
+    return test_traces_linker.run([i for i in items if i.kind == "span"],
+                                  before=[i for i in items if i.kind == "asyncio_task"],
+                                  **cfg)
 
 
 def fresh():

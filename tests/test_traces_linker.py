@@ -22,11 +22,11 @@ def span(role, pid, tid, start, end, local, remote, seq=None, op="op", **attrs):
 BASE = 0
 
 
-def run(spans, **cfg):
-    """Feed spans in the order the stage emits them (by end time), then drain."""
-    global BASE
+def run(spans, before=(), **cfg):
+    """Feed `before` (records that reach the linker ahead of the spans), then the spans
+    in the order the stage emits them (by end time), then drain."""
     linker = TraceLinker(TracesConfig(**{"wait": 0.05, **cfg}))
-    out = []
+    out = linker.process(list(before)) if before else []
     for s in sorted(spans, key=lambda s: s.end_ns):
         out += linker.process([s])
     deadline = time.monotonic() + 2

@@ -248,7 +248,10 @@ def test_binary_without_dwarf_is_reported_once_and_falls_back_to_threads(tmp_pat
             p.wait()
         probe.detach()
     mine = _records(records, p.pid)
-    assert [r.direction for r in mine if r.direction != "none"] == ["ingress", "egress"] * 2
+    # Data only: after the second answer the server may already have read the client's
+    # close (a 0-byte read) when the poll ends, or not yet.
+    assert [r.direction for r in mine if r.direction != "none" and r.bytes > 0] == \
+        ["ingress", "egress"] * 2
     assert {r.goid for r in mine} == {0}
     assert "no DWARF" in probe.go.problems[exe]
     assert stats["go_binaries_untraced"] == 1 and p.pid not in probe.go.procs

@@ -228,6 +228,9 @@ class _Recent:
         self.text = _request_text(span)
 
 
+_MISSING = object()
+
+
 class _Recall:
     """A map whose entries are forgotten `window` to 1.25 x `window` seconds after they
     were set: five generations, the oldest dropped as a new one starts. Cheaper than a
@@ -264,26 +267,25 @@ class _Recall:
         gen[key] = value
 
     def get(self, key, default=None):
-        for gen in reversed(self.gens):
+        for gen in reversed(self.gens):   # the newest setting wins
             if key in gen:
                 return gen[key]
         return default
 
     def __getitem__(self, key):
-        for gen in reversed(self.gens):
-            if key in gen:
-                return gen[key]
-        raise KeyError(key)
+        value = self.get(key, _MISSING)
+        if value is _MISSING:
+            raise KeyError(key)
+        return value
 
     def __contains__(self, key):
         return any(key in gen for gen in self.gens)
 
     def setdefault(self, key, value):
-        for gen in reversed(self.gens):
-            if key in gen:
-                return gen[key]
-        self[key] = value
-        return value
+        found = self.get(key, _MISSING)
+        if found is _MISSING:
+            self[key] = found = value
+        return found
 
     def pop(self, key, default=None):
         found = default
@@ -452,6 +454,7 @@ class TraceLinker:
                 self.calling_pids[span.pid] = True
                 if len(self.calling_pids) > CALLING_PIDS:
                     self.calling_pids.popitem(last=False)
+                    self.counts["calling_pids_evicted"] += 1
             if GOID in span.attributes:
                 if not h.decided:
                     self._go_client(h, out)
@@ -511,6 +514,7 @@ class TraceLinker:
             self.counts["goroutine_shared"] += 1
             if len(self.go_shared) > LOOP_THREADS:
                 self.go_shared.popitem(last=False)
+                self.counts["goroutine_shared_evicted"] += 1
         self.go_servers[key].append(s.span_id)
         if key in self.go_shared:
             return

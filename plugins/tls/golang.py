@@ -196,6 +196,16 @@ def proc_exe(pid):
     return exe, path, (st.st_dev, st.st_ino, st.st_mtime_ns)
 
 
+def proc_exes(pids, self_pid):
+    """(pid, /proc/PID/exe, path, key) of each of `pids` but `self_pid` that is still
+    there and not a kernel thread (see proc_exe)."""
+    for pid in pids:
+        if pid != self_pid:
+            found = proc_exe(pid)
+            if found is not None:
+                yield (pid, *found)
+
+
 def read_go_elf(open_path: str, path: str, build):
     """build(elf, Go version) for an x86-64 Go executable; None for any other file or one
     that cannot be read (shared by the TLS and the goroutine discovery)."""
@@ -305,13 +315,7 @@ class GoTracer:
         """Look at the executables of `pids`; attach new Go ones. Returns the new
         GoTargets (traced or not)."""
         new = []
-        for pid in pids:
-            if pid == self.self_pid:
-                continue
-            found = proc_exe(pid)
-            if found is None:
-                continue  # gone, or a kernel thread
-            exe, path, key = found
+        for pid, exe, path, key in proc_exes(pids, self.self_pid):
             if key not in self.seen:
                 target = None
                 if wanted_path(path, self.include, self.exclude):

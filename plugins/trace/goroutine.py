@@ -27,7 +27,7 @@ import attrs
 
 from deeptrace_plugins.tls.discovery import wanted_path
 from deeptrace_plugins.tls.golang import (MIN_VERSION, _read_vaddr,
-                                          proc_exe, read_go_elf, ret_offsets, struct_offsets,
+                                          proc_exes, read_go_elf, ret_offsets, struct_offsets,
                                           version_tuple)
 
 log = logging.getLogger("deeptrace.trace")
@@ -119,13 +119,7 @@ class GoTracker:
         """Register the Go processes among `pids`; how many are new (the probe then has
         its threads look at go_procs again: they cache what they found)."""
         added = 0
-        for pid in pids:
-            if pid == self.self_pid:
-                continue
-            found = proc_exe(pid)
-            if found is None:
-                continue   # gone, or a kernel thread
-            exe, path, key = found
+        for pid, exe, path, key in proc_exes(pids, self.self_pid):
             if key not in self.seen:
                 self.seen[key] = inspect(exe, path, key) \
                     if wanted_path(path, self.include, self.exclude) else None

@@ -8,6 +8,8 @@ from attrs import validators as v
 from deeptrace_core import config as agent_config
 from deeptrace_core.config import ConfigError
 
+from .schema import SHARDING_KEY
+
 SECONDS = {"unit": "seconds"}
 
 
@@ -16,6 +18,18 @@ def _address(_inst, attribute, value):
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError(f"{attribute.name}: expected HOST:PORT, got {value!r}")
+
+
+def _needs_cluster(inst, _attribute, value):
+    if value and not getattr(inst, "cluster", ""):
+        raise ValueError("needs storage.cluster (the cluster whose shards the "
+                         "Distributed tables span)")
+
+
+def _of_trace_id(_inst, _attribute, value):
+    if "TraceId" not in value:
+        raise ValueError(f"{value!r} is not an expression of TraceId "
+                         "(every table is sharded by it: a trace's rows share a shard)")
 
 
 @attrs.define
@@ -60,6 +74,12 @@ class Storage:
     # '{replica}')" (our own tables get its Replacing variant).
     cluster: str = ""
     table_engine: str = "MergeTree()"
+    # Several shards: each table is `<name>_local` (`table_engine`) on every node of
+    # `cluster` and `<name>` a Distributed table over them, sharded by `sharding_key`
+    # (schema.SHARDING_KEY says why by the trace id). Readers and writers, this
+    # collector's and others' (Grafana, an OpenTelemetry Collector), use the plain names.
+    distributed: bool = attrs.field(default=False, validator=_needs_cluster)
+    sharding_key: str = attrs.field(default=SHARDING_KEY, validator=_of_trace_id)
     ttl: float = attrs.field(default=7 * 86400.0, validator=v.gt(0), metadata=SECONDS)
     batch: Batch = attrs.Factory(Batch)
     # chdb: ClickHouse's memory limit in this process (bytes; 0: its own default, 90% of

@@ -20,7 +20,7 @@ class Collector:
         st = config.storage
         self.store = open_store(st)
         for sql in schema.ddl(st.database, st.cluster, st.table_engine, st.ttl / 86400,
-                              st.attribute_indexes):
+                              st.attribute_indexes, st.distributed, st.sharding_key):
             self.store.command(sql)
         self.sink = receiver.Sink(self.store, st.batch.max_bytes, st.batch.max_delay)
         self.stitcher = Stitcher(self.store, config.stitcher, st.database)

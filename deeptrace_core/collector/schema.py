@@ -71,29 +71,66 @@ STITCH_SELECT = f"""
     now64(3) AS Inserted"""
 
 
+# With `storage.distributed`, the default sharding key. Every table of ours has TraceId
+# and all of them are sharded by the same expression of it, so all of a trace's rows sit
+# on one shard: its spans, its otel_traces_trace_id_ts row and stitch keys (their views
+# run on the node the span landed on), and its map rows (a trace_map row is keyed by the
+# trace it maps, a parent_map row by its server span's own trace). The readers' joins of
+# spans with the map tables then run on each shard against its `_local` map tables.
+# The stitch keys are not sharded by ReqSeq, though that would put both ends of a hop on
+# one shard: their view would have to write through the Distributed table, a second
+# (asynchronous) insert per span; the stitcher instead reads both ends through the
+# Distributed table and joins them on its own node (GLOBAL IN: the new rows' sequence
+# numbers are sent to every shard once), reading what a round reads on one node.
+SHARDING_KEY = "cityHash64(TraceId)"
+
+
 def ddl(database: str, cluster: str = "", engine: str = "MergeTree()", ttl_days: float = 7,
-        attribute_indexes: bool = False) -> list:
+        attribute_indexes: bool = False, distributed: bool = False,
+        sharding_key: str = SHARDING_KEY) -> list:
     """The statements that create every table (idempotent). With `cluster`, each runs
     ON CLUSTER and every table uses `engine` (e.g. ReplicatedMergeTree: one shard,
     replicas), our map tables its Replacing variant; a Replicated engine's path must
-    tell the tables apart ({table} or {uuid}), or they would share one."""
+    tell the tables apart ({table} or {uuid}), or they would share one.
+
+    With `distributed` (several shards), each table is `<name>_local` on every node
+    with `engine`, and `<name>` a Distributed table over them by `sharding_key`: readers
+    and writers keep the plain names. The materialized views sit on the local tables
+    (a view on a Distributed table sees only the inserts made on its own node)."""
     if "Replicated" in engine and "{table}" not in engine and "{uuid}" not in engine:
         raise ValueError(f"storage.table_engine {engine!r}: a Replicated engine's path "
                          "needs {table} or {uuid}, one path per table")
+    if distributed and not cluster:
+        raise ValueError("storage.distributed needs storage.cluster (the Distributed "
+                         "tables' cluster)")
     columns = TRACES_COLUMNS.format(attr_indexes=ATTR_INDEXES if attribute_indexes else "")
     on = f" ON CLUSTER `{cluster}`" if cluster else ""
     db = f"`{database}`"
+    local = "_local" if distributed else ""
     days = max(1, int(round(ttl_days)))
     ttl = f"TTL toDateTime(Timestamp) + toIntervalDay({days})"
+    replacing = (engine if "Replacing" in engine
+                 else engine.replace("MergeTree", "ReplacingMergeTree"))
+
+    def table(name, body):
+        """CREATE TABLE `name` (and with `distributed`, its local table first)."""
+        create = [f"CREATE TABLE IF NOT EXISTS {db}.{name}{local}{on} {body}"]
+        if distributed:
+            create.append(
+                f"CREATE TABLE IF NOT EXISTS {db}.{name}{on} AS {db}.{name}_local\n"
+                f"ENGINE = Distributed({quote(cluster)}, {quote(database)}, "
+                f"{quote(name + '_local')}, {sharding_key})")
+        return create
+
     return [
         f"CREATE DATABASE IF NOT EXISTS {db}{on}",
-        f"""CREATE TABLE IF NOT EXISTS {db}.otel_traces{on} ({columns}
+        *table("otel_traces", f"""({columns}
 ) ENGINE = {engine}
 PARTITION BY toDate(Timestamp)
 ORDER BY (ServiceName, SpanName, toDateTime(Timestamp))
 {ttl}
-SETTINGS index_granularity=8192, ttl_only_drop_parts = 1""",
-        f"""CREATE TABLE IF NOT EXISTS {db}.otel_traces_trace_id_ts{on} (
+SETTINGS index_granularity=8192, ttl_only_drop_parts = 1"""),
+        *table("otel_traces_trace_id_ts", f"""(
     TraceId String CODEC(ZSTD(1)),
     Start DateTime CODEC(Delta, ZSTD(1)),
     End DateTime CODEC(Delta, ZSTD(1)),
@@ -102,14 +139,14 @@ SETTINGS index_granularity=8192, ttl_only_drop_parts = 1""",
 PARTITION BY toDate(Start)
 ORDER BY (TraceId, Start)
 TTL toDateTime(Start) + toIntervalDay({days})
-SETTINGS index_granularity=8192, ttl_only_drop_parts = 1""",
+SETTINGS index_granularity=8192, ttl_only_drop_parts = 1"""),
         f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.otel_traces_trace_id_ts_mv{on}
-TO {db}.otel_traces_trace_id_ts
+TO {db}.otel_traces_trace_id_ts{local}
 AS SELECT TraceId, min(Timestamp) AS Start, max(Timestamp) AS End
-FROM {db}.otel_traces WHERE TraceId != '' GROUP BY TraceId""",
+FROM {db}.otel_traces{local} WHERE TraceId != '' GROUP BY TraceId""",
         # Partitioned by arrival so the stitcher's rounds read only recent parts; kept a
         # day, the longest stitcher window.
-        f"""CREATE TABLE IF NOT EXISTS {db}.deeptrace_stitch_keys{on} (
+        *table("deeptrace_stitch_keys", f"""(
     ReqSeq UInt32, RespSeq Int64, Kind LowCardinality(String),
     LocalAddr String, LocalPort UInt16, PeerAddr String, PeerPort UInt16,
     Timestamp DateTime64(9), Duration UInt64, TraceId String, SpanId String,
@@ -119,24 +156,26 @@ FROM {db}.otel_traces WHERE TraceId != '' GROUP BY TraceId""",
 PARTITION BY toStartOfTenMinutes(Inserted)
 ORDER BY (ReqSeq, Timestamp)
 TTL toDateTime(Inserted) + toIntervalDay(1)
-SETTINGS ttl_only_drop_parts = 1""",
+SETTINGS ttl_only_drop_parts = 1"""),
         f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.deeptrace_stitch_keys_mv{on}
-TO {db}.deeptrace_stitch_keys
+TO {db}.deeptrace_stitch_keys{local}
 AS SELECT {STITCH_SELECT}
-FROM {db}.otel_traces
+FROM {db}.otel_traces{local}
 WHERE SpanKind IN ('Server', 'Client')
   AND SpanAttributes['deeptrace.request.seq_start'] != ''""",
-        f"""CREATE TABLE IF NOT EXISTS {db}.deeptrace_trace_map{on} (
+        *table("deeptrace_trace_map", f"""(
     TraceId String, CanonicalTraceId String, Version UInt64, Stitched DateTime64(3)
-) ENGINE = {engine.replace('MergeTree', 'ReplacingMergeTree') if 'Replacing' not in engine else engine}
+) ENGINE = {replacing}
 ORDER BY TraceId
-TTL toDateTime(Stitched) + toIntervalDay({days})""",
-        f"""CREATE TABLE IF NOT EXISTS {db}.deeptrace_parent_map{on} (
+TTL toDateTime(Stitched) + toIntervalDay({days})"""),
+        *table("deeptrace_parent_map", f"""(
     SpanId String, TraceId String, ParentSpanId String, Source LowCardinality(String),
     Version UInt64, Stitched DateTime64(3)
-) ENGINE = {engine.replace('MergeTree', 'ReplacingMergeTree') if 'Replacing' not in engine else engine}
+) ENGINE = {replacing}
 ORDER BY SpanId
-TTL toDateTime(Stitched) + toIntervalDay({days})""",
+TTL toDateTime(Stitched) + toIntervalDay({days})"""),
+        # Over the Distributed otel_traces: each shard joins its spans with its own
+        # `_local` map rows (a trace's rows share its shard), the same for any reader.
         f"""CREATE VIEW IF NOT EXISTS {db}.otel_traces_stitched{on} AS
 SELECT t.Timestamp AS Timestamp,
        if(m.Canonical = '', t.TraceId, m.Canonical) AS TraceId,
@@ -149,10 +188,15 @@ SELECT t.Timestamp AS Timestamp,
        t.StatusCode AS StatusCode, t.StatusMessage AS StatusMessage
 FROM {db}.otel_traces AS t
 LEFT JOIN (SELECT TraceId, argMax(CanonicalTraceId, Version) AS Canonical
-           FROM {db}.deeptrace_trace_map GROUP BY TraceId) AS m ON m.TraceId = t.TraceId
+           FROM {db}.deeptrace_trace_map{local} GROUP BY TraceId) AS m ON m.TraceId = t.TraceId
 LEFT JOIN (SELECT SpanId, argMax(ParentSpanId, Version) AS Parent
-           FROM {db}.deeptrace_parent_map GROUP BY SpanId) AS p ON p.SpanId = t.SpanId""",
+           FROM {db}.deeptrace_parent_map{local} GROUP BY SpanId) AS p ON p.SpanId = t.SpanId""",
     ]
+
+
+def quote(value) -> str:
+    """A ClickHouse string literal."""
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 # OTLP requests straight into otel_traces: ClickHouse parses the protobuf itself

@@ -9,6 +9,7 @@ import threading
 import time
 
 from . import schema
+from .schema import quote
 
 PROTO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "otlp_trace.proto")
 
@@ -54,6 +55,7 @@ class ChdbStore:
     """ClickHouse in process: one session for the writer's inserts, one for everything
     else; each runs one query at a time (calls on it are serialised)."""
 
+    distributed = False        # no Distributed tables (see ClickHouseStore)
     # Rows of an insert under way are not yet visible; the stitcher asks
     # `pending_since_ms` for how far back that reaches instead of a fixed lag.
     visibility_lag = 0.0
@@ -192,14 +194,21 @@ class ClickHouseStore:
     # visible a while after their Inserted stamp: the stitcher looks this far back.
     visibility_lag = 5.0
 
-    def __init__(self, url: str, database: str, username: str = "default", password: str = ""):
+    def __init__(self, url: str, database: str, username: str = "default", password: str = "",
+                 distributed: bool = False):
         import clickhouse_connect
         from urllib.parse import urlparse
         u = urlparse(url)
+        # Over Distributed tables (`storage.distributed`), an insert returns once every
+        # shard has its rows (an acknowledged span is stored; the default queues them on
+        # the node for a background send), and readers join the `_local` map tables.
+        settings = {"insert_distributed_sync": 1} if distributed else {}
         self.client = clickhouse_connect.get_client(
             host=u.hostname, port=u.port or (8443 if u.scheme == "https" else 8123),
-            secure=u.scheme == "https", username=username, password=password)
+            secure=u.scheme == "https", username=username, password=password,
+            settings=settings)
         self.database = database
+        self.distributed = distributed
         self.lock = threading.Lock()   # one client session, used from several threads
 
     def command(self, sql: str):
@@ -235,9 +244,5 @@ class ClickHouseStore:
 def open_store(cfg):
     if cfg.engine == "chdb":
         return ChdbStore(cfg.path, cfg.database, cfg.max_memory)
-    return ClickHouseStore(cfg.url, cfg.database, cfg.username, cfg.password)
-
-
-def quote(value) -> str:
-    """A ClickHouse string literal."""
-    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return ClickHouseStore(cfg.url, cfg.database, cfg.username, cfg.password,
+                           cfg.distributed)

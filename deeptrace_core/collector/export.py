@@ -9,7 +9,7 @@ above their linker wait plus export interval)."""
 import logging
 import time
 
-from .query import _CANON, _PARENT
+from .query import _CANON, _PARENT, maps
 
 log = logging.getLogger("deeptrace.collector.export")
 KINDS = {"Unspecified": 0, "Internal": 1, "Server": 2, "Client": 3, "Producer": 4, "Consumer": 5}
@@ -23,6 +23,7 @@ class Reexporter:
                                                       OtlpConfig)
         self.store = store
         self.db = f"`{database}`"
+        self.local = maps(store)
         self.config = config
         cfg = OtlpConfig(protocol=config.protocol, endpoint=config.endpoint,
                          headers=dict(config.headers))
@@ -46,8 +47,8 @@ SELECT if(m.C = '', t.TraceId, m.C) AS trace_id, t.SpanId AS span_id,
        toUnixTimestamp64Nano(t.Timestamp) AS start_ns, t.Duration AS duration,
        t.StatusCode AS status, t.StatusMessage AS message
 FROM {self.db}.otel_traces AS t
-LEFT JOIN {_CANON.format(db=self.db)} AS m ON m.TraceId = t.TraceId
-LEFT JOIN {_PARENT.format(db=self.db)} AS p ON p.SpanId = t.SpanId
+LEFT JOIN {_CANON.format(db=self.db, local=self.local)} AS m ON m.TraceId = t.TraceId
+LEFT JOIN {_PARENT.format(db=self.db, local=self.local)} AS p ON p.SpanId = t.SpanId
 WHERE t.Timestamp >= fromUnixTimestamp64Nano(toInt64({lo - MAX_SPAN_NS}))
   AND toUnixTimestamp64Nano(t.Timestamp) + t.Duration > {lo}
   AND toUnixTimestamp64Nano(t.Timestamp) + t.Duration <= {hi}""")

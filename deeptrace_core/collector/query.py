@@ -6,10 +6,21 @@ import re
 
 from .store import quote
 
+# Joined with spans, the map tables are named with `local` (maps()): over Distributed
+# tables, each shard joins its spans with its own map rows (schema.SHARDING_KEY puts a
+# trace's rows on one shard), where the Distributed map table would be read by every
+# shard from every shard. Spans joined with spans of other traces (a client with the
+# server it called) may sit on another shard: those joins are GLOBAL (the right side is
+# read once, on the node asked, and sent to the shards; on one node it changes nothing).
 _CANON = ("(SELECT TraceId, argMax(CanonicalTraceId, Version) AS C "
-          "FROM {db}.deeptrace_trace_map GROUP BY TraceId)")
+          "FROM {db}.deeptrace_trace_map{local} GROUP BY TraceId)")
 _PARENT = ("(SELECT SpanId, argMax(ParentSpanId, Version) AS P "
-           "FROM {db}.deeptrace_parent_map GROUP BY SpanId)")
+           "FROM {db}.deeptrace_parent_map{local} GROUP BY SpanId)")
+
+
+def maps(store) -> str:
+    """The map tables' suffix in joins with spans: `_local` over Distributed tables."""
+    return "_local" if getattr(store, "distributed", False) else ""
 _SPAN = """
     {tid} AS trace_id, t.SpanId AS span_id,
     if(p.P = '', t.ParentSpanId, p.P) AS parent_span_id,
@@ -34,9 +45,13 @@ class ClickHouseQuery:
     def __init__(self, store, database: str):
         self.store = store
         self.db = f"`{database}`"
+        self.local = maps(store)
 
     def _canon(self):
-        return _CANON.format(db=self.db)
+        return _CANON.format(db=self.db, local=self.local)
+
+    def _parent(self):
+        return _PARENT.format(db=self.db, local=self.local)
 
     def list_traces(self, *, service=None, operation=None, min_duration_ns=0, errors=False,
                     since_ns=None, limit=20, now_ns=None) -> list:
@@ -81,7 +96,8 @@ ORDER BY start_ns DESC LIMIT {max(0, int(limit))}"""
     def load_trace(self, trace_id: str) -> list:
         ids = ", ".join(quote(t) for t in self._parts(trace_id))
         parent = (f"(SELECT SpanId, argMax(ParentSpanId, Version) AS P, "
-                  f"argMax(Source, Version) AS Src FROM {self.db}.deeptrace_parent_map "
+                  f"argMax(Source, Version) AS Src "
+                  f"FROM {self.db}.deeptrace_parent_map{self.local} "
                   f"WHERE TraceId IN ({ids}) GROUP BY SpanId)")
         rows = self.store.rows(f"""
 SELECT {_SPAN.format(tid=quote(trace_id))}
@@ -120,7 +136,7 @@ WHERE t.TraceId IN ({ids}) ORDER BY start_ns, span_id""")
         import time
         now_ns = now_ns or time.time_ns()
         cutoff = f"fromUnixTimestamp64Nano(toInt64({now_ns - int(since_ns)}))"
-        parent = _PARENT.format(db=self.db)
+        parent = self._parent()
         seconds = max(1e-9, since_ns / 1e9)
         return self.store.rows(f"""
 SELECT c.ServiceName AS source,
@@ -130,7 +146,7 @@ SELECT c.ServiceName AS source,
        count() AS calls, count() / {seconds} AS rate, countIf(c.StatusCode = 'Error') AS errors,
        quantile(0.5)(c.Duration) AS p50_ns, quantile(0.99)(c.Duration) AS p99_ns
 FROM {self.db}.otel_traces AS c
-LEFT JOIN (SELECT if(p.P = '', t.ParentSpanId, p.P) AS parent, t.ServiceName AS svc
+GLOBAL LEFT JOIN (SELECT if(p.P = '', t.ParentSpanId, p.P) AS parent, t.ServiceName AS svc
            FROM {self.db}.otel_traces AS t LEFT JOIN {parent} AS p ON p.SpanId = t.SpanId
            WHERE t.SpanKind = 'Server' AND t.Timestamp >= {cutoff}) AS s ON s.parent = c.SpanId
 WHERE c.SpanKind = 'Client' AND c.Timestamp >= {cutoff}
@@ -178,7 +194,7 @@ SELECT if(m.C = '', t.TraceId, m.C) AS trace_id,
           argMin(tuple(t.ServiceName, t.SpanName, lower(t.SpanKind)),
                  tuple(t.Timestamp, -toInt64(t.Duration)))) AS root
 FROM {self.db}.otel_traces AS t LEFT JOIN {self._canon()} AS m ON m.TraceId = t.TraceId
-LEFT JOIN {_PARENT.format(db=self.db)} AS p ON p.SpanId = t.SpanId
+LEFT JOIN {self._parent()} AS p ON p.SpanId = t.SpanId
 {('WHERE ' + ' AND '.join(where)) if where else ''}
 GROUP BY trace_id {('HAVING ' + ' AND '.join(having)) if having else ''}"""
         limit, offset = max(0, min(int(limit), 1000)), max(0, int(offset))
@@ -212,7 +228,7 @@ GROUP BY trace_id {('HAVING ' + ' AND '.join(having)) if having else ''}"""
         import time
         now_ns = now_ns or time.time_ns()
         cutoff = self._since(now_ns - int(since_ns))
-        parent = _PARENT.format(db=self.db)
+        parent = self._parent()
         rows = self.store.rows(f"""
 SELECT * FROM (
   SELECT if(m.C = '', c.TraceId, m.C) AS trace_id, c.SpanName AS operation,
@@ -223,7 +239,7 @@ SELECT * FROM (
            AS target
   FROM {self.db}.otel_traces AS c
   LEFT JOIN {self._canon()} AS m ON m.TraceId = c.TraceId
-  LEFT JOIN (SELECT if(p.P = '', t.ParentSpanId, p.P) AS parent, t.ServiceName AS svc
+  GLOBAL LEFT JOIN (SELECT if(p.P = '', t.ParentSpanId, p.P) AS parent, t.ServiceName AS svc
              FROM {self.db}.otel_traces AS t LEFT JOIN {parent} AS p ON p.SpanId = t.SpanId
              WHERE t.SpanKind = 'Server' AND t.Timestamp >= {cutoff}) AS s ON s.parent = c.SpanId
   WHERE c.SpanKind = 'Client' AND c.Timestamp >= {cutoff} AND c.ServiceName = {quote(source)})

@@ -34,6 +34,10 @@ log = logging.getLogger("deeptrace.collector.stitcher")
 # by it), and only partitions of the recent `Inserted` range: a round reads what is new
 # and its partners, not the whole window. ClickHouse decides which pairs could be
 # exact or NAT stitches (the rules in the module's docstring); Python keeps the state.
+# Over Distributed tables (`storage.distributed`) both ends are read through them and
+# joined here (the ends of a hop belong to two traces, so often to two shards); GLOBAL
+# IN sends the new rows' sequence numbers to the shards once (on one node it changes
+# nothing).
 _PAIRS = """
 WITH fresh AS (SELECT ReqSeq FROM {db}.deeptrace_stitch_keys
                WHERE Inserted >= {since} AND Timestamp >= {lo})
@@ -50,9 +54,9 @@ SELECT c.SpanId AS cs, c.TraceId AS ct, s.SpanId AS ss, s.TraceId AS st,
        toUnixTimestamp64Milli(greatest(c.Inserted, s.Inserted)) AS arrived_ms,
        toUnixTimestamp64Nano(c.Timestamp) AS c_start
 FROM (SELECT * FROM {db}.deeptrace_stitch_keys WHERE Kind = 'Client' AND Timestamp >= {lo}
-      AND Inserted >= {old} AND ReqSeq IN fresh) AS c
+      AND Inserted >= {old} AND ReqSeq GLOBAL IN fresh) AS c
 INNER JOIN (SELECT * FROM {db}.deeptrace_stitch_keys WHERE Kind = 'Server'
-            AND Timestamp >= {lo} AND Inserted >= {old} AND ReqSeq IN fresh) AS s
+            AND Timestamp >= {lo} AND Inserted >= {old} AND ReqSeq GLOBAL IN fresh) AS s
   ON c.ReqSeq = s.ReqSeq
 WHERE (c.Inserted >= {since} OR s.Inserted >= {since}) AND (exact OR nat_ok)
 ORDER BY c_start

@@ -2,9 +2,13 @@
 maximum delay), acknowledgement only after the write (a failing insert refuses every
 request of its group, and exactly the acknowledged spans are stored), the writer
 draining on close; the stitcher's in-memory NAT hold across rounds; the DDL for a
-ClickHouse cluster (checked by ClickHouse's own parser: no server here to run it)."""
+ClickHouse cluster (checked by ClickHouse's own parser: no server here to run it), and
+its Distributed variant, also run on chdb with a one-shard cluster of its own."""
 
+import os
 import random
+import subprocess
+import sys
 import threading
 import time
 
@@ -210,6 +214,130 @@ def test_cluster_ddl_runs_on_cluster_and_parses(store):
         schema.ddl("otel", cluster="traces", engine="ReplicatedMergeTree('/ch/t', '{replica}')")
     # Without a cluster: no ON CLUSTER anywhere.
     assert not any("ON CLUSTER" in s for s in schema.ddl("otel"))
+
+
+DIST_TABLES = ("otel_traces", "otel_traces_trace_id_ts", "deeptrace_stitch_keys",
+               "deeptrace_trace_map", "deeptrace_parent_map")
+
+
+def test_distributed_ddl_shards_every_table_and_parses(store):
+    stmts = schema.ddl("otel", cluster="traces", engine=REPLICATED, distributed=True)
+    assert len(stmts) == 1 + 2 * len(DIST_TABLES) + 2 + 1
+    assert all(" ON CLUSTER `traces`" in s.split("\n")[0] for s in stmts)
+    heads = [s.split("\n")[0] for s in stmts]
+    for name in DIST_TABLES:
+        # The local table (with table_engine) first, then the Distributed one over it,
+        # in the cluster, by the trace id.
+        local = heads.index(f"CREATE TABLE IF NOT EXISTS `otel`.{name}_local ON CLUSTER "
+                            f"`traces` (")
+        dist = heads.index(f"CREATE TABLE IF NOT EXISTS `otel`.{name} ON CLUSTER `traces` "
+                           f"AS `otel`.{name}_local")
+        assert local < dist
+        assert "Replicated" in stmts[local] and "{table}" in stmts[local]
+        assert stmts[dist].endswith(f"ENGINE = Distributed('traces', 'otel', '{name}_local', "
+                                    "cityHash64(TraceId))")
+    # The views sit on the local tables: a view on a Distributed table would see only
+    # the inserts made on its own node.
+    mvs = [s for s in stmts if "MATERIALIZED VIEW" in s]
+    assert len(mvs) == 2
+    for mv in mvs:
+        assert "FROM `otel`.otel_traces_local" in mv
+        assert mv.split("\n")[1] in ("TO `otel`.otel_traces_trace_id_ts_local",
+                                     "TO `otel`.deeptrace_stitch_keys_local")
+    view = stmts[-1]
+    assert "FROM `otel`.otel_traces AS t" in view
+    assert "deeptrace_trace_map_local" in view and "deeptrace_parent_map_local" in view
+    for sql in stmts:
+        ast = store.rows("EXPLAIN AST " + sql)
+        assert ast and "CreateQuery" in next(iter(ast[0].values()))
+    keyed = schema.ddl("otel", cluster="traces", distributed=True,
+                       sharding_key="xxHash64(TraceId)")
+    assert sum("Distributed(" in s and s.endswith("xxHash64(TraceId))") for s in keyed) == 5
+    with pytest.raises(ValueError, match="storage.cluster"):
+        schema.ddl("otel", distributed=True)
+    # Without `distributed`: the tables keep their names.
+    assert not any("_local" in s or "Distributed" in s
+                   for s in schema.ddl("otel", cluster="traces", engine=REPLICATED))
+
+
+def test_distributed_needs_a_cluster_and_a_trace_id_key():
+    with pytest.raises(ConfigError) as e:
+        parse("storage:\n  distributed: true\n", "c.yaml")
+    assert "c.yaml:2: storage.distributed" in str(e.value) and "storage.cluster" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        parse("storage:\n  cluster: traces\n  distributed: true\n  sharding_key: rand()\n",
+              "c.yaml")
+    assert "c.yaml:4: storage.sharding_key" in str(e.value)
+    cfg = parse("storage:\n  distributed: true\n  cluster: traces\n", "c.yaml").storage
+    assert cfg.distributed and cfg.sharding_key == "cityHash64(TraceId)"
+    assert parse("", "c.yaml").storage.distributed is False
+
+
+# chdb is ClickHouse without a server: no ON CLUSTER (no Keeper) and no second node, but
+# it reads a config with a cluster whose one shard is itself (tcp_port matches). Run in a
+# process of its own (chdb's config is read once a process).
+ONE_SHARD = """
+import os, random, sys
+from deeptrace_core.collector import schema
+from deeptrace_core.collector.config import Stitcher as StitcherConfig
+from deeptrace_core.collector.query import ClickHouseQuery
+from deeptrace_core.collector.receiver import Sink
+from deeptrace_core.collector.stitcher import Stitcher
+from deeptrace_core.collector.store import ChdbStore
+from test_collector_stitch import T0, World, stitched_ok
+tmp = sys.argv[1]
+cfg = os.path.join(tmp, "config.xml")
+with open(cfg, "w") as f:
+    f.write("<clickhouse><tcp_port>9000</tcp_port><remote_servers><traces><shard><replica>"
+            "<host>localhost</host><port>9000</port></replica></shard></traces>"
+            "</remote_servers></clickhouse>")
+ChdbStore.SETTINGS = {**ChdbStore.SETTINGS, "config-file": cfg}
+store = ChdbStore(os.path.join(tmp, "db"), "otel")
+store.distributed = True          # as ClickHouseStore with storage.distributed
+assert store.rows("SELECT is_local FROM system.clusters WHERE cluster = 'traces'") == [
+    {"is_local": 1}]
+for sql in schema.ddl("otel", cluster="traces", distributed=True):
+    store.command(sql.replace(" ON CLUSTER `traces`", ""))
+engines = {r["name"]: r["engine"] for r in store.rows(
+    "SELECT name, engine FROM system.tables WHERE database = 'otel'")}
+assert engines["otel_traces"] == "Distributed" and engines["otel_traces_local"] == "MergeTree"
+rnd = random.Random(7)
+world = World(100, rnd, nat_every=5)
+sink = Sink(store)
+st = Stitcher(store, StitcherConfig(window=3600, nat_hold=0), "otel")
+for i, req in enumerate(world.batches(rnd)):
+    sink.write(req.SerializeToString())      # through the Distributed otel_traces
+    if i % 3 == 2:
+        st.run_once(now_ns=T0 + 10**9)
+st.run_once(now_ns=T0 + 10**9)
+counts = st.stats()
+assert counts["stitched_tcp_seq"] == 280 and counts["stitched_tcp_seq_nat"] == 20, counts
+assert stitched_ok(store, world) == []
+n = lambda t: store.rows(f"SELECT count() AS n FROM otel.{t}")[0]["n"]
+assert n("otel_traces_local") == n("deeptrace_stitch_keys_local") == 700
+assert n("otel_traces_stitched") == 700 and n("deeptrace_parent_map_local") == 300
+q = ClickHouseQuery(store, "otel")
+assert len(q.list_traces(limit=1000)) == 100 and q.search(limit=5)["total"] == 100
+assert {(e["source"], e["target"], e["calls"]) for e in q.service_map(
+    3600 * 10**9, now_ns=T0 + 10**9)} == {("front", "api", 100), ("api", "redis-server", 100),
+                                          ("api", "postgres", 100)}
+assert len(q.edge_traces("front", "api", 3600 * 10**9, now_ns=T0 + 10**9)) == 10
+ta = world.roots[0][0]
+assert q.find_trace(ta[:10]) == ta and len(q.load_trace(ta)) == 7
+store.close()
+print("one-shard run ok")
+"""
+
+
+def test_distributed_tables_run_on_a_one_shard_cluster(tmp_path):
+    """The Distributed DDL run for real (less ON CLUSTER), spans inserted through the
+    Distributed otel_traces, stitched and read back by every kind of query."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = os.pathsep.join(filter(None, (here, os.environ.get("PYTHONPATH"))))
+    proc = subprocess.run([sys.executable, "-c", ONE_SHARD, str(tmp_path)], cwd=here,
+                          env={**os.environ, "PYTHONPATH": path}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "one-shard run ok" in proc.stdout, proc.stderr[-3000:]
 
 
 def test_attribute_indexes_are_optional():

@@ -77,6 +77,9 @@ STITCH_SELECT = f"""
 # run on the node the span landed on), and its map rows (a trace_map row is keyed by the
 # trace it maps, a parent_map row by its server span's own trace). The readers' joins of
 # spans with the map tables then run on each shard against its `_local` map tables.
+# The map tables are sharded, not a full copy on every node: a copy would need a
+# Replicated path without {shard} (table_engine has one per shard) and could not be
+# had at all with a plain MergeTree per node.
 # The stitch keys are not sharded by ReqSeq, though that would put both ends of a hop on
 # one shard: their view would have to write through the Distributed table, a second
 # (asynchronous) insert per span; the stitcher instead reads both ends through the

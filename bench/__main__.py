@@ -17,6 +17,10 @@ Sections (NAME), each measured with and without the agent in the same run, inter
              (unique spans): sustained spans/s written, ack p99, CPU per span, stitch
              delay p50/p99, its RSS peak; the agent's OTLP conversion per span with and
              without the stitch keys, side by side
+  runtimes   the execution unit's cost: BPF time per traced data syscall with the loop
+             counter and the goroutine read vs today's programs (C and Go drivers), an
+             epoll_wait return with the counter off and on, and agent CPU per request on
+             an asyncio front with its task uprobes vs the same front thread-per-request
   tls        added time per SSL_write/SSL_read (untraced, empty uprobes, the tls probe)
              and nginx over HTTPS under wrk with and without the agent
 
@@ -43,7 +47,8 @@ import traceback
 from . import report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SECTIONS = ("startup", "syscalls", "http", "rate", "lossless", "hostile", "collector", "tls")
+SECTIONS = ("startup", "syscalls", "http", "rate", "lossless", "hostile", "collector",
+            "runtimes", "tls")
 
 FULL = {"startup": {"repeats": 3},
         "syscalls": {"n_calls": 100_000, "rounds": 4},
@@ -54,6 +59,7 @@ FULL = {"startup": {"repeats": 3},
         "lossless": {"seconds": 8},
         "hostile": {"seconds": 40, "scale": 1.0},
         "collector": {"seconds": 30.0},
+        "runtimes": {"calls": 100_000, "bpf_calls": 20_000, "rounds": 3, "requests": 3000},
         "tls": {"rounds": 5, "calls": 20000, "https_seconds": 5, "https_rounds": 2}}
 QUICK = {"startup": {"repeats": 1, "trace_only": False},
          "syscalls": {"n_calls": 10_000, "rounds": 1},
@@ -62,6 +68,7 @@ QUICK = {"startup": {"repeats": 1, "trace_only": False},
          "lossless": {"seconds": 2, "steps": (5_000, 10_000, 20_000), "bisect": False},
          "hostile": {"seconds": 12, "scale": 0.25},
          "collector": {"seconds": 5.0},
+         "runtimes": {"calls": 20_000, "bpf_calls": 5_000, "rounds": 1, "requests": 500},
          "tls": {"rounds": 1, "calls": 5000, "https_seconds": 2, "https_rounds": 1}}
 
 
@@ -103,6 +110,10 @@ def run_section(name, params):
         from . import collector
         res = collector.run(log=log, **params)
         return res, collector.rows(res)
+    if name == "runtimes":
+        from . import runtimes
+        res = runtimes.run(log=log, **params)
+        return res, runtimes.rows(res)
     if name == "tls":
         from . import tls
         res = tls.section(log=log, **params)

@@ -30,10 +30,12 @@ def _yaml(value) -> str:
 
 
 def trace_config(*, out_path, comms=(), ports=(), pids=(), protocols=(), spans=True,
-                 drop_all=False, stats_interval="1s", log_level="warning", **trace) -> str:
+                 drop_all=False, linker=False, stats_interval="1s", log_level="warning",
+                 **trace) -> str:
     """The YAML of a trace-probe pipeline.
 
-    spans: processors [spans] (L7 spans out); drop_all: a filter processor that drops every
+    spans: processors [spans] (L7 spans out); linker: then [traces] (the spans linked into
+    traces, as config/agent.yaml has them); drop_all: a filter processor that drops every
     record after the probe decoded it (the agent drains and decodes, nothing is exported).
     """
     probe = {"payload_bytes": 1024, **trace}
@@ -49,6 +51,9 @@ def trace_config(*, out_path, comms=(), ports=(), pids=(), protocols=(), spans=T
     if spans:
         processors["spans"] = {}
         used.append("spans")
+        if linker:
+            processors["traces"] = {}
+            used.append("traces")
     if drop_all:
         processors["filter/drop-all"] = {"include": {"pid": ["-1"]}}
         used.append("filter/drop-all")

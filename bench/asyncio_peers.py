@@ -5,6 +5,9 @@ under test (3.11, 3.12).
     asyncio_peers.py front PORT_B PORT_C  an asyncio streams server: GET /a/<id> calls
                                           GET /b/<id> and /c/<id> with gather, over
                                           keep-alive connections pooled per back-end
+    asyncio_peers.py threads PORT_B PORT_C the same front thread-per-request (the reference
+                                          of bench/runtimes.py): a thread per connection,
+                                          /b then /c over its own keep-alive connections
     asyncio_peers.py loop N               N epoll returns between two UDP sends
 
 Run with `python -P` (bench/http.py would shadow the standard library's http). Each prints one JSON line when it is ready (ports, pid, thread), then serves until stdin
@@ -91,6 +94,40 @@ async def front(port_b, port_c):
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
 
 
+def threads(port_b, port_c):
+    import http.client
+    local = threading.local()
+
+    def call(path, port, rid):
+        conns = getattr(local, "conns", None) or {}
+        local.conns = conns
+        if path not in conns:
+            conns[path] = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conns[path].request("GET", f"/{path}/{rid}")
+        r = conns[path].getresponse()
+        return r.read()
+
+    class H(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            rid = self.path.rsplit("/", 1)[1]
+            body = call("b", port_b, rid) + call("c", port_c, rid)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    print(json.dumps({"port": server.server_address[1]}), flush=True)
+    sys.stdin.read()
+
+
 def loop(n):
     """Two UDP sends with exactly n epoll_wait returns between them (poll with timeout
     0 returns at once), on the main thread."""
@@ -112,6 +149,8 @@ if __name__ == "__main__":
         backends()
     elif what == "front":
         asyncio.run(front(int(sys.argv[2]), int(sys.argv[3])))
+    elif what == "threads":
+        threads(int(sys.argv[2]), int(sys.argv[3]))
     elif what == "loop":
         loop(int(sys.argv[2]))
     else:

@@ -29,6 +29,10 @@ from . import native
 from .agent import Agent, trace_config
 from .syscalls import OTHER_COMM, TRACED_COMM
 
+# The data syscalls (the last word of their programs' names).
+DATA_CALLS = {"read", "write", "readv", "writev", "sendto", "recvfrom", "sendmsg", "recvmsg",
+              "sendmmsg", "recvmmsg"}
+
 
 def _progs() -> dict:
     out = subprocess.run(["bpftool", "prog", "show", "-j"], capture_output=True, text=True,
@@ -46,12 +50,14 @@ def go_driver() -> str:
 
 
 def run(calls=20_000, excluded=False, protocols=(), cases="tcp_rw,tcp_vec,tcp_msg",
-        go=None, goroutine=True) -> dict:
-    """go: the path of go_driver()'s program, to drive the calls from Go."""
+        go=None, goroutine=True, loop_counter=True) -> dict:
+    """go: the path of go_driver()'s program, to drive the calls from Go; cases "epoll":
+    the loop counter's program alone (per_call_ns is then its run time per epoll return)."""
     subprocess.run(["sysctl", "-q", "kernel.bpf_stats_enabled=1"], check=True)
     out = tempfile.mktemp(prefix="dtb-bpfcost-", suffix=".jsonl")
     agent = Agent(trace_config(out_path=out, comms=[TRACED_COMM], spans=False, drop_all=True,
-                               protocols=protocols, go=goroutine), "bpfcost").start()
+                               protocols=protocols, go=goroutine,
+                               loop_counter=loop_counter), "bpfcost").start()
     driver_dir = tempfile.mkdtemp(prefix="dtb-bpfcost-")
     try:
         before = _progs()
@@ -62,7 +68,7 @@ def run(calls=20_000, excluded=False, protocols=(), cases="tcp_rw,tcp_vec,tcp_ms
                             driver_dir, str(calls), cases], check=True)
         after = _progs()
     finally:
-        agent.stop()
+        final = agent.stop()
         agent.cleanup()
         subprocess.run(["sysctl", "-q", "kernel.bpf_stats_enabled=0"])
         subprocess.run(["rm", "-rf", driver_dir])
@@ -72,6 +78,7 @@ def run(calls=20_000, excluded=False, protocols=(), cases="tcp_rw,tcp_vec,tcp_ms
             pass
     rows, mean = [], {"enter": [0, 0], "exit": [0, 0]}
     per_call = [0, 0]  # ns of every enter and exit program of the data calls, exits run
+    loop_ns = 0        # the loop counter's programs (epoll returns), ns
     for pid, (name, ns, cnt) in after.items():
         if pid not in before:
             continue
@@ -79,8 +86,12 @@ def run(calls=20_000, excluded=False, protocols=(), cases="tcp_rw,tcp_vec,tcp_ms
         if d_cnt <= 0:
             continue
         rows.append((name, d_cnt, d_ns / d_cnt))
+        if "_epoll_" in name:
+            loop_ns += d_ns
+            continue
         for kind in mean:
-            if f"sys_{kind}_" in name and d_cnt >= calls // 2:
+            if (f"sys_{kind}_" in name and name.rsplit("_", 1)[-1] in DATA_CALLS
+                    and d_cnt >= calls // 2):
                 mean[kind][0] += d_ns
                 mean[kind][1] += d_cnt
                 per_call[0] += d_ns
@@ -88,7 +99,12 @@ def run(calls=20_000, excluded=False, protocols=(), cases="tcp_rw,tcp_vec,tcp_ms
     return {"programs": sorted(rows, key=lambda r: -r[1] * r[2]),
             "mean_ns": {k: v[0] / v[1] if v[1] else None for k, v in mean.items()},
             # Ingress calls have no enter program: this is the figure to compare.
-            "per_call_ns": per_call[0] / per_call[1] if per_call[1] else None}
+            "per_call_ns": per_call[0] / per_call[1] if per_call[1] else None,
+            # The loop counter's run time over the same data calls (a Go program's reads
+            # wait in its netpoller: about one epoll return per blocking read).
+            "loop_ns_per_call": loop_ns / per_call[1] if per_call[1] else None,
+            # Go processes the agent found (the Go driver's goroutine read needs it found).
+            "go_processes": int(final.get("probe.trace", {}).get("go_processes", 0))}
 
 
 def main(argv=None) -> int:

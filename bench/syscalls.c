@@ -16,6 +16,8 @@
 //   udp_msg    sendmsg + recvmsg with msg_name      udp_mmsg   sendmmsg + recvmmsg
 //   tcp_conn   socket + connect + accept + close (the client's close, SO_LINGER 0 so no
 //              TIME_WAIT piles up; the accepted end is closed untimed)
+//   epoll      epoll_wait (timeout 0) on an always-ready eventfd: one event-loop
+//              iteration's wait, for the loop counter's cost (written as epoll.epoll_wait)
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
@@ -25,6 +27,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -233,6 +237,19 @@ static void conn_case(void) {
     save("tcp", ser, 4);
 }
 
+static void epoll_case(void) {
+    int ep = epoll_create1(0), efd = eventfd(1, 0);   // counter 1: readable until read
+    struct epoll_event ev = {.events = EPOLLIN}, got;
+    if (ep < 0 || efd < 0 || epoll_ctl(ep, EPOLL_CTL_ADD, efd, &ev))
+        die("epoll");
+    struct series ser[1] = {{"epoll_wait", alloc_series()}};
+    for (long i = -WARMUP; i < n_calls; i++)
+        TIMED(ser[0].v, i, epoll_wait(ep, &got, 1, 0), _r == 1);
+    close(efd);
+    close(ep);
+    save("epoll", ser, 1);
+}
+
 int main(int argc, char **argv) {
     if (argc != 5) {
         fprintf(stderr, "usage: %s COMM OUTDIR N CASE[,CASE...]\n", argv[0]);
@@ -245,6 +262,8 @@ int main(int argc, char **argv) {
     for (char *c = strtok_r(cases, ",", &save_ptr); c; c = strtok_r(NULL, ",", &save_ptr)) {
         if (!strcmp(c, "tcp_conn"))
             conn_case();
+        else if (!strcmp(c, "epoll"))
+            epoll_case();
         else
             data_case(c);
     }

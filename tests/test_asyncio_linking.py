@@ -213,12 +213,16 @@ def test_every_call_is_linked_to_its_request_by_task(run, python):
 
 
 @pytest.mark.parametrize("python", _pythons()[:1])
-def test_loop_iter_counts_epoll_returns_exactly(python):
+@pytest.mark.parametrize("counter", [True, False], ids=["counter", "no-counter"])
+def test_loop_iter_counts_epoll_returns_exactly(python, counter):
+    """And with `loop_counter: false`, no program on epoll returns: loop_iter stays 0."""
     _need(python)
     require_bpf()
     n = 37
     peer = _Proc(python, "loop", n)
-    probe = start_probe(pids=[peer.pid])
+    probe = start_probe(pids=[peer.pid], loop_counter=counter)
+    epoll = {tp for tp in probe.bpf.tracepoint_fds if b"epoll" in tp}
+    assert (b"syscalls:sys_exit_epoll_wait" in epoll) == counter, epoll
     try:
         peer.proc.stdin.write("go\n")
         peer.proc.stdin.flush()
@@ -232,5 +236,8 @@ def test_loop_iter_counts_epoll_returns_exactly(python):
         probe.detach()
     before, after = [x for x in recs if x.kind == "socket" and x.syscall == "sendto"]
     assert (before.payload, after.payload) == (b"before", b"after")
-    assert after.loop_iter - before.loop_iter == n
+    if counter:
+        assert after.loop_iter - before.loop_iter == n
+    else:
+        assert before.loop_iter == after.loop_iter == 0
     assert before.asyncio_task == after.asyncio_task == 0

@@ -77,6 +77,21 @@ def test_bpf_cost_and_replay_tools():
     assert cpu > 0
 
 
+def test_loop_counter_cost_is_measured_and_switched_off_by_config():
+    """bench.runtimes' loop-counter figure: the driver's epoll case runs the counter's
+    program once per epoll_wait return with `loop_counter: true`, and no such program
+    exists with false."""
+    require_bpf()
+    from bench import bpfcost, native
+    if native.compiler() is None:
+        pytest.skip("no C compiler: apt-get install gcc")
+    on = bpfcost.run(calls=2000, cases="epoll", goroutine=False, loop_counter=True)
+    runs = {name: cnt for name, cnt, _ in on["programs"]}
+    assert runs["tracepoint__syscalls__sys_exit_epoll_wait"] >= 3000  # 2000 + warm-up
+    off = bpfcost.run(calls=2000, cases="epoll", goroutine=False, loop_counter=False)
+    assert not [name for name, _, _ in off["programs"] if "epoll" in name]
+
+
 def test_tracepoint_cost_tool():
     """bench.tpcost times getppid under each condition it names (no timing asserted)."""
     require_bpf()

@@ -95,6 +95,10 @@ class TraceConfig:
     # asyncio: uprobes on CPython's _asyncio extension put the running Task on each record
     # (asyncio.py); files first mapped after start-up are found at the next rescan.
     asyncio: bool = True
+    # Event-loop iterations: epoll_wait/epoll_pwait/epoll_pwait2 returns counted per thread
+    # (loop_iter on each record and span). Every epoll return on the host then runs a
+    # program (`make bench`, runtimes: its cost); false: not attached.
+    loop_counter: bool = True
     asyncio_rescan: float = attrs.field(default=10.0, validator=[v.ge(0), v.le(86400)],
                                         metadata={"unit": "seconds"})
 
@@ -237,6 +241,7 @@ class TraceProbe:
             "GO_RING_PAGES": GO_RING_PAGES,
             "HAVE_EPOLL_PWAIT2": int(bpf.tracepoint_exists("syscalls", "sys_exit_epoll_pwait2")),
             "ASYNCIO_ENABLED": int(c.asyncio),
+            "LOOP_COUNTER_ENABLED": int(c.loop_counter),
         }
         if caps:  # protocol i (slot order) -> its cap, in payload_cap()
             defines["PROTO_CAP_CASES"] = " ".join(f"case {i}: return {n};"

@@ -13,7 +13,7 @@
 // PAYLOAD_MAX (the largest cap's power-of-two ceiling, for verifier bounds), MAX_IOV,
 // MMSG_MAX_IOV, MAX_MMSG, CONN_MAX, GO_ENABLED, GO_PROCS_MAX, GO_MAX, GO_RING_PAGES, RINGBUF_PAGES, WAKEUP_BYTES, SELF_TGID, FILTER_PIDS, FILTER_COMMS,
 // FILTER_EXCLUDE_COMMS, FILTER_PORTS, FILTER_NETNS, FILTER_CGROUPS, CGROUP_MAX_LEVEL, SKC_CHUNK, L7_ENABLED, L7_COUNT, L7_MAX_TRIES (and the l7_try_<i> programs),
-// HAVE_EPOLL_PWAIT2, ASYNCIO_ENABLED (the asyncio task uprobes, attached by asyncio.py).
+// HAVE_EPOLL_PWAIT2, LOOP_COUNTER_ENABLED (the epoll-return counter), ASYNCIO_ENABLED (the asyncio task uprobes, attached by asyncio.py).
 
 // struct pt_regs: the asyncio uprobes' context. Only argument registers are read
 // (PT_REGS_PARM*), whose places are x86-64 ABI.
@@ -1281,6 +1281,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_dup3) { return forget_fd(args->newfd); }
 // -- The execution unit: loop iterations and asyncio tasks --------------------------------
 // An event loop's iteration is one return of its wait: counted per thread here (in the
 // thread's storage, no record), carried on each socket record as loop_iter.
+#if LOOP_COUNTER_ENABLED
 static __always_inline int loop_tick(void) {
     struct inflight_t *a = inflight.task_storage_get(bpf_get_current_task_btf(), 0,
                                                      BPF_LOCAL_STORAGE_GET_F_CREATE);
@@ -1293,6 +1294,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_epoll_pwait) { return loop_tick(); }
 #if HAVE_EPOLL_PWAIT2
 TRACEPOINT_PROBE(syscalls, sys_exit_epoll_pwait2) { return loop_tick(); }
 #endif
+#endif  // LOOP_COUNTER_ENABLED
 
 #if ASYNCIO_ENABLED
 // CPython's _asyncio (asyncio.py finds the functions in its symbol table): the entry of

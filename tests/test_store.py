@@ -145,6 +145,41 @@ def test_writes_rows_ignores_non_spans_and_derives_fields(db):
     assert rows(db, "service = 'users'") == 3
 
 
+def test_many_spans_are_written_with_few_statements_in_bounded_chunks(db):
+    """sqlite3 gives up the GIL at every statement step: row by row, a writer behind a
+    busy agent waited a switch interval per row. 2,500 spans go in as statements of at
+    most 256 rows, in transactions of at most WRITE_CHUNK spans, every row intact."""
+    from deeptrace_plugins.exporters import store as store_mod
+    ex = StoreExporter(StoreConfig(path=db))
+    statements, batches = [], []
+    ex._conn.set_trace_callback(lambda sql: statements.append(sql.split(" (", 1)[0]))
+    real = ex._insert
+    ex._insert = lambda conn, rows_: (batches.append(len(rows_)), real(conn, rows_))
+    spans = [span(NOW + i, NOW + i + MS, sid=f"{i:016x}", trace=f"{i:032x}",
+                  attributes={"url.path": f"/u/{i}"}) for i in range(2500)]
+    ex.export(spans)
+    ex.shutdown()
+    # 2,500 = 9 x 256 + 128 + 64 + 4: 12 statements of 4 distinct texts (sqlite3 caches
+    # each text compiled).
+    assert statements.count("INSERT INTO spans") == 12
+    assert max(batches) <= store_mod.WRITE_CHUNK and sum(batches) == 2500
+    assert rows(db) == 2500 and rows(db, "attributes = '{\"url.path\":\"/u/2499\"}'") == 1
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        got = conn.execute("SELECT trace_id, start_ns, local_port FROM spans "
+                           "WHERE span_id = ?", (f"{1234:016x}",)).fetchone()
+    assert got == (f"{1234:032x}", NOW + 1234, 8080)
+
+
+def test_chunked_writes_serve_a_retain_only_after_the_queue_before_it(db, monkeypatch):
+    from deeptrace_plugins.exporters import store as store_mod
+    monkeypatch.setattr(store_mod, "WRITE_CHUNK", 100)
+    ex = StoreExporter(StoreConfig(path=db))
+    ex.export([span(NOW + i, NOW + i + MS, sid=f"{i:016x}") for i in range(1000)])
+    assert ex.retain()
+    assert rows(db) == 1000      # every span queued before retain() was written first
+    ex.shutdown()
+
+
 def test_directory_0700_file_0600(tmp_path):
     path = tmp_path / "new" / "dir" / "traces.db"
     write(str(path), chain())

@@ -73,6 +73,24 @@ COLUMNS = ("trace_id", "span_id", "parent_span_id", "start_ns", "end_ns", "durat
            "request_size", "response_size", "attributes", "link_source", "tid", "host")
 _HOST = os.uname().nodename   # the store is one host's: the web UI shows where a span came from
 INSERT = f"INSERT INTO spans ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+# Rows per INSERT statement. sqlite3 releases the GIL around each statement step and
+# must win it back after: row by row (executemany), a writer thread behind a busy main
+# thread waits a switch interval per row (~200 rows/s on the 2-core VM while the agent
+# decodes flat out: the queue then grew to 30,000 spans, 60 MB; bench.hostile row 4).
+# Many rows a statement pay that wait once. Only power-of-two sizes, each its own
+# statement: sqlite3 caches every statement text it compiled, ~2 KB a row of it, so
+# one size per remainder (1..999 rows) held up to 180 MB.
+ROWS_PER_STATEMENT = 256
+# Spans taken from the queue per transaction: bounds the rows built at once.
+WRITE_CHUNK = 8192
+
+
+def _insert_many(n: int) -> str:
+    return (f"INSERT INTO spans ({', '.join(COLUMNS)}) VALUES "
+            + ", ".join(["(" + ", ".join("?" * len(COLUMNS)) + ")"] * n))
+
+
+_INSERTS = {n: _insert_many(n) for n in (1 << k for k in range(ROWS_PER_STATEMENT.bit_length()))}
 
 
 @attrs.define
@@ -224,10 +242,15 @@ class StoreExporter:
 
     # -- the writer thread ----------------------------------------------------------------
     def _insert(self, conn, rows):
-        """Insert rows in one transaction (a method, so tests can slow it down)."""
+        """Insert rows in one transaction (a method, so tests can slow it down), many rows
+        a statement (ROWS_PER_STATEMENT says why)."""
         conn.execute("BEGIN")
         try:
-            conn.executemany(INSERT, rows)
+            i = 0
+            while i < len(rows):
+                n = min(ROWS_PER_STATEMENT, 1 << ((len(rows) - i).bit_length() - 1))
+                conn.execute(_INSERTS[n], [value for row in rows[i:i + n] for value in row])
+                i += n
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -258,18 +281,21 @@ class StoreExporter:
                         break
                     self._cond.wait(due)
                 # Spans accepted before a retain() call are written before it is served.
-                spans, self._pending = self._pending, []
+                spans = self._pending[:WRITE_CHUNK]
+                del self._pending[:WRITE_CHUNK]
+                more = bool(self._pending)
                 stopping, tickets = self._stopping, self._retain_asked
             if spans:
                 self._write(spans)
-            retain = (tickets > self._retain_served or stopping
+            # A retain() ticket or the shutdown waits until the queue is written.
+            retain = (((tickets > self._retain_served or stopping) and not more)
                       or time.monotonic() >= self._next_retention)
             if retain:
                 self._retention()
                 self._next_retention = time.monotonic() + self.config.retention_interval
             with self._cond:
                 self._done += len(spans)
-                if retain:
+                if retain and not more:
                     self._retain_served = tickets
                 self._cond.notify_all()
                 if stopping and not self._pending:

@@ -50,7 +50,7 @@ def go_driver() -> str:
 
 
 def run(calls=20_000, excluded=False, protocols=(), cases="tcp_rw,tcp_vec,tcp_msg",
-        go=None, goroutine=True, loop_counter=True) -> dict:
+        go=None, goroutine=True, loop_counter=False) -> dict:
     """go: the path of go_driver()'s program, to drive the calls from Go; cases "epoll":
     the loop counter's program alone (per_call_ns is then its run time per epoll return)."""
     subprocess.run(["sysctl", "-q", "kernel.bpf_stats_enabled=1"], check=True)

@@ -102,7 +102,7 @@ def run(request):
         from deeptrace_plugins.protocols.stage import SpansConfig, SpanStage
         back = _Proc(sys.executable, "backends")
         front = _Proc(python, "front", *back.info["ports"])
-        probe = start_probe(pids=[front.pid, back.pid])
+        probe = start_probe(pids=[front.pid, back.pid], loop_counter=True)
         records = []
         try:
             assert probe.stats()["asyncio_files_attached"] >= 1

@@ -96,9 +96,10 @@ class TraceConfig:
     # (asyncio.py); files first mapped after start-up are found at the next rescan.
     asyncio: bool = True
     # Event-loop iterations: epoll_wait/epoll_pwait/epoll_pwait2 returns counted per thread
-    # (loop_iter on each record and span). Every epoll return on the host then runs a
-    # program (`make bench`, runtimes: its cost); false: not attached.
-    loop_counter: bool = True
+    # (loop_iter on each record, deeptrace.loop_iter on spans). Off by default: no linking
+    # rule needs it, and every epoll return on the host would run a program (`make bench`,
+    # runtimes: +160 ns a return; a Go program's netpoller, +33 ns a data call).
+    loop_counter: bool = False
     asyncio_rescan: float = attrs.field(default=10.0, validator=[v.ge(0), v.le(86400)],
                                         metadata={"unit": "seconds"})
 

@@ -82,7 +82,7 @@ INSERT = f"INSERT INTO spans ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len
 # one size per remainder (1..999 rows) held up to 180 MB.
 ROWS_PER_STATEMENT = 256
 # Spans taken from the queue per transaction: bounds the rows built at once.
-WRITE_CHUNK = 8192
+WRITE_CHUNK = 2048
 
 
 def _insert_many(n: int) -> str:

@@ -24,12 +24,13 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
-def backends():
+def _handler(body_of):
+    """A keep-alive HTTP/1.1 handler answering every GET with body_of(path)."""
     class H(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
         def do_GET(self):
-            body = json.dumps({"path": self.path}).encode()
+            body = body_of(self.path)
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -37,7 +38,11 @@ def backends():
 
         def log_message(self, *a):
             pass
+    return H
 
+
+def backends():
+    H = _handler(lambda path: json.dumps({"path": path}).encode())
     servers = [ThreadingHTTPServer(("127.0.0.1", 0), H) for _ in range(2)]
     for s in servers:
         s.daemon_threads = True
@@ -107,21 +112,11 @@ def threads(port_b, port_c):
         r = conns[path].getresponse()
         return r.read()
 
-    class H(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    def body_of(path):
+        rid = path.rsplit("/", 1)[1]
+        return call("b", port_b, rid) + call("c", port_c, rid)
 
-        def do_GET(self):
-            rid = self.path.rsplit("/", 1)[1]
-            body = call("b", port_b, rid) + call("c", port_c, rid)
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *a):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(body_of))
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     print(json.dumps({"port": server.server_address[1]}), flush=True)

@@ -30,6 +30,14 @@ def _cpu(pid) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def stop_peers(procs):
+    """Close the peers' stdin (they serve until then) and wait for them."""
+    for p in procs:
+        if p.poll() is None:
+            p.stdin.close()
+            p.wait(10)
+
+
 def _drive(port, n, clients, tag):
     def worker(k):
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -99,10 +107,7 @@ def run(requests=3000, clients=8, rounds=2, python=None, log=print) -> dict:
                 out[cond].append(res)
                 log(f"round {r + 1} {cond:4}: {res}")
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.stdin.close()
-                p.wait(10)
+        stop_peers(procs)
     med = {c: sorted(x["front_cpu_us_per_request"] for x in v)[len(v) // 2]
            for c, v in out.items() if v}
     return {"requests": requests, "clients": clients, "rounds": rounds, "python": python,

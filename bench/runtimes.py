@@ -27,7 +27,7 @@ import time
 
 from . import bpfcost
 from .agent import Agent, Sampler, lost, trace_config
-from .asynciocost import PEERS, _cpu, _drive
+from .asynciocost import PEERS, _cpu, _drive, stop_peers
 from .syscalls import TRACED_COMM, percentile, run_driver
 
 TARGET_ADDED_NS = 50     # per traced syscall, with the loop counter and the goroutine read
@@ -153,10 +153,7 @@ def asyncio_cpu(requests, clients, rounds, log, python=None) -> dict:
                 out[cond].append(res)
                 log(f"  runtimes: {cond} round {r + 1}: {res}")
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.stdin.close()
-                p.wait(10)
+        stop_peers(procs)
     med = {c: {k: _median([x[k] for x in v]) for k in ("agent_cpu_us_per_request",
                                                        "front_cpu_us_per_request",
                                                        "spans_per_request")}

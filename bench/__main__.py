@@ -33,7 +33,7 @@ trace probe's asyncio uprobes).
 
 Prints one table (without agent, with agent, delta/ratio, target, pass/MISS, and a note
 saying by how much a missed target is missed) and writes every raw figure and the
-machine's description to the JSON file. The full run takes about 15 minutes on the
+machine's description to the JSON file. The full run takes about 18 minutes on the
 project's 2-core VM (the runtimes section alone ~6); --quick (about 3 minutes) is a smoke run with fewer calls,
 shorter windows and one round, whose figures are not for publishing.
 """

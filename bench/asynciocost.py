@@ -30,6 +30,13 @@ def _cpu(pid) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def start_peer(python, *args):
+    """(process, its ready line) of one asyncio_peers.py peer under `python`."""
+    p = subprocess.Popen([python, "-P", PEERS, *map(str, args)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    return p, json.loads(p.stdout.readline())
+
+
 def stop_peers(procs):
     """Close the peers' stdin (they serve until then) and wait for them."""
     for p in procs:
@@ -67,10 +74,9 @@ def run(requests=3000, clients=8, rounds=2, python=None, log=print) -> dict:
     procs = []
 
     def start(*args):
-        p = subprocess.Popen([python, "-P", PEERS, *map(str, args)], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
+        p, info = start_peer(python, *args)
         procs.append(p)
-        return p, json.loads(p.stdout.readline())
+        return p, info
 
     out = {"none": [], "off": [], "on": []}
     try:

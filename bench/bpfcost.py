@@ -103,8 +103,9 @@ def run(calls=20_000, excluded=False, protocols=(), cases="tcp_rw,tcp_vec,tcp_ms
             # The loop counter's run time over the same data calls (a Go program's reads
             # wait in its netpoller: about one epoll return per blocking read).
             "loop_ns_per_call": loop_ns / per_call[1] if per_call[1] else None,
-            # Go processes the agent found (the Go driver's goroutine read needs it found).
-            "go_processes": int(final.get("probe.trace", {}).get("go_processes", 0))}
+            # Go binaries the agent found and traced (the Go driver's goroutine read needs
+            # it found; go_processes counts live ones: the driver may be gone by the end).
+            "go_binaries_traced": int(final.get("probe.trace", {}).get("go_binaries_traced", 0))}
 
 
 def main(argv=None) -> int:

@@ -20,14 +20,13 @@ Three parts, each compared inside one run:
 
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 from . import bpfcost
 from .agent import Agent, Sampler, lost, trace_config
-from .asynciocost import PEERS, _cpu, _drive, stop_peers
+from .asynciocost import _cpu, _drive, start_peer, stop_peers
 from .syscalls import TRACED_COMM, percentile, run_driver
 
 TARGET_ADDED_NS = 50     # per traced syscall, with the loop counter and the goroutine read
@@ -42,25 +41,25 @@ def per_syscall(calls, rounds, log) -> dict:
     go = bpfcost.go_driver()
     combos = [(d, on) for d in ("C", "Go") for on in (False, True)]
     got = {f"{d}-{'on' if on else 'off'}": [] for d, on in combos}
-    found_go = []
+    go_found = True     # every Go round's driver was found as Go (its goroutine read)
     loop = {k: [] for k in got}
     for r in range(rounds):
         for driver, on in (combos if r % 2 == 0 else combos[::-1]):
             res = bpfcost.run(calls, cases=DATA_CASES, go=go if driver == "Go" else None,
                               goroutine=on, loop_counter=on)
             key = f"{driver}-{'on' if on else 'off'}"
-            if driver == "Go" and on and not res["go_processes"]:
-                found_go.append(False)   # the driver was not found as Go: no goroutine read
+            if driver == "Go" and on and not res["go_binaries_traced"]:
+                go_found = False
             if res["per_call_ns"] is not None:
                 # With the counter, the epoll returns between the data calls count too.
                 got[key].append(res["per_call_ns"] + (res["loop_ns_per_call"] or 0))
                 loop[key].append(res["loop_ns_per_call"] or 0)
             log(f"  runtimes: {key} round {r + 1}: {res['per_call_ns']} ns per data call, "
                 f"{res['loop_ns_per_call']} ns of loop counter per data call "
-                f"(Go processes found: {res['go_processes']})")
+                f"(Go binaries traced: {res['go_binaries_traced']})")
     med = {k: _median(v) for k, v in got.items()}
     return {"calls": calls, "rounds": rounds, "per_call_ns": got, "median_ns": med,
-            "go_driver_found_every_round": not found_go,
+            "go_driver_found_every_round": go_found,
             "loop_counter_ns_per_call": {k: _median(v) for k, v in loop.items()},
             "added_ns": {d: med[f"{d}-on"] - med[f"{d}-off"] for d in ("C", "Go")}}
 
@@ -101,23 +100,16 @@ def loop_counter(calls, rounds, log) -> dict:
             "programs": prog}
 
 
-def _start(python, *args):
-    import json
-    p = subprocess.Popen([python, "-P", PEERS, *map(str, args)], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, text=True)
-    return p, json.loads(p.stdout.readline())
-
-
 def asyncio_cpu(requests, clients, rounds, log, python=None) -> dict:
     python = python or sys.executable
     procs = []
     out = {"asyncio-uprobes": [], "asyncio-no-uprobes": [], "threads": []}
     try:
-        back, binfo = _start(python, "backends")
+        back, binfo = start_peer(python, "backends")
         procs.append(back)
         fronts = {}
         for kind in ("front", "threads"):
-            p, info = _start(python, kind, *binfo["ports"])
+            p, info = start_peer(python, kind, *binfo["ports"])
             procs.append(p)
             fronts[kind] = (p, info["port"])
             _drive(info["port"], 200, clients, "warm")

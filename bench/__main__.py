@@ -59,7 +59,7 @@ FULL = {"startup": {"repeats": 3},
         "lossless": {"seconds": 8},
         "hostile": {"seconds": 40, "scale": 1.0},
         "collector": {"seconds": 30.0},
-        "runtimes": {"calls": 100_000, "bpf_calls": 20_000, "rounds": 3, "requests": 3000},
+        "runtimes": {"calls": 100_000, "bpf_calls": 100_000, "rounds": 3, "requests": 3000},
         "tls": {"rounds": 5, "calls": 20000, "https_seconds": 5, "https_rounds": 2}}
 QUICK = {"startup": {"repeats": 1, "trace_only": False},
          "syscalls": {"n_calls": 10_000, "rounds": 1},

@@ -241,3 +241,102 @@ def test_loop_iter_counts_epoll_returns_exactly(python, counter):
     else:
         assert before.loop_iter == after.loop_iter == 0
     assert before.asyncio_task == after.asyncio_task == 0
+
+
+_SLOT_PEER = r"""
+import json, os, select, socket, sys, threading
+slots, residue, port = map(int, sys.argv[1:4])
+parked = []                     # (tid, its queue of work)
+def thread():
+    me = threading.get_native_id()
+    if me % slots != residue:
+        return
+    box, ready = [], threading.Event()
+    parked.append((me, box, ready))
+    while True:
+        ready.wait()
+        ready.clear()
+        job = box.pop()
+        if job is None:
+            return
+        job()
+        done.set()
+done = threading.Event()
+while len(parked) < 3:          # threads until three have the chosen low bits
+    t = threading.Thread(target=thread)
+    t.start()
+    t.join(0.01)
+print(json.dumps([tid for tid, _, _ in parked]), flush=True)
+sys.stdin.readline()
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+def polls(n):
+    def job():
+        ep = select.epoll()
+        for _ in range(n):
+            ep.poll(0)
+        ep.close()
+    return job
+def send(name):
+    return lambda: s.sendto(name, ("127.0.0.1", port))
+# A, B, C wait 5, 7 and 3 times: C takes A's way. Then each sends its name.
+for (tid, box, ready), job in zip(parked * 2, [polls(5), polls(7), polls(3),
+                                               send(b"A"), send(b"B"), send(b"C")]):
+    done.clear()
+    box.append(job)
+    ready.set()
+    done.wait()
+for tid, box, ready in parked:
+    box.append(None)
+    ready.set()
+print("done", flush=True)
+"""
+
+
+def _tid_residues(slots):
+    """The low bits of every live thread's id on the host."""
+    out = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            out.update(int(t) % slots for t in os.listdir(f"/proc/{pid}/task"))
+        except OSError:
+            pass
+    return out
+
+
+def test_a_third_thread_on_a_loop_slot_takes_the_older_way_and_is_counted():
+    """loop_slots: 1024; three threads of one process whose ids have the same low 10 bits
+    (made until found, with low bits no other live thread has) wait 5, 7 and 3 times:
+    the third takes the first one's way (loop_slots_taken 1), so the first's record has
+    loop_iter 0 and the others theirs exactly."""
+    require_bpf()
+    import socket
+    slots = 1024
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", 0))
+    residue = next(r for r in range(slots) if r not in _tid_residues(slots))
+    peer = subprocess.Popen([sys.executable, "-c", _SLOT_PEER, str(slots), str(residue),
+                             str(sink.getsockname()[1])],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    probe = None
+    try:
+        tids = json.loads(peer.stdout.readline())
+        assert len({t % slots for t in tids}) == 1, tids
+        probe = start_probe(pids=[peer.pid], loop_counter=True, loop_slots=slots)
+        peer.stdin.write("go\n")
+        peer.stdin.flush()
+        assert peer.stdout.readline().strip() == "done"
+        recs, deadline = [], time.monotonic() + 5
+        while time.monotonic() < deadline and len(
+                [x for x in recs if x.kind == "socket" and x.syscall == "sendto"]) < 3:
+            recs += probe.poll(50)
+        stats = probe.stats()
+    finally:
+        peer.kill()
+        peer.wait()
+        sink.close()
+        if probe is not None:
+            probe.detach()
+    sent = {x.payload: (x.tid, x.loop_iter) for x in recs
+            if x.kind == "socket" and x.syscall == "sendto"}
+    assert sent == {b"A": (tids[0], 0), b"B": (tids[1], 7), b"C": (tids[2], 3)}, sent
+    assert stats["loop_slots_taken"] == 1, stats

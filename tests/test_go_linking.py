@@ -345,3 +345,58 @@ def test_thread_rule_unchanged_for_spans_without_goroutine():
     out, linker = run_linker([srv, cli])
     assert cli.parent_span_id == srv.span_id and cli.link_source == "thread"
     assert not linker.counts["links_goroutine"]
+
+
+@pytest.mark.bpf
+def test_goid_is_right_when_a_new_goroutine_reuses_a_g(tmp_path):
+    """Threads cache g -> goid; runtime.newproc1's entry invalidates that cache (a reused
+    g gets a new goid there). tests/go_respawn.go: 40 goroutines one after the other on one
+    P, so each reuses the g of the one before; each writes its runtime.Stack goroutine id,
+    and every record must carry exactly that id (and the main goroutine's writes its own)."""
+    require_bpf()
+    import socket
+    import subprocess
+    n = 40
+    exe = build_go(os.path.join(REPO, "tests", "go_respawn.go"), str(tmp_path), "dt-respawn")
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    p = subprocess.Popen([exe, "127.0.0.1:%d" % srv.getsockname()[1], str(n)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    conn, _ = srv.accept()
+    probe = start_probe(pids=[p.pid])
+    records, got = [], b""
+    try:
+        assert p.stdout.readline().strip() == "READY"
+        deadline = time.monotonic() + 20
+        while p.pid not in probe.go.procs and time.monotonic() < deadline:
+            records += probe.poll(10)
+        assert p.pid in probe.go.procs, probe.stats()
+        records = []
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        conn.settimeout(10)
+        while not got.endswith(b"main=1;") or got.count(b";") < 2 * n:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        assert p.stdout.readline().strip() == "DONE"
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            records += probe.poll(20)
+        stats = probe.stats()
+    finally:
+        p.kill()
+        p.wait()
+        conn.close()
+        srv.close()
+        probe.detach()
+    writes = [r for r in records if r.pid == p.pid and r.direction == "egress"]
+    told = [(m.group(1), int(m.group(2)))
+            for r in writes for m in re.finditer(rb"(goid|main)=(\d+);", r.payload)]
+    assert len(told) == 2 * n, (len(told), stats)
+    assert len(writes) == 2 * n, [w.payload for w in writes]  # one write per message
+    assert [w.goid for w in writes] == [goid for _, goid in told]
+    spawned = [goid for kind, goid in told if kind == b"goid"]
+    assert len(set(spawned)) == n and {g for k, g in told if k == b"main"} == {1}

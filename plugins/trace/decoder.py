@@ -30,7 +30,7 @@ ROLES = {0: None, 1: "client", 2: "server"}
 # Counter slots of the `stats` per-CPU array, in C enum order.
 STAT_NAMES = ("events", "ringbuf_full", "inflight_alloc_failed", "conn_map_full",
               "read_failed", "mmsg_truncated", "iov_truncated", "l7_tail_call_failed",
-              "asyncio_task_edges", "asyncio_task_depth_exceeded")
+              "asyncio_task_edges", "asyncio_task_depth_exceeded", "loop_slots_taken")
 LOSS_STATS = ("ringbuf_full", "inflight_alloc_failed", "conn_map_full", "read_failed",
               "mmsg_truncated", "prog_recursion_misses")
 

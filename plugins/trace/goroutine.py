@@ -128,7 +128,11 @@ class GoTracker:
             if binary is None or binary.goid_off is None or self.procs.get(pid) == key:
                 continue
             table = bpf[b"go_procs"]
-            table[table.Key(pid)] = table.Leaf(goid_off=binary.goid_off)
+            # Threads may cache goroutine ids only where newproc1's entry tells them
+            # when a g gets a new one.
+            table[table.Key(pid)] = table.Leaf(
+                goid_off=binary.goid_off,
+                cache=int(key in self.attached and NEWPROC1 in binary.functions))
             self.procs[pid] = key
             added += 1
         return added

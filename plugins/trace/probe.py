@@ -100,6 +100,9 @@ class TraceConfig:
     # rule needs it, and every epoll return on the host would run a program (`make bench`,
     # runtimes: +160 ns a return; a Go program's netpoller, +33 ns a data call).
     loop_counter: bool = False
+    # Slots of the loop counter's table (two threads each, 24 bytes): a thread whose id's
+    # low bits match two others' takes a way (loop_slots_taken); more slots, fewer of those.
+    loop_slots: int = attrs.field(default=65536, validator=power_of_two)
     asyncio_rescan: float = attrs.field(default=10.0, validator=[v.ge(0), v.le(86400)],
                                         metadata={"unit": "seconds"})
 
@@ -243,6 +246,7 @@ class TraceProbe:
             "HAVE_EPOLL_PWAIT2": int(bpf.tracepoint_exists("syscalls", "sys_exit_epoll_pwait2")),
             "ASYNCIO_ENABLED": int(c.asyncio),
             "LOOP_COUNTER_ENABLED": int(c.loop_counter),
+            "LOOP_SLOTS": c.loop_slots,
         }
         if caps:  # protocol i (slot order) -> its cap, in payload_cap()
             defines["PROTO_CAP_CASES"] = " ".join(f"case {i}: return {n};"

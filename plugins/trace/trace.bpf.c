@@ -13,7 +13,7 @@
 // PAYLOAD_MAX (the largest cap's power-of-two ceiling, for verifier bounds), MAX_IOV,
 // MMSG_MAX_IOV, MAX_MMSG, CONN_MAX, GO_ENABLED, GO_PROCS_MAX, GO_MAX, GO_RING_PAGES, RINGBUF_PAGES, WAKEUP_BYTES, SELF_TGID, FILTER_PIDS, FILTER_COMMS,
 // FILTER_EXCLUDE_COMMS, FILTER_PORTS, FILTER_NETNS, FILTER_CGROUPS, CGROUP_MAX_LEVEL, SKC_CHUNK, L7_ENABLED, L7_COUNT, L7_MAX_TRIES (and the l7_try_<i> programs),
-// HAVE_EPOLL_PWAIT2, LOOP_COUNTER_ENABLED (the epoll-return counter), ASYNCIO_ENABLED (the asyncio task uprobes, attached by asyncio.py).
+// HAVE_EPOLL_PWAIT2, LOOP_COUNTER_ENABLED (the epoll-return counter), LOOP_SLOTS (its table), ASYNCIO_ENABLED (the asyncio task uprobes, attached by asyncio.py).
 
 // struct pt_regs: the asyncio uprobes' context. Only argument registers are read
 // (PT_REGS_PARM*), whose places are x86-64 ABI.
@@ -54,13 +54,36 @@ enum { ROLE_UNKNOWN = 0, ROLE_CLIENT = 1, ROLE_SERVER = 2 };
 
 // Loss/failure counters, by cause; decoder.py mirrors the names.
 enum { ST_EVENTS = 0, ST_RB_FULL, ST_INFLIGHT_FAIL, ST_CONN_FULL, ST_READ_FAIL,
-       ST_MMSG_TRUNC, ST_IOV_TRUNC, ST_TAILCALL_FAIL, ST_TASK_EDGES, ST_TASK_DEPTH, ST_NSTATS };
+       ST_MMSG_TRUNC, ST_IOV_TRUNC, ST_TAILCALL_FAIL, ST_TASK_EDGES, ST_TASK_DEPTH,
+       ST_LOOP_SLOT_TAKEN, ST_NSTATS };
 BPF_PERCPU_ARRAY(stats, u64, ST_NSTATS);
 
 static __always_inline void stat_inc(u32 idx) {
     u64 *v = stats.lookup(&idx);
     if (v) *v += 1;
 }
+
+// The event loop's iteration of each thread: its epoll_wait/epoll_pwait/epoll_pwait2
+// returns (loop_tick, at the end). Kept in a table indexed by the thread id's low bits, not
+// in the thread's storage: an epoll return, which every Go netpoll and event loop on the
+// host makes, then costs an array slot instead of a storage helper call (~24 ns less each,
+// bench.bpfcost). A slot holds two threads, tagged with their ids; a third whose low bits
+// match takes the older one's way (loop_slots_taken counts it: that thread, if alive,
+// counts again from 0).
+#if LOOP_COUNTER_ENABLED
+struct loop_slot_t { u32 tid[2]; u64 n[2]; };
+BPF_ARRAY(loop_slots, struct loop_slot_t, LOOP_SLOTS);
+
+static __always_inline u64 loop_now(u32 tid) {
+    u32 idx = tid & (LOOP_SLOTS - 1);
+    struct loop_slot_t *s = loop_slots.lookup(&idx);
+    if (!s)
+        return 0;
+    return s->tid[0] == tid ? s->n[0] : s->tid[1] == tid ? s->n[1] : 0;
+}
+#else
+#define loop_now(tid) 0
+#endif
 
 struct event_t {
     u64 ts_enter;
@@ -111,8 +134,9 @@ struct inflight_t {
     u16 sys;     // our SYS_* id; 0: nothing saved (taken, or never set)
     u16 nr;      // the kernel's syscall number: its exit must carry the same
     u32 go_off;  // Go: g.goid's offset in this process (go_procs), 0 not Go; with the verdict
-    u64 loop_iter;  // the thread's epoll returns and asyncio task now (copied with the
-    u64 atask;      // arguments at exit, so the record costs no lookup of its own)
+    u32 go_cache;  // Go: 1 if the process's runtime.newproc1 is probed (goids may be cached)
+    u64 g;       // Go: R14 (the goroutine's g) when args_at_exit had the registers, else 0
+    u64 atask;   // the thread's asyncio task now (copied with the arguments at exit)
     u32 gen;     // the cached filter verdict below: filter generation it was reached at,
     u32 verdict; // the verdict,
     u64 comm[2]; // and the thread's name then
@@ -125,6 +149,16 @@ struct inflight_t {
 #if ASYNCIO_ENABLED
     u64 atask_saved[4];  // the tasks whose steps this one's interrupted (eager tasks nest)
     u32 atask_depth;
+#endif
+#if GO_ENABLED
+    // The goroutines last seen on this thread (R14's g -> its goid, and the connection
+    // whose writeLoop/readLoop it is, 0: none), valid while go_gen is gc_gen: reading
+    // g.goid from user memory is most of a Go record's extra cost (~60 ns of ~90).
+    u64 gc_g[4];
+    u64 gc_goid[4];
+    u64 gc_pconn[4];
+    u32 gc_gen;
+    u32 gc_next;   // the way filled next
 #endif
 };
 BPF_TASK_STORAGE(inflight, struct inflight_t);
@@ -239,7 +273,7 @@ static __always_inline int filter_verdict(u32 tgid, u64 *name) {
 // Processes user space found to run Go (goroutine.py), with where their binary's runtime.g
 // keeps goid (DWARF). Looked up with the filter verdict and cached beside it, so a call of
 // a process that is not Go costs nothing more (user space bumps `armed` on a new entry).
-struct go_proc_t { u32 goid_off; u32 pad; };
+struct go_proc_t { u32 goid_off; u32 cache; };  // cache: runtime.newproc1 is probed
 BPF_HASH(go_procs, u32, struct go_proc_t, GO_PROCS_MAX);
 #endif
 
@@ -292,6 +326,8 @@ static __always_inline struct inflight_t *selected_thread(void) {
 #if GO_ENABLED
         struct go_proc_t *gp = go_procs.lookup(&tgid);
         a->go_off = gp ? gp->goid_off : 0;
+        a->go_cache = gp ? gp->cache : 0;
+        a->gc_g[0] = a->gc_g[1] = a->gc_g[2] = a->gc_g[3] = 0;  // e.g. another program (exec)
 #endif
     }
     return a->verdict ? a : 0;
@@ -307,6 +343,7 @@ static __always_inline void store_args(struct inflight_t *a, u64 ts, u16 nr, u16
     a->addr = addr;
     a->cnt = cnt;
     a->flags = flags;
+    a->g = 0;
 }
 
 static __always_inline int save_args(u16 nr, u16 sys, s32 fd, u64 ptr, u64 addr, u32 cnt, u32 flags) {
@@ -348,6 +385,10 @@ static __always_inline int args_at_exit(u16 nr, u16 sys) {
         else
             store_args(a, 0, nr, sys, fd, si, 0, dx, r10);
     }
+#if GO_ENABLED
+    if (a->go_off)  // the registers are at hand here: go_fill needs no helper call for them
+        a->g = *(u64 *)(regs + OFF_pt_regs__r14);
+#endif
     return 1;
 }
 
@@ -624,6 +665,17 @@ BPF_TABLE("lru_hash", u64, u64, go_spawning, 4096);    // thread in newproc1 -> 
 struct go_event_t { u32 kind; u32 tgid; u64 goid; u64 parent; u64 ts; };
 enum { GO_EV_EXEC = 1, GO_EV_SPAWN = 2 };
 BPF_RINGBUF_OUTPUT(go_events, GO_RING_PAGES);
+// Bumped whenever a goroutine id may change under a g pointer, i.e. at each entry of
+// runtime.newproc1 (the only place that gives a g, maybe a dead one reused, its goid) and
+// at a connection loop's start: every thread's goroutine cache (gc_*) is then stale. A g
+// being reused is dead, so no thread can cache its old goid again after the bump.
+BPF_ARRAY(go_gen, u32, 1);
+
+static __always_inline void go_gen_bump(void) {
+    u32 zero = 0, *gen = go_gen.lookup(&zero);
+    if (gen)
+        __sync_fetch_and_add(gen, 1);
+}
 // goroutine.py's GO_STAT_NAMES mirrors this enum.
 enum { GS_GOID_FAIL = 0, GS_HANDOFF, GS_LOOP_IDLE, GS_SPAWN, GS_EVENTS_FULL,
        GS_ROUNDTRIP, GS_NSTATS };
@@ -644,21 +696,54 @@ static __always_inline u64 go_goid_of(u64 g, u32 off) {
 }
 
 // The record's goroutine: R14's, or, for a writeLoop/readLoop goroutine of a connection in
-// a roundTrip, the caller's. go_off: the thread's cached go_procs offset (0: not Go).
-static __always_inline void go_fill(struct event_t *e, u32 tgid, u32 go_off) {
+// a roundTrip, the caller's. st: the thread's storage (go_off: its cached go_procs offset,
+// 0: not Go; go_cache: whether its goroutine cache may be used); g: R14 if known, else 0.
+static __always_inline void go_fill(struct event_t *e, u32 tgid, struct inflight_t *st, u64 g) {
     e->goid = 0;
+    u32 go_off = st->go_off;
     if (!go_off)
         return;
-    char *regs = (char *)bpf_task_pt_regs(bpf_get_current_task_btf());
-    if (!regs)
-        return;
-    u64 goid = go_goid_of(*(u64 *)(regs + OFF_pt_regs__r14), go_off);
-    if (!goid)
-        return;
-    struct go_key_t k = {.tgid = tgid, .id = goid};
-    u64 *pconn = go_loop_pconn.lookup(&k);
+    if (!g) {  // g: R14 as args_at_exit saved it, 0 if it did not run for this call
+        char *regs = (char *)bpf_task_pt_regs(bpf_get_current_task_btf());
+        if (!regs)
+            return;
+        g = *(u64 *)(regs + OFF_pt_regs__r14);
+    }
+    u64 goid = 0, pconn = 0;
+    u32 zero = 0, *gen = st->go_cache ? go_gen.lookup(&zero) : 0;
+    if (gen) {
+        u32 now = *gen;
+        if (st->gc_gen != now) {
+            st->gc_gen = now;
+            st->gc_g[0] = st->gc_g[1] = st->gc_g[2] = st->gc_g[3] = 0;
+        } else if (g) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                if (st->gc_g[i] == g) {
+                    goid = st->gc_goid[i];
+                    pconn = st->gc_pconn[i];
+                    break;
+                }
+            }
+        }
+    }
+    if (!goid) {
+        goid = go_goid_of(g, go_off);
+        if (!goid)
+            return;
+        struct go_key_t k = {.tgid = tgid, .id = goid};
+        u64 *p = go_loop_pconn.lookup(&k);
+        pconn = p ? *p : 0;
+        if (gen) {
+            u32 w = st->gc_next & 3;
+            st->gc_g[w] = g;
+            st->gc_goid[w] = goid;
+            st->gc_pconn[w] = pconn;
+            st->gc_next = w + 1;
+        }
+    }
     if (pconn) {
-        struct go_key_t ck = {.tgid = tgid, .id = *pconn};
+        struct go_key_t ck = {.tgid = tgid, .id = pconn};
         u64 *caller = go_pconn_caller.lookup(&ck);
         if (caller) {
             goid = *caller;
@@ -719,6 +804,7 @@ int go_loop_enter(struct pt_regs *ctx) {
         return 0;
     struct go_key_t k = {.tgid = tgid, .id = goid};
     go_loop_pconn.update(&k, &pconn);
+    go_gen_bump();  // a thread may have cached this goroutine as no loop's
     return 0;
 }
 
@@ -729,6 +815,7 @@ int go_newproc1_enter(struct pt_regs *ctx) {
     struct go_proc_t *p = go_procs.lookup(&tgid);
     if (!p)
         return 0;
+    go_gen_bump();
     u64 parent = go_goid_of(ctx->bx, p->goid_off), id = bpf_get_current_pid_tgid();
     if (parent)
         go_spawning.update(&id, &parent);
@@ -781,7 +868,8 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
 // connection map is full) when the fd is a TCP/UDP socket; 0 otherwise, and also (with
 // L7 detection) for a connection already found to speak none of the enabled protocols:
 // its calls cost a lookup, not a record.
-static __always_inline struct event_t *begin(u64 pid_tgid, s32 fd, u16 sys, u64 ts_enter, u32 go_off,
+static __always_inline struct event_t *begin(u64 pid_tgid, s32 fd, u16 sys, u64 ts_enter,
+                                             struct inflight_t *st, u64 g,
                                              u64 *skp, struct conn_val_t **connp) {
     u64 file = 0, sk = 0;
     int found = fd_to_file(fd, &file);
@@ -852,7 +940,7 @@ static __always_inline struct event_t *begin(u64 pid_tgid, s32 fd, u16 sys, u64 
     ((u64 *)e->comm)[0] = name[0];
     ((u64 *)e->comm)[1] = name[1];
 #if GO_ENABLED
-    go_fill(e, pid_tgid >> 32, go_off);
+    go_fill(e, pid_tgid >> 32, st, g);
 #else
     e->goid = 0;
 #endif
@@ -899,13 +987,14 @@ struct exit_ctx { u64 common; s32 nr; u32 pad; s64 ret; };
 
 // The arguments saved at sys_enter by this thread, consumed: 1 if they belong to this exit
 // (same syscall number; an enter we missed leaves no entry, a stale one never matches).
-static __always_inline int take_args(struct exit_ctx *ctx, struct inflight_t *out) {
+static __always_inline struct inflight_t *take_args(struct exit_ctx *ctx,
+                                                    struct inflight_t *out) {
     struct inflight_t *a = inflight.task_storage_get(bpf_get_current_task_btf(), 0, 0);
     if (!a || !a->sys)
         return 0;
     __builtin_memcpy(out, a, offsetof(struct inflight_t, gen));  // the call's arguments
     a->sys = 0;
-    return out->nr == (u16)ctx->nr;
+    return out->nr == (u16)ctx->nr ? a : 0;
 }
 
 // The syscall programs hold no logic of their own: they tail-call one of the shared
@@ -947,8 +1036,8 @@ BPF_PERCPU_ARRAY(mmsg_state, struct mmsg_state_t, 1);
 // Exit of read/write/readv/writev/recvfrom/sendto/recvmsg/sendmsg.
 int data_exit(struct exit_ctx *ctx) {
     u64 id = bpf_get_current_pid_tgid();
-    struct inflight_t args;
-    if (!take_args(ctx, &args))
+    struct inflight_t args, *store = take_args(ctx, &args);
+    if (!store)
         return 0;
     s64 ret = ctx->ret;
     u16 sys = args.sys;
@@ -957,10 +1046,10 @@ int data_exit(struct exit_ctx *ctx) {
         return 0;
     u64 sk = 0;
     struct conn_val_t *conn = 0;
-    struct event_t *e = begin(id, args.fd, sys, args.ts, args.go_off, &sk, &conn);
+    struct event_t *e = begin(id, args.fd, sys, args.ts, store, args.g, &sk, &conn);
     if (!e)
         return 0;
-    e->loop_iter = args.loop_iter;
+    e->loop_iter = loop_now((u32)id);
     e->atask = args.atask;
     e->direction = dir;
     e->ret = ret;
@@ -1006,8 +1095,8 @@ int data_exit(struct exit_ctx *ctx) {
 // Exit of recvmmsg/sendmmsg: one record per transferred message.
 int mmsg_exit(struct exit_ctx *ctx) {
     u64 id = bpf_get_current_pid_tgid();
-    struct inflight_t args;
-    if (!take_args(ctx, &args))
+    struct inflight_t args, *store = take_args(ctx, &args);
+    if (!store)
         return 0;
     s64 ret = ctx->ret;
     u16 sys = args.sys;
@@ -1016,10 +1105,10 @@ int mmsg_exit(struct exit_ctx *ctx) {
         return 0;
     u64 sk = 0;
     struct conn_val_t *conn = 0;
-    struct event_t *e = begin(id, args.fd, sys, args.ts, args.go_off, &sk, &conn);
+    struct event_t *e = begin(id, args.fd, sys, args.ts, store, args.g, &sk, &conn);
     if (!e)
         return 0;
-    e->loop_iter = args.loop_iter;
+    e->loop_iter = loop_now((u32)id);
     e->atask = args.atask;
 #if L7_ENABLED
     // Decided once for all messages (a branch inside the loop multiplies the paths the
@@ -1121,8 +1210,8 @@ int mmsg_msg(struct exit_ctx *ctx) {
 // Exit of socket/connect/accept/accept4: a record without payload, direction none.
 int ctl_exit(struct exit_ctx *ctx) {
     u64 id = bpf_get_current_pid_tgid();
-    struct inflight_t args;
-    if (!take_args(ctx, &args))
+    struct inflight_t args, *store = take_args(ctx, &args);
+    if (!store)
         return 0;
     if (args.sys == SYS_CONNECT) {
         // connect() may re-target a socket (a TCP one after connect(AF_UNSPEC)): the
@@ -1145,10 +1234,10 @@ int ctl_exit(struct exit_ctx *ctx) {
         return 0;
     u64 sk = 0;
     struct conn_val_t *conn = 0;
-    struct event_t *e = begin(id, fd, sys, args.ts, args.go_off, &sk, &conn);
+    struct event_t *e = begin(id, fd, sys, args.ts, store, args.g, &sk, &conn);
     if (!e)
         return 0;
-    e->loop_iter = args.loop_iter;
+    e->loop_iter = loop_now((u32)id);
     e->atask = args.atask;
     e->direction = DIR_NONE;
     e->ret = ret;
@@ -1244,12 +1333,12 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
     }
     u64 sk = 0;
     struct conn_val_t *conn = 0;
-    struct event_t *e = begin(id, fd, SYS_CLOSE, bpf_ktime_get_ns(), a->go_off, &sk, &conn);
+    struct event_t *e = begin(id, fd, SYS_CLOSE, bpf_ktime_get_ns(), a, 0, &sk, &conn);
     if (!e) {
         conns.delete(&k);
         return 0;
     }
-    e->loop_iter = a->loop_iter;
+    e->loop_iter = loop_now((u32)id);
     e->atask = a->atask;
     e->direction = DIR_NONE;
     e->ret = 0;
@@ -1279,14 +1368,26 @@ TRACEPOINT_PROBE(syscalls, sys_enter_dup2) { return forget_fd(args->newfd); }
 TRACEPOINT_PROBE(syscalls, sys_enter_dup3) { return forget_fd(args->newfd); }
 
 // -- The execution unit: loop iterations and asyncio tasks --------------------------------
-// An event loop's iteration is one return of its wait: counted per thread here (in the
-// thread's storage, no record), carried on each socket record as loop_iter.
+// An event loop's iteration is one return of its wait: counted per thread here (in
+// loop_slots, no record), carried on each socket record as loop_iter.
 #if LOOP_COUNTER_ENABLED
 static __always_inline int loop_tick(void) {
-    struct inflight_t *a = inflight.task_storage_get(bpf_get_current_task_btf(), 0,
-                                                     BPF_LOCAL_STORAGE_GET_F_CREATE);
-    if (a)
-        a->loop_iter += 1;
+    u32 tid = (u32)bpf_get_current_pid_tgid(), idx = tid & (LOOP_SLOTS - 1);
+    struct loop_slot_t *s = loop_slots.lookup(&idx);
+    if (!s || !tid)
+        return 0;
+    if (s->tid[0] == tid) {
+        s->n[0] += 1;
+    } else if (s->tid[1] == tid) {
+        s->n[1] += 1;
+    } else {  // the newest thread in way 0, the one there before it in way 1
+        if (s->tid[1])
+            stat_inc(ST_LOOP_SLOT_TAKEN);
+        s->tid[1] = s->tid[0];
+        s->n[1] = s->n[0];
+        s->tid[0] = tid;
+        s->n[0] = 1;
+    }
     return 0;
 }
 TRACEPOINT_PROBE(syscalls, sys_exit_epoll_wait) { return loop_tick(); }

@@ -28,7 +28,7 @@ ground-truth logs:
   events by cause, the spans stage and the linker).
 
 ``--no-kernel-l7`` detects protocols in the spans stage instead of the kernel (the probe
-then also sends connect() records, which attribute an event loop's new connections);
+then sends every call of the traced processes, not only those of detected protocols);
 ``--no-event-loop`` runs the linker without its event-loop rule (the baseline);
 ``--no-goroutine`` runs the trace probe without reading Go goroutines (``go: false``: Go
 calls then go to the thread, event-loop and statistical rules, the baseline for the Go
@@ -443,8 +443,8 @@ def main(argv=None):
     p.add_argument("--traceparent", action="store_true",
                    help="the load client sends a W3C traceparent header")
     p.add_argument("--no-kernel-l7", action="store_true",
-                   help="detect protocols in the stage, not the kernel: the probe then also "
-                        "sends connect() records (an event loop's new connections)")
+                   help="detect protocols in the stage, not the kernel: the probe then sends "
+                        "every call, not only those of detected protocols")
     p.add_argument("--no-event-loop", action="store_true",
                    help="the linker without its event-loop rule (the baseline it replaced)")
     p.add_argument("--no-goroutine", action="store_true",

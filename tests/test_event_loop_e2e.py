@@ -2,9 +2,10 @@
 thread serving every request, bench/node_a.js) calls B twice per request with
 Promise.all over a keep-alive agent; B (thread-per-request) calls Redis and PostgreSQL;
 each in its own network namespace (bench/topology.py). The real agent runs
-trace -> [spans, traces] -> jsonl with protocols detected in the stage, so the probe also
-sends connect() records: A's first calls on its new connections are written after the
-loop has read other requests, and only the connect time says whose they are.
+trace -> [spans, traces] -> jsonl, once with protocols detected in the stage and once in
+the kernel (the default config); either way the probe sends connect() records: A's first
+calls on its new connections are written after the loop has read other requests, and
+only the connect time says whose they are.
 
 Every call A makes must be linked to the request that made it, by the order of the
 loop's calls (``event_loop``), and B's side stays exact (``tcp_seq``, ``thread``).
@@ -41,8 +42,8 @@ SOURCE = {"a_server": "tcp_seq", "a_client": "event_loop", "a_client_c": "event_
           "pg_server": "tcp_seq"}
 
 
-@pytest.fixture(scope="module")
-def node_chain():
+@pytest.fixture(scope="module", params=[False, True], ids=["stage-l7", "kernel-l7"])
+def node_chain(request):
     require_bpf()
     if shutil.which("node") is None:
         msg = "node (Node.js) is not installed"
@@ -58,7 +59,7 @@ def node_chain():
         host = PluginHost().load_entry_points()
         registry = host.registry()
         config = parse_config(topo.agent_yaml(out, wait=0.5, stats_interval=60,
-                                              kernel_l7=False),
+                                              kernel_l7=request.param),
                               "node.yaml", registry.schemas())
         agent = Agent(config, host, registry)
         agent.start()

@@ -20,8 +20,7 @@ Order of trust, recorded per span in ``link_source``:
      ``deeptrace.link_deferred`` and left to the fallback: ``no_context`` (nothing
      current), ``outside_context`` (the current span does not contain the call: deferred
      work, e.g. a timer), ``no_connect_time`` (the first call seen on a connection whose
-     connect() was not seen: the probe sends connect records only when the protocols are
-     detected in the stage, not the kernel), ``shared_read`` (the current requests came
+     connect() was not seen, e.g. one opened before the agent started), ``shared_read`` (the current requests came
      in one read: pipelined), ``order_unreliable`` (the thread's recent calls misfit too
      often for its order to be trusted: asyncio, timers, a full pool).
   4a. ``asyncio_task`` (tried before ``event_loop``): asyncio reads requests in the
@@ -577,10 +576,9 @@ class TraceLinker:
         t = c.attributes.get("deeptrace.connect_ns")
         if t is None:
             if h.first_call:
-                # A new connection (or one opened before we looked) whose connect() we
-                # did not see: the probe sends connect records only without kernel
-                # protocol detection. The loop ran other callbacks while it connected,
-                # so the context at the write says nothing.
+                # A new connection whose connect() we did not see (opened before we
+                # looked, or its record lost). The loop ran other callbacks while it
+                # connected, so the context at the write says nothing.
                 return None, "no_connect_time"
             t = c.start_ns
         if t > loop.decided_upto:

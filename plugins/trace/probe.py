@@ -98,7 +98,7 @@ class TraceConfig:
     # Event-loop iterations: epoll_wait/epoll_pwait/epoll_pwait2 returns counted per thread
     # (loop_iter on each record, deeptrace.loop_iter on spans). Off by default: no linking
     # rule needs it, and every epoll return on the host would run a program (`make bench`,
-    # runtimes: +160 ns a return; a Go program's netpoller, +33 ns a data call).
+    # runtimes: +180 ns a return; a Go program's netpoller, +26 ns a data call).
     loop_counter: bool = False
     # Slots of the loop counter's table (two threads each, 24 bytes): a thread whose id's
     # low bits match two others' takes a way (loop_slots_taken); more slots, fewer of those.

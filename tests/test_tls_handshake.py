@@ -86,4 +86,8 @@ def test_handshake_spans_with_server_name_and_version(tmp_path, monkeypatch):
             per_conn[(r.pid, r.conn_id)] = per_conn.get((r.pid, r.conn_id), 0) + 1
     assert len(per_conn) == 4 and max(per_conn.values()) <= 4, per_conn
     assert not any(r.payload.startswith(b"\x17\x03\x03") and r.bytes > 100 for r in records)
-    assert all(r.protocol == "tls" for r in records)
+    assert all(r.protocol == "tls" for r in records if r.direction != "none")
+    # Besides them, each client connection's connect() (before any byte tells a protocol:
+    # an event loop's new connection is attributed by its time).
+    ctl = [r for r in records if r.direction == "none" and r.syscall != "close"]
+    assert sorted((r.syscall, r.remote_port) for r in ctl) == [("connect", port)] * 2, ctl

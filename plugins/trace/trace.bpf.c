@@ -1222,7 +1222,11 @@ int ctl_exit(struct exit_ctx *ctx) {
             c->l4 = 0;
     }
 #if L7_ENABLED
-    return 0;  // with L7 filtering only data of detected protocols (and their close) is sent
+    // With L7 filtering only data of detected protocols (and their close) is sent, and
+    // connect(): before any byte says the protocol, its time tells an event loop whose
+    // request opened the connection (the linker's event_loop rule).
+    if (args.sys != SYS_CONNECT)
+        return 0;
 #endif
     s64 ret = ctx->ret;
     u16 sys = args.sys;

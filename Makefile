@@ -33,7 +33,7 @@ bench: setup
 	$(VENV)/bin/python -m bench
 
 accuracy: setup
-	for f in threads asyncio asyncio-seq asyncio-aiohttp node-seq node-all node-pool \
+	for f in threads asyncio asyncio-seq asyncio-aiohttp asyncio-uvloop node-seq node-all node-pool \
 	         node-timer node-fresh go go-fanout; do \
 	    $(VENV)/bin/python -m bench.accuracy --front $$f || exit 1; done
 	if [ -x "$(PY312)" ]; then $(VENV)/bin/python -m bench.accuracy --front asyncio --python $(PY312); \

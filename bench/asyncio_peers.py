@@ -144,6 +144,9 @@ if __name__ == "__main__":
         backends()
     elif what == "front":
         asyncio.run(front(int(sys.argv[2]), int(sys.argv[3])))
+    elif what == "front-uvloop":   # the same front on uvloop's loop (libuv), _asyncio Tasks
+        import uvloop
+        uvloop.run(front(int(sys.argv[2]), int(sys.argv[3])))
     elif what == "threads":
         threads(int(sys.argv[2]), int(sys.argv[3]))
     elif what == "loop":

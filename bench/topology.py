@@ -35,7 +35,8 @@ their ``comm`` says what they are: dt-svc-a, dt-svc-a-aio, dt-svc-b, dt-load):
   HTTP/1.1 over streams with keep-alive, calling B twice per request (GET /b/<id>, GET
   /c/<id>) with ``asyncio.gather``; ``asyncio-seq``: the same with two sequential awaits;
   ``asyncio-aiohttp``: an aiohttp server calling B with an aiohttp ClientSession and
-  gather. Calls to B go over a small pool (``a_pool``) of keep-alive connections shared
+  gather; ``asyncio-uvloop``: the streams + gather front on uvloop's loop (libuv's
+  epoll and reads, the C ``_asyncio`` Tasks). Calls to B go over a small pool (``a_pool``) of keep-alive connections shared
   by all requests, opened on demand. ``python=PATH`` runs A under another interpreter
   (e.g. pyenv's 3.12). (Connections whose server side sits in a blocking read are opened after the
   agent starts: a read that entered before the probe attached is never seen, so the
@@ -80,7 +81,8 @@ ROLES = ("net", "client", "a", "b", "db")
 COMMS = {"a": "dt-svc-a", "a-aio": "dt-svc-a-aio", "a-node": "dt-svc-a-node",
          "a-go": "dt-svc-a-go",
          "b": "dt-svc-b", "load": "dt-load"}
-FRONTS = ("threads", "asyncio", "asyncio-seq", "asyncio-aiohttp", "node-seq", "node-all",
+FRONTS = ("threads", "asyncio", "asyncio-seq", "asyncio-aiohttp", "asyncio-uvloop",
+          "node-seq", "node-all",
           "node-pool", "node-timer", "node-fresh", "go", "go-fanout")
 NODE_JS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "node_a.js")
 GO_A = os.path.join(os.path.dirname(os.path.abspath(__file__)), "go_a.go")
@@ -738,7 +740,11 @@ def serve_a(args):
 
 def serve_a_async(args):
     set_comm(COMMS["a-aio"])
-    asyncio.run(_serve_a_aiohttp(args) if args.variant == "aiohttp" else _serve_a_async(args))
+    if args.variant == "uvloop":
+        import uvloop
+        uvloop.run(_serve_a_async(args))
+    else:
+        asyncio.run(_serve_a_aiohttp(args) if args.variant == "aiohttp" else _serve_a_async(args))
 
 
 async def _read_http(reader):
@@ -984,7 +990,8 @@ def _main(argv=None):
         a.add_argument("--b", required=True)
         a.add_argument("--log", required=True)
         a.add_argument("--pool", type=int, default=4)
-        a.add_argument("--variant", choices=("gather", "seq", "aiohttp"), default="gather")
+        a.add_argument("--variant", choices=("gather", "seq", "aiohttp", "uvloop"),
+                       default="gather")
     ld = sub.add_parser("load")
     ld.add_argument("--a", required=True)
     ld.add_argument("--requests", type=int, default=100)

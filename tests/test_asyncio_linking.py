@@ -31,12 +31,16 @@ TASK = "deeptrace.asyncio_task"
 
 
 def _pythons():
-    """The pyenv interpreters with an _asyncio that keeps its symbols (3.11, 3.12)."""
+    """The pyenv interpreters with an _asyncio that keeps its symbols (3.11, 3.12), and
+    UVLOOP: the front on uvloop's loop, run by this interpreter (the venv has uvloop)."""
     out = []
     for minor in ("3.11", "3.12"):
         found = sorted(glob.glob(f"/root/.pyenv/versions/{minor}.*/bin/python{minor}"))
         out.append(pytest.param(found[-1] if found else None, id=f"py{minor}"))
-    return out
+    return out + [pytest.param(UVLOOP, id="uvloop")]
+
+
+UVLOOP = "uvloop"
 
 
 def _need(python):
@@ -101,7 +105,8 @@ def run(request):
         from deeptrace_plugins.processors.traces import TraceLinker, TracesConfig
         from deeptrace_plugins.protocols.stage import SpansConfig, SpanStage
         back = _Proc(sys.executable, "backends")
-        front = _Proc(python, "front", *back.info["ports"])
+        front = _Proc(sys.executable, "front-uvloop", *back.info["ports"]) if python == UVLOOP \
+            else _Proc(python, "front", *back.info["ports"])
         probe = start_probe(pids=[front.pid, back.pid], loop_counter=True)
         records = []
         try:

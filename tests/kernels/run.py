@@ -52,6 +52,7 @@ SUITES = {
         "tests/test_trace_syscalls.py",
         "tests/test_trace_confine.py",
         "tests/test_go_linking.py::test_write_loop_write_is_the_callers",
+        "tests/test_go_linking.py::test_goid_is_right_when_a_new_goroutine_reuses_a_g",
         "tests/test_btf.py",
         "tests/test_asyncio_linking.py",
         # one end-to-end test per protocol family, each against its real server

@@ -36,8 +36,8 @@ their ``comm`` says what they are: dt-svc-a, dt-svc-a-aio, dt-svc-b, dt-load):
   /c/<id>) with ``asyncio.gather``; ``asyncio-seq``: the same with two sequential awaits;
   ``asyncio-aiohttp``: an aiohttp server calling B with an aiohttp ClientSession and
   gather; ``asyncio-uvloop``: the streams + gather front on uvloop's loop (libuv's
-  epoll and reads, the C ``_asyncio`` Tasks). Calls to B go over a small pool (``a_pool``) of keep-alive connections shared
-  by all requests, opened on demand. ``python=PATH`` runs A under another interpreter
+  epoll and reads, the C ``_asyncio`` Tasks). Calls to B go over a small pool
+  (``a_pool``) of keep-alive connections shared by all requests, opened on demand. ``python=PATH`` runs A under another interpreter
   (e.g. pyenv's 3.12). (Connections whose server side sits in a blocking read are opened after the
   agent starts: a read that entered before the probe attached is never seen, so the
   first request on such a connection would be missing on the server side.)
